@@ -1,0 +1,64 @@
+//! `IntoResponse` for [`Cancelled`] (feature `axum`).
+
+use axum_core::response::{IntoResponse, Response};
+use http::StatusCode;
+use http::header::{CONTENT_TYPE, HeaderValue};
+
+use crate::cause::{Cancelled, Cause};
+
+/// nginx's "client closed request": nobody reads it, but logs and metrics do.
+const CLIENT_CLOSED_REQUEST: u16 = 499;
+
+impl Cancelled {
+    /// The status [`IntoResponse`] answers with: 504 for a deadline, 503 for a shutdown,
+    /// 499 for a client that is gone, 500 otherwise.
+    pub fn status(&self) -> StatusCode {
+        match self.cause() {
+            Cause::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Cause::Shutdown => StatusCode::SERVICE_UNAVAILABLE,
+            Cause::ClientDisconnected => StatusCode::from_u16(CLIENT_CLOSED_REQUEST)
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+/// A one-line plain-text answer naming the cause, with [`Cancelled::status`].
+///
+/// A custom cause's text is the application's own and is not shown to the client: the
+/// body then says only `request cancelled`.
+impl IntoResponse for Cancelled {
+    fn into_response(self) -> Response {
+        let body = match self.cause() {
+            Cause::Custom(_) => "request cancelled".to_owned(),
+            cause => format!("request cancelled: {cause}"),
+        };
+        let mut res = (self.status(), body).into_response();
+        res.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        res
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DeadlineOrigin;
+
+    #[test]
+    fn statuses() {
+        let s = |c: Cause| Cancelled::new(c).into_response().status().as_u16();
+        assert_eq!(
+            s(Cause::DeadlineExceeded {
+                origin: DeadlineOrigin::Query
+            }),
+            504
+        );
+        assert_eq!(s(Cause::Shutdown), 503);
+        assert_eq!(s(Cause::ClientDisconnected), 499);
+        assert_eq!(s(Cause::Completed), 500);
+        assert_eq!(s(Cause::Cancelled), 500);
+    }
+}

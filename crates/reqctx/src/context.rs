@@ -1,0 +1,553 @@
+//! `Context`, `Canceler` and their handles.
+
+use std::any::Any;
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::cause::{Cancelled, Cause, DeadlineOrigin};
+use crate::future::{Run, WaitForCancel};
+use crate::node::{CancelNode, LazyNow};
+
+/// A cancellation signal with a typed cause, an optional deadline, and request-scoped
+/// values, passed down a call tree as Go passes `context.Context`.
+///
+/// A `Context` is an immutable handle: cloning it is cheap (two reference counts) and all
+/// clones see the same cancellation. New contexts are derived from existing ones:
+///
+/// - [`with_cancel`](Context::with_cancel), [`with_deadline`](Context::with_deadline) and
+///   [`with_timeout`](Context::with_timeout) return a child and the [`Canceler`] that
+///   cancels it;
+/// - [`with_value`](Context::with_value) returns a child carrying one more value;
+/// - [`detached`](Context::detached) keeps the values and drops cancellation.
+///
+/// The rules, one sentence each:
+///
+/// - A child is cancelled when its parent is, with the parent's cause; cancelling a
+///   child never touches its parent.
+/// - A child's deadline is the earlier of its own and its parent's.
+/// - The first cause wins and never changes: once [`cause`](Context::cause) has returned
+///   a cause, it returns that cause forever.
+/// - A passed deadline counts at once: [`is_cancelled`](Context::is_cancelled) and
+///   [`cause`](Context::cause) compare the clock, so they are right even if no timer ran.
+///
+/// # Cost and runtime
+///
+/// A context with no deadline never creates a timer and works outside any runtime. A
+/// deadline costs nothing until something waits: [`cancelled`](Context::cancelled),
+/// [`run`](Context::run) and [`spawn`](Context::spawn) time it themselves (they must be
+/// polled inside a tokio runtime with the time driver enabled), while
+/// [`token`](Context::token) and [`on_cancel`](Context::on_cancel) spawn one timer task
+/// for each deadline in the chain, once, and panic outside a tokio runtime if there is a
+/// deadline to time. A `CancellationToken` is created only when something waits.
+///
+/// ```
+/// use std::time::Duration;
+/// use reqctx::{Cause, Context, DeadlineOrigin};
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() {
+/// let (ctx, _cancel) = Context::background().with_timeout(Duration::from_millis(50));
+/// let slow = tokio::time::sleep(Duration::from_secs(10));
+/// let err = ctx.run(slow).await.unwrap_err();
+/// assert_eq!(err.cause(), &Cause::DeadlineExceeded { origin: DeadlineOrigin::Code });
+/// # }
+/// ```
+#[derive(Clone, Default)]
+pub struct Context {
+    cancel: Option<Arc<CancelNode>>, // None: never cancelled (background, detached)
+    values: Option<Arc<dyn ValueEntry>>,
+}
+
+impl Context {
+    /// The root of every tree: never cancelled, no deadline, no values.
+    pub fn background() -> Context {
+        Context {
+            cancel: None,
+            values: None,
+        }
+    }
+
+    fn child(&self, deadline: Option<(Instant, DeadlineOrigin)>, driven: bool) -> Arc<CancelNode> {
+        CancelNode::new(self.cancel.clone(), deadline, driven)
+    }
+
+    /// A child that is cancelled when `self` is, or when the returned [`Canceler`] says so
+    /// (or is dropped).
+    ///
+    /// ```
+    /// use reqctx::{Cause, Context};
+    ///
+    /// let (parent, cancel_parent) = Context::background().with_cancel();
+    /// let (child, cancel_child) = parent.with_cancel();
+    /// cancel_child.cancel();
+    /// assert_eq!(child.cause(), Some(Cause::Cancelled));
+    /// assert!(!parent.is_cancelled()); // never up the tree
+    /// cancel_parent.cancel_with(Cause::Shutdown);
+    /// assert_eq!(parent.cause(), Some(Cause::Shutdown));
+    /// ```
+    pub fn with_cancel(&self) -> (Context, Canceler) {
+        let node = self.child(None, false);
+        (self.with_node(node.clone()), Canceler::new(node))
+    }
+
+    /// A child whose deadline is the earlier of `deadline` and `self`'s. When it passes,
+    /// the child is cancelled with [`Cause::DeadlineExceeded`], origin
+    /// [`DeadlineOrigin::Code`] (or the parent's cause, if the parent's deadline was the
+    /// earlier one). A deadline that has already passed gives a context that is already
+    /// cancelled.
+    ///
+    /// `deadline` is a `tokio::time::Instant`, so paused and advanced test clocks apply.
+    pub fn with_deadline(&self, deadline: Instant) -> (Context, Canceler) {
+        let node = self.child(Some((deadline, DeadlineOrigin::Code)), false);
+        (self.with_node(node.clone()), Canceler::new(node))
+    }
+
+    /// `with_deadline(Instant::now() + timeout)`.
+    ///
+    /// A timeout too large to be represented (for example `Duration::MAX`) means no
+    /// deadline of its own: the child behaves as [`with_cancel`](Context::with_cancel).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use reqctx::Context;
+    ///
+    /// let (ctx, _cancel) = Context::background().with_timeout(Duration::MAX);
+    /// assert_eq!(ctx.deadline(), None);
+    /// ```
+    pub fn with_timeout(&self, timeout: Duration) -> (Context, Canceler) {
+        match Instant::now().checked_add(timeout) {
+            Some(deadline) => self.with_deadline(deadline),
+            None => self.with_cancel(),
+        }
+    }
+
+    /// A child whose deadline is set and timed by middleware, not by this crate, for
+    /// layers that own a request's timer (see [`DeadlineDriver`]). Application code
+    /// wants [`with_deadline`](Context::with_deadline) instead.
+    ///
+    /// Waiters on the child (and its descendants) do not time the driven deadline; the
+    /// driver must call [`DeadlineDriver::expire`] when it passes. `is_cancelled` and
+    /// `cause` still compare it with the clock.
+    pub fn with_driven_deadline(
+        &self,
+        deadline: Option<(Instant, DeadlineOrigin)>,
+    ) -> (Context, DeadlineDriver) {
+        let node = self.child(deadline, true);
+        (
+            self.with_node(node.clone()),
+            DeadlineDriver {
+                canceler: Canceler::new(node),
+            },
+        )
+    }
+
+    fn with_node(&self, node: Arc<CancelNode>) -> Context {
+        Context {
+            cancel: Some(node),
+            values: self.values.clone(),
+        }
+    }
+
+    /// A child carrying `value`, found by [`value::<T>()`](Context::value) on the child and
+    /// its descendants. The key is the type: define a newtype per value. A nearer value of
+    /// the same type shadows a farther one. Cancellation is the parent's.
+    ///
+    /// ```
+    /// use reqctx::Context;
+    ///
+    /// #[derive(Debug, PartialEq)]
+    /// struct UserIp(std::net::IpAddr);
+    ///
+    /// let ctx = Context::background().with_value(UserIp([127, 0, 0, 1].into()));
+    /// let (child, _cancel) = ctx.with_cancel();
+    /// assert_eq!(child.value::<UserIp>(), Some(&UserIp([127, 0, 0, 1].into())));
+    /// assert_eq!(child.value::<u32>(), None);
+    /// ```
+    pub fn with_value<T: Send + Sync + 'static>(&self, value: T) -> Context {
+        Context {
+            cancel: self.cancel.clone(),
+            values: Some(Arc::new(ValueNode {
+                parent: self.values.clone(),
+                value,
+            })),
+        }
+    }
+
+    /// The nearest value of type `T`, if any. Looks up the chain of values: O(number of
+    /// values), typically a handful.
+    pub fn value<T: 'static>(&self) -> Option<&T> {
+        let mut entry = self.values.as_deref();
+        while let Some(e) = entry {
+            if let Some(v) = e.value().downcast_ref::<T>() {
+                return Some(v);
+            }
+            entry = e.parent();
+        }
+        None
+    }
+
+    /// A context with the same values and no cancellation and no deadline (Go's
+    /// `WithoutCancel`), for work that must outlive the request, such as an audit write.
+    ///
+    /// ```
+    /// use reqctx::Context;
+    ///
+    /// let (ctx, cancel) = Context::background().with_value(7u8).with_cancel();
+    /// let detached = ctx.detached();
+    /// cancel.cancel();
+    /// assert!(ctx.is_cancelled());
+    /// assert!(!detached.is_cancelled());
+    /// assert_eq!(detached.value::<u8>(), Some(&7));
+    /// ```
+    pub fn detached(&self) -> Context {
+        Context {
+            cancel: None,
+            values: self.values.clone(),
+        }
+    }
+
+    /// Resolves once the context is cancelled; never, for a context that cannot be.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel-safe: dropping the future loses nothing, and a new call waits for the same
+    /// event. Use it in `tokio::select!` freely.
+    ///
+    /// Polling it needs a tokio runtime with the time driver if the context (or an
+    /// ancestor) has a deadline of its own.
+    pub fn cancelled(&self) -> WaitForCancel {
+        WaitForCancel::new(self.cancel.clone())
+    }
+
+    /// Whether the context is cancelled. Compares deadlines with the clock, so a passed
+    /// deadline counts even if no timer ran.
+    pub fn is_cancelled(&self) -> bool {
+        self.cause_recorded().is_some()
+    }
+
+    /// Why the context was cancelled, or `None` while it is not. Once it returns
+    /// `Some(cause)`, it always returns the same cause.
+    pub fn cause(&self) -> Option<Cause> {
+        self.cause_recorded()
+    }
+
+    fn cause_recorded(&self) -> Option<Cause> {
+        let node = self.cancel.as_ref()?;
+        node.resolve(&mut LazyNow::new()).map(|(cause, _)| cause)
+    }
+
+    /// `Err(Cancelled)` if the context is cancelled: a checkpoint for loops and
+    /// synchronous work, used with `?`.
+    ///
+    /// ```
+    /// use reqctx::{Cancelled, Context};
+    ///
+    /// fn work(ctx: &Context, items: &[u32]) -> Result<u32, Cancelled> {
+    ///     let mut sum = 0;
+    ///     for i in items {
+    ///         ctx.check()?;
+    ///         sum += i;
+    ///     }
+    ///     Ok(sum)
+    /// }
+    /// let (ctx, cancel) = Context::background().with_cancel();
+    /// assert_eq!(work(&ctx, &[1, 2]), Ok(3));
+    /// cancel.cancel();
+    /// assert!(work(&ctx, &[1, 2]).is_err());
+    /// ```
+    pub fn check(&self) -> Result<(), Cancelled> {
+        match self.cause_recorded() {
+            Some(cause) => Err(Cancelled::new(cause)),
+            None => Ok(()),
+        }
+    }
+
+    /// The earliest deadline of this context and its ancestors.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.cancel.as_ref()?.deadline()
+    }
+
+    /// The time left until [`deadline`](Context::deadline), zero once it has passed.
+    pub fn remaining(&self) -> Option<Duration> {
+        self.deadline()
+            .map(|d| d.saturating_duration_since(Instant::now()))
+    }
+
+    /// Races `work` against cancellation: `Ok(output)` if the work finishes first,
+    /// `Err(Cancelled)` with the cause if the context is cancelled first. On
+    /// cancellation the work is dropped at its next `.await` point.
+    ///
+    /// Which wins a race: cancellation is checked before the work on every poll, so work
+    /// is never polled once the context is known to be cancelled, and work that is ready
+    /// in the same poll in which the cancellation is first seen loses. Work that completes
+    /// without ever yielding costs no token and no timer.
+    ///
+    /// # Cancellation safety
+    ///
+    /// As cancel-safe as `work`: dropping the returned future drops `work`.
+    pub fn run<F: Future>(&self, work: F) -> Run<F> {
+        Run::new(work, self.cancelled())
+    }
+
+    /// Spawns `work` on the current tokio runtime, bound to this context: when the context
+    /// is cancelled, the task's future is dropped and the handle yields `Err(Cancelled)`.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime, as `tokio::spawn`.
+    pub fn spawn<F>(&self, work: F) -> JoinHandle<Result<F::Output, Cancelled>>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        tokio::spawn(self.run(work))
+    }
+
+    /// A tokio-util token cancelled when this context is, for code that speaks
+    /// `CancellationToken`. Cancelling the returned token (or a clone) does **not** cancel
+    /// the context: read the cause from the context, not the token.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime, if the context or an ancestor has a deadline of its own
+    /// (one timer task is spawned for each such deadline, once).
+    pub fn token(&self) -> CancellationToken {
+        match &self.cancel {
+            Some(node) => {
+                node.arm_timers();
+                // A deadline already passed but not yet recorded cancels the token now.
+                node.resolve(&mut LazyNow::new());
+                // A child: cancelling what we hand out must not cancel the context.
+                node.token().child_token()
+            }
+            None => CancellationToken::new(),
+        }
+    }
+
+    /// Runs `f` with the cause once the context is cancelled, on a tokio task of its own
+    /// (Go's `AfterFunc`). If the context is already cancelled, `f` runs soon.
+    ///
+    /// Dropping the returned [`OnCancel`] does not stop `f`; [`OnCancel::stop`] does.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime, unless the context can never be cancelled (then `f`
+    /// never runs and nothing is spawned).
+    pub fn on_cancel<F>(&self, f: F) -> OnCancel
+    where
+        F: FnOnce(&Cause) + Send + 'static,
+    {
+        let state = Arc::new(AtomicU8::new(PENDING));
+        let Some(node) = &self.cancel else {
+            return OnCancel { state, task: None };
+        };
+        let _ = node;
+        let wait = self.cancelled(); // times any deadline itself: no timer task needed
+        let ctx = self.clone();
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            wait.await;
+            if st
+                .compare_exchange(PENDING, RAN, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                f(&ctx.cause().unwrap_or(Cause::Cancelled));
+            }
+        });
+        OnCancel {
+            state,
+            task: Some(task.abort_handle()),
+        }
+    }
+}
+
+impl fmt::Debug for Context {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut values = Vec::new();
+        let mut entry = self.values.as_deref();
+        while let Some(e) = entry {
+            values.push(e.type_name());
+            entry = e.parent();
+        }
+        f.debug_struct("Context")
+            .field("cancellable", &self.cancel.is_some())
+            .field("cause", &self.cause())
+            .field("deadline", &self.deadline())
+            .field("values", &values)
+            .finish()
+    }
+}
+
+/// Cancels the context it was returned with, with [`Cause::Cancelled`] or a cause of your
+/// choice. Dropping it cancels too, so a forgotten cancel cannot leave a context alive;
+/// [`disarm`](Canceler::disarm) opts out.
+///
+/// Cancelling is idempotent (the first cause wins) and does not wait for the work to stop.
+#[must_use = "dropping a Canceler cancels its context at once; bind it, or call disarm()"]
+pub struct Canceler {
+    node: Arc<CancelNode>,
+    armed: bool,
+}
+
+impl Canceler {
+    fn new(node: Arc<CancelNode>) -> Canceler {
+        Canceler { node, armed: true }
+    }
+
+    /// Cancels with [`Cause::Cancelled`]. Returns `true` if this call's cause was
+    /// recorded, `false` if the context already had one (from this canceler, an ancestor
+    /// or a passed deadline).
+    pub fn cancel(&self) -> bool {
+        self.node.cancel(Cause::Cancelled)
+    }
+
+    /// Cancels with `cause`. Returns `true` if `cause` was recorded.
+    pub fn cancel_with(&self, cause: Cause) -> bool {
+        self.node.cancel(cause)
+    }
+
+    /// Drops the canceler without cancelling: the context then ends only with its parent
+    /// or its deadline.
+    pub fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Canceler {
+    fn drop(&mut self) {
+        if self.armed {
+            self.node.cancel(Cause::Cancelled);
+        }
+    }
+}
+
+impl fmt::Debug for Canceler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Canceler")
+            .field("armed", &self.armed)
+            .field("done", &self.node.is_done())
+            .finish()
+    }
+}
+
+/// The owner's handle of a context made by [`Context::with_driven_deadline`]: it moves the
+/// deadline and reports when it passes. It derefs to the [`Canceler`] of the context, and
+/// like it cancels (with [`Cause::Cancelled`]) when dropped unless the context already has
+/// a cause.
+///
+/// ```
+/// use std::time::Duration;
+/// use reqctx::{Cause, Context, DeadlineOrigin};
+/// use tokio::time::Instant;
+///
+/// let (ctx, driver) = Context::background().with_driven_deadline(None);
+/// let soon = Instant::now() + Duration::from_secs(1);
+/// driver.set_deadline(Some((soon, DeadlineOrigin::Layer)));
+/// assert_eq!(ctx.deadline(), Some(soon));
+/// driver.cancel_with(Cause::Completed);
+/// assert_eq!(ctx.cause(), Some(Cause::Completed));
+/// ```
+#[must_use = "dropping a DeadlineDriver cancels its context at once"]
+pub struct DeadlineDriver {
+    canceler: Canceler,
+}
+
+impl DeadlineDriver {
+    /// Replaces the context's own deadline (`None` removes it). Contexts derived from it
+    /// see the new deadline; a deadline already passed is not undone once a cause is
+    /// recorded.
+    pub fn set_deadline(&self, deadline: Option<(Instant, DeadlineOrigin)>) {
+        self.canceler.node.set_driven(deadline);
+    }
+
+    /// The context's own deadline and its origin.
+    pub fn deadline(&self) -> Option<(Instant, DeadlineOrigin)> {
+        self.canceler.node.own_deadline()
+    }
+
+    /// To be called when the deadline's timer fires: records
+    /// [`Cause::DeadlineExceeded`] if the deadline has passed and the context had no
+    /// cause yet. Returns the context's cause, if it has one now.
+    pub fn expire(&self) -> Option<Cause> {
+        self.canceler
+            .node
+            .resolve(&mut LazyNow::new())
+            .map(|(cause, _)| cause)
+    }
+}
+
+impl std::ops::Deref for DeadlineDriver {
+    type Target = Canceler;
+
+    fn deref(&self) -> &Canceler {
+        &self.canceler
+    }
+}
+
+impl fmt::Debug for DeadlineDriver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeadlineDriver")
+            .field("deadline", &self.deadline())
+            .field("done", &self.canceler.node.is_done())
+            .finish()
+    }
+}
+
+const PENDING: u8 = 0;
+const RAN: u8 = 1;
+const STOPPED: u8 = 2;
+
+/// The handle returned by [`Context::on_cancel`].
+#[derive(Debug)]
+pub struct OnCancel {
+    state: Arc<AtomicU8>,
+    task: Option<tokio::task::AbortHandle>,
+}
+
+impl OnCancel {
+    /// Prevents the callback from running. Returns `true` if this call stopped it,
+    /// `false` if it has already started (or was already stopped), as Go's `stop`.
+    pub fn stop(&self) -> bool {
+        let stopped = self
+            .state
+            .compare_exchange(PENDING, STOPPED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if stopped {
+            if let Some(task) = &self.task {
+                task.abort();
+            }
+        }
+        stopped
+    }
+}
+
+/// One link of the value chain; `ValueNode<T>` behind a trait object keeps it to one
+/// allocation per value.
+trait ValueEntry: Send + Sync {
+    fn value(&self) -> &dyn Any;
+    fn parent(&self) -> Option<&dyn ValueEntry>;
+    fn type_name(&self) -> &'static str;
+}
+
+struct ValueNode<T> {
+    parent: Option<Arc<dyn ValueEntry>>,
+    value: T,
+}
+
+impl<T: Send + Sync + 'static> ValueEntry for ValueNode<T> {
+    fn value(&self) -> &dyn Any {
+        &self.value
+    }
+
+    fn parent(&self) -> Option<&dyn ValueEntry> {
+        self.parent.as_deref()
+    }
+
+    fn type_name(&self) -> &'static str {
+        std::any::type_name::<T>()
+    }
+}

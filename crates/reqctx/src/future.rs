@@ -1,0 +1,190 @@
+//! Hand-written futures: waiting for cancellation, and racing work against it.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll, ready};
+
+use pin_project_lite::pin_project;
+use tokio::time::{Sleep, sleep_until};
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
+use crate::cause::{Cancelled, Cause};
+use crate::node::{CancelNode, LazyNow};
+
+pin_project! {
+    /// The future returned by [`Context::cancelled`](crate::Context::cancelled).
+    ///
+    /// It owns what it needs (no borrow of the context), so it can be stored in a struct
+    /// or moved into a task.
+    #[must_use = "futures do nothing unless polled"]
+    pub struct WaitForCancel {
+        node: Option<Arc<CancelNode>>, // None: a context that is never cancelled
+        #[pin]
+        wait: Option<WaitForCancellationFutureOwned>, // set on the first poll
+        #[pin]
+        sleep: Option<Sleep>, // the earliest deadline this waiter has to time itself
+    }
+}
+
+impl WaitForCancel {
+    pub(crate) fn new(node: Option<Arc<CancelNode>>) -> WaitForCancel {
+        WaitForCancel {
+            node,
+            wait: None,
+            sleep: None,
+        }
+    }
+
+    fn started(&self) -> bool {
+        self.wait.is_some()
+    }
+
+    /// Whether the context is cancelled now, without creating a token or a timer.
+    fn check(&self) -> bool {
+        self.node
+            .as_ref()
+            .is_some_and(|n| n.resolve(&mut LazyNow::new()).is_some())
+    }
+
+    fn cause(&self) -> Cause {
+        self.node
+            .as_ref()
+            .and_then(|n| n.resolve(&mut LazyNow::new()))
+            .map_or(Cause::Cancelled, |(cause, _)| cause)
+    }
+}
+
+impl fmt::Debug for WaitForCancel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WaitForCancel")
+            .field("started", &self.started())
+            .field("timed", &self.sleep.is_some())
+            .finish()
+    }
+}
+
+impl Future for WaitForCancel {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<()> {
+        let mut this = self.project();
+        let Some(node) = this.node.as_ref() else {
+            return Poll::Pending;
+        };
+        if this.wait.is_none() {
+            if node.resolve(&mut LazyNow::new()).is_some() {
+                return Poll::Ready(());
+            }
+            this.wait.set(Some(node.token().cancelled_owned()));
+            if let Some(deadline) = node.timer_deadline() {
+                this.sleep.set(Some(sleep_until(deadline)));
+            }
+        }
+        if let Some(wait) = this.wait.as_pin_mut() {
+            if wait.poll(cx).is_ready() {
+                return Poll::Ready(());
+            }
+        }
+        if let Some(sleep) = this.sleep.as_mut().as_pin_mut() {
+            ready!(sleep.poll(cx));
+            // Records DeadlineExceeded on the node whose deadline passed, which cancels
+            // its token and so every token below it.
+            if node.resolve(&mut LazyNow::new()).is_some() {
+                return Poll::Ready(());
+            }
+            // Unreachable with tokio's clock (a sleep never ends early); stay correct anyway.
+            this.sleep.set(None);
+        }
+        Poll::Pending
+    }
+}
+
+pin_project! {
+    /// The future returned by [`Context::run`](crate::Context::run).
+    #[must_use = "futures do nothing unless polled"]
+    pub struct Run<F> {
+        #[pin]
+        work: F,
+        #[pin]
+        wait: WaitForCancel,
+    }
+}
+
+impl<F> Run<F> {
+    pub(crate) fn new(work: F, wait: WaitForCancel) -> Run<F> {
+        Run { work, wait }
+    }
+}
+
+impl<F> fmt::Debug for Run<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Run").field("wait", &self.wait).finish()
+    }
+}
+
+impl<F: Future> Future for Run<F> {
+    type Output = Result<F::Output, Cancelled>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        // Cancellation is looked at before the work on every poll: once the context is
+        // cancelled, the work is not polled again. Until the work first returns Pending,
+        // this costs no token and no timer.
+        let started = this.wait.started();
+        let cancelled = if started {
+            this.wait.as_mut().poll(cx).is_ready()
+        } else {
+            this.wait.check()
+        };
+        if cancelled {
+            return Poll::Ready(Err(Cancelled::new(this.wait.cause())));
+        }
+        if let Poll::Ready(out) = this.work.poll(cx) {
+            return Poll::Ready(Ok(out));
+        }
+        if !started && this.wait.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(Cancelled::new(this.wait.cause())));
+        }
+        Poll::Pending
+    }
+}
+
+/// Which of two futures finished first.
+pub(crate) enum Which<A, B> {
+    Left(A),
+    Right(B),
+}
+
+impl<A, B> Which<A, B> {
+    pub(crate) fn is_right(&self) -> bool {
+        matches!(self, Which::Right(_))
+    }
+}
+
+pin_project! {
+    /// Polls `a`, then `b`; resolves with the first that is ready.
+    pub(crate) struct First<A, B> {
+        #[pin]
+        a: A,
+        #[pin]
+        b: B,
+    }
+}
+
+pub(crate) fn first<A: Future, B: Future>(a: A, b: B) -> First<A, B> {
+    First { a, b }
+}
+
+impl<A: Future, B: Future> Future for First<A, B> {
+    type Output = Which<A::Output, B::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(a) = this.a.poll(cx) {
+            return Poll::Ready(Which::Left(a));
+        }
+        this.b.poll(cx).map(Which::Right)
+    }
+}

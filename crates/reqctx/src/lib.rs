@@ -1,0 +1,72 @@
+//! Go-style contexts for Rust: a cancellation signal with a typed [`Cause`], a deadline,
+//! and request-scoped values, handed down a call tree.
+//!
+//! ```
+//! use std::time::Duration;
+//! use reqctx::{Cause, Context, DeadlineOrigin};
+//!
+//! #[derive(Debug)]
+//! struct UserId(u64);
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() {
+//! // A server gives each request a context; here we make one by hand.
+//! let (request, _cancel) = Context::background().with_timeout(Duration::from_secs(2));
+//! let request = request.with_value(UserId(42));
+//!
+//! // Pass it to every call; each may narrow the deadline for its own part.
+//! let (db, _cancel_db) = request.with_timeout(Duration::from_millis(100));
+//! let query = tokio::time::sleep(Duration::from_secs(1)); // a slow database
+//! let err = db.run(query).await.unwrap_err();
+//! assert_eq!(err.cause(), &Cause::DeadlineExceeded { origin: DeadlineOrigin::Code });
+//!
+//! // The request itself is still alive, and its values reach every descendant.
+//! assert!(!request.is_cancelled());
+//! assert_eq!(db.value::<UserId>().map(|u| u.0), Some(42));
+//! # }
+//! ```
+//!
+//! # The rules
+//!
+//! - A child is cancelled when its parent is, with the parent's cause; cancelling a child
+//!   never touches its parent.
+//! - A child's deadline is the earlier of its own and its parent's: if the parent's
+//!   deadline is already earlier, `with_deadline(d)` behaves as `with_cancel()`.
+//! - [`Canceler::cancel`] is idempotent and does not wait for the work to stop. Dropping a
+//!   [`Canceler`] cancels; [`Canceler::disarm`] opts out.
+//! - The first cause wins and never changes. When two causes race (say, a deadline and a
+//!   client disconnect), the one recorded first wins, and every later reader sees it; a
+//!   deadline counts from the instant it passed, even if nobody looked until later.
+//! - Values are immutable, inherited by children, looked up by type; the nearest wins.
+//!
+//! # Cancellation safety
+//!
+//! [`Context::cancelled`] is cancel-safe. [`Context::run`] is as cancel-safe as the work it
+//! wraps. Nothing in this crate blocks: the only lock is held for a few instructions and
+//! never across an `.await`.
+//!
+//! # Cost
+//!
+//! Deriving a context allocates once and takes no lock. No `CancellationToken` exists
+//! until something waits on the context, no timer until something waits on a deadline,
+//! and a context without a deadline never reads the clock. See [`Context`] for which
+//! methods need a tokio runtime.
+//!
+//! # Features
+//!
+//! - `axum` (off): `impl IntoResponse for Cancelled` (504 deadline, 503 shutdown, 499
+//!   client gone, 500 otherwise), depending only on `axum-core`.
+#![forbid(unsafe_code)]
+#![doc(test(attr(deny(warnings))))]
+
+mod cause;
+mod context;
+mod future;
+mod node;
+
+#[cfg(feature = "axum")]
+mod axum;
+
+pub use crate::cause::{Cancelled, Cause, DeadlineOrigin};
+pub use crate::context::{Canceler, Context, DeadlineDriver, OnCancel};
+pub use crate::future::{Run, WaitForCancel};

@@ -1,0 +1,299 @@
+//! The Linux watcher: an epoll instance of our own, drained by one task.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::poll_fn;
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
+
+use rustix::event::Timespec;
+use rustix::event::epoll::{self, CreateFlags, Event, EventData, EventFlags};
+use rustix::io::Errno;
+use tokio::io::Interest;
+use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
+use tokio::task::JoinHandle;
+
+use super::OnClose;
+
+/// Events taken from the epoll set per `epoll_wait`.
+const BATCH: usize = 64;
+
+/// Closing is all we ask for; `EPOLLHUP` and `EPOLLERR` are always reported. No `EPOLLIN`, so
+/// an arriving packet wakes no one; edge-triggered, so a closed socket is reported once, not
+/// on every wait until it is deleted.
+const INTEREST: EventFlags = EventFlags::RDHUP.union(EventFlags::ET);
+
+/// An epoll instance of our own, registered with tokio, and the task that drains it.
+///
+/// Cloning is cheap; the task ends when the last clone and the last [`Watch`] are dropped.
+#[derive(Clone)]
+pub(crate) struct Watcher {
+    handle: Arc<Handle>,
+}
+
+/// A socket in the epoll set, with its callback.
+///
+/// Dropping it removes the callback without running it, then deletes the socket from the epoll
+/// set. Drop it before the socket is closed: it holds a duplicate of the socket's fd, which
+/// keeps the connection open.
+pub(crate) struct Watch {
+    handle: Arc<Handle>,
+    id: u64,
+    fd: OwnedFd, // the duplicate that is in the epoll set; closed after the delete
+}
+
+/// What the watcher task shares with the [`Watcher`] and its [`Watch`]es.
+struct Shared {
+    epoll: AsyncFd<OwnedFd>,
+    registry: Mutex<Registry>,
+    task: Mutex<TaskState>,
+}
+
+struct Registry {
+    next_id: u64,
+    callbacks: HashMap<u64, OnClose>,
+}
+
+struct TaskState {
+    stopped: bool, // set once, when the last `Handle` is dropped
+    waker: Option<Waker>,
+}
+
+/// Held by the [`Watcher`] and by every [`Watch`], not by the task: dropping the last one
+/// stops the task, which holds [`Shared`] itself.
+struct Handle {
+    shared: Arc<Shared>,
+}
+
+impl Watcher {
+    /// Creates the epoll instance and spawns the task that drains it.
+    ///
+    /// # Panics
+    ///
+    /// If called outside a tokio runtime, or in one whose IO driver is disabled.
+    pub(crate) fn new() -> io::Result<Watcher> {
+        Self::start().map(|(watcher, _task)| watcher)
+    }
+
+    fn start() -> io::Result<(Watcher, JoinHandle<()>)> {
+        let epoll = epoll::create(CreateFlags::CLOEXEC)?;
+        // tokio deprecated this constructor (#8587) for any `T` whose `as_raw_fd` may change or
+        // close; its replacement is `unsafe`, which this crate forbids. An `OwnedFd` keeps one
+        // fd open until it is dropped with the `AsyncFd`, which is that replacement's contract.
+        #[allow(deprecated)]
+        let epoll = AsyncFd::with_interest(epoll, Interest::READABLE)?;
+        let shared = Arc::new(Shared {
+            epoll,
+            registry: Mutex::new(Registry {
+                next_id: 0,
+                callbacks: HashMap::new(),
+            }),
+            task: Mutex::new(TaskState {
+                stopped: false,
+                waker: None,
+            }),
+        });
+        let task = tokio::spawn(drain(Arc::clone(&shared)));
+        let handle = Arc::new(Handle { shared });
+        Ok((Watcher { handle }, task))
+    }
+
+    /// Starts watching `fd`, a connected socket: `on_close` runs at most once, on the watcher
+    /// task, when the peer closes or resets the connection.
+    ///
+    /// If the peer is already gone, `on_close` may run before this returns. On an error (`fd`
+    /// is not something epoll can watch, or fds ran out) `on_close` is dropped without
+    /// running.
+    pub(crate) fn watch(&self, fd: BorrowedFd<'_>, on_close: OnClose) -> io::Result<Watch> {
+        let fd = fd.try_clone_to_owned()?;
+        let shared = &self.handle.shared;
+        let id = {
+            let mut registry = shared.registry();
+            let id = registry.next_id;
+            registry.next_id += 1;
+            registry.callbacks.insert(id, on_close);
+            id
+        };
+        // Invariant 2: registered before it can be reported.
+        if let Err(err) = epoll::add(
+            shared.epoll.get_ref(),
+            &fd,
+            EventData::new_u64(id),
+            INTEREST,
+        ) {
+            let on_close = shared.registry().callbacks.remove(&id);
+            drop(on_close);
+            return Err(err.into());
+        }
+        Ok(Watch {
+            handle: Arc::clone(&self.handle),
+            id,
+            fd,
+        })
+    }
+}
+
+impl Watch {
+    /// Runs the callback now, on this thread, if it has not run: for a connection known to be
+    /// broken (a failed write) before its close is reported.
+    pub(crate) fn fire(&self) {
+        let on_close = self.handle.shared.registry().callbacks.remove(&self.id);
+        if let Some(on_close) = on_close {
+            on_close();
+        }
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let shared = &self.handle.shared;
+        // Invariant 3: out of the registry first, so an event that comes now is ignored.
+        let on_close = shared.registry().callbacks.remove(&self.id);
+        drop(on_close);
+        match epoll::delete(shared.epoll.get_ref(), &self.fd) {
+            Ok(()) | Err(Errno::NOENT | Errno::BADF) => {}
+            Err(err) => {
+                tracing::warn!(id = self.id, %err, "connection watcher: EPOLL_CTL_DEL failed")
+            }
+        }
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        let waker = {
+            let mut task = self.shared.task();
+            task.stopped = true;
+            task.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+}
+
+impl Shared {
+    fn registry(&self) -> MutexGuard<'_, Registry> {
+        // Nothing panics while holding the lock (callbacks run outside it), but should an
+        // allocation fail there, the map is still consistent.
+        self.registry.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn task(&self) -> MutexGuard<'_, TaskState> {
+        self.task.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Ready when the epoll set has events, `None` once every handle is gone.
+    fn poll_ready(
+        &self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<io::Result<AsyncFdReadyGuard<'_, OwnedFd>>>> {
+        {
+            let mut task = self.task();
+            if task.stopped {
+                return Poll::Ready(None);
+            }
+            if !task.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                task.waker = Some(cx.waker().clone());
+            }
+        }
+        self.epoll.poll_read_ready(cx).map(Some)
+    }
+
+    /// Takes up to [`BATCH`] events without waiting, and moves their callbacks to `ready`.
+    /// Returns how many events there were.
+    fn harvest(&self, ready: &mut Vec<OnClose>) -> io::Result<usize> {
+        let mut buf = [MaybeUninit::<Event>::uninit(); BATCH];
+        let now = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        let events = loop {
+            match epoll::wait(self.epoll.get_ref(), &mut buf, Some(&now)) {
+                Ok((events, _)) => break events,
+                Err(Errno::INTR) => {}
+                Err(err) => return Err(err.into()),
+            }
+        };
+        if !events.is_empty() {
+            let mut registry = self.registry();
+            // Every event is a close: we asked for nothing else, and HUP and ERR are final.
+            // An unknown id is a watch dropped since, or a callback `fire` already ran.
+            ready.extend(
+                events
+                    .iter()
+                    .filter_map(|event| registry.callbacks.remove(&event.data.u64())),
+            );
+        }
+        Ok(events.len())
+    }
+}
+
+/// The watcher task.
+async fn drain(shared: Arc<Shared>) {
+    let mut ready = Vec::new();
+    loop {
+        let mut guard = match poll_fn(|cx| shared.poll_ready(cx)).await {
+            None => return,
+            Some(Ok(guard)) => guard,
+            Some(Err(err)) => {
+                // The runtime is shutting down.
+                tracing::debug!(%err, "connection watcher stopped");
+                return;
+            }
+        };
+        loop {
+            let n = match shared.harvest(&mut ready) {
+                Ok(n) => n,
+                Err(err) => {
+                    tracing::error!(%err, "connection watcher: epoll_wait failed; watcher stopped");
+                    return;
+                }
+            };
+            for on_close in ready.drain(..) {
+                // One callback's panic must not end the watch on every other connection.
+                if catch_unwind(AssertUnwindSafe(on_close)).is_err() {
+                    tracing::error!("connection watcher: an on_close callback panicked");
+                }
+            }
+            if n < BATCH {
+                break;
+            }
+        }
+        // The set is empty now (every socket in it is edge-triggered, so a reported one is not
+        // queued again). An event that arrived since the last `epoll_wait` is not lost:
+        // tokio's registration of our epoll fd is edge-triggered too, so that event makes the
+        // reactor set readiness again with a new tick, and `clear_ready` only clears the
+        // readiness of the tick this guard saw.
+        guard.clear_ready();
+    }
+}
+
+impl fmt::Debug for Watcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Watcher")
+            .field("epoll", self.handle.shared.epoll.get_ref())
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for Watch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Watch")
+            .field("id", &self.id)
+            .field("fd", &self.fd)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+impl Watcher {
+    /// A watcher and its task, to see the task end.
+    pub(super) fn start_for_test() -> io::Result<(Watcher, JoinHandle<()>)> {
+        Self::start()
+    }
+}

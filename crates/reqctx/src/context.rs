@@ -410,6 +410,11 @@ impl Canceler {
         self.node.cancel(cause)
     }
 
+    /// Whether the context this canceler cancels is cancelled, for whatever cause.
+    pub fn is_cancelled(&self) -> bool {
+        self.node.resolve(&mut LazyNow::new()).is_some()
+    }
+
     /// Drops the canceler without cancelling: the context then ends only with its parent
     /// or its deadline.
     pub fn disarm(mut self) {
@@ -469,6 +474,23 @@ impl DeadlineDriver {
         self.canceler.node.own_deadline()
     }
 
+    /// A handle that can move the deadline but not cancel, for code that refines the
+    /// deadline of a context it does not own (a route's layer under the server's).
+    pub fn handle(&self) -> DeadlineHandle {
+        DeadlineHandle {
+            node: self.canceler.node.clone(),
+        }
+    }
+
+    /// The driven context, without values: the context this driver was returned with,
+    /// less any values its parent carried.
+    pub fn context(&self) -> Context {
+        Context {
+            cancel: Some(self.canceler.node.clone()),
+            values: None,
+        }
+    }
+
     /// To be called when the deadline's timer fires: records
     /// [`Cause::DeadlineExceeded`] if the deadline has passed and the context had no
     /// cause yet. Returns the context's cause, if it has one now.
@@ -493,6 +515,34 @@ impl fmt::Debug for DeadlineDriver {
         f.debug_struct("DeadlineDriver")
             .field("deadline", &self.deadline())
             .field("done", &self.canceler.node.is_done())
+            .finish()
+    }
+}
+
+/// Moves the deadline of a context made by [`Context::with_driven_deadline`], without the
+/// power to cancel it. Made by [`DeadlineDriver::handle`]; dropping it does nothing.
+#[derive(Clone)]
+pub struct DeadlineHandle {
+    node: Arc<CancelNode>,
+}
+
+impl DeadlineHandle {
+    /// As [`DeadlineDriver::set_deadline`]: the driver's owner sees the new deadline the
+    /// next time it reads [`DeadlineDriver::deadline`].
+    pub fn set_deadline(&self, deadline: Option<(Instant, DeadlineOrigin)>) {
+        self.node.set_driven(deadline);
+    }
+
+    /// The context's own deadline and its origin.
+    pub fn deadline(&self) -> Option<(Instant, DeadlineOrigin)> {
+        self.node.own_deadline()
+    }
+}
+
+impl fmt::Debug for DeadlineHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeadlineHandle")
+            .field("deadline", &self.deadline())
             .finish()
     }
 }

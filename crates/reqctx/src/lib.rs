@@ -68,5 +68,5 @@ mod node;
 mod axum;
 
 pub use crate::cause::{Cancelled, Cause, DeadlineOrigin};
-pub use crate::context::{Canceler, Context, DeadlineDriver, OnCancel};
+pub use crate::context::{Canceler, Context, DeadlineDriver, DeadlineHandle, OnCancel};
 pub use crate::future::{Run, WaitForCancel};

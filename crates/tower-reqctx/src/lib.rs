@@ -1,5 +1,126 @@
-//! The HTTP side of [`reqctx`]: a context per request, cancelled on client disconnect,
-//! deadline, completion and shutdown. In progress: see the issues.
+//! A context per HTTP request for axum, hyper and tower: Go's `r.Context()`, with a typed
+//! cause.
+//!
+//! [`ContextLayer`] gives every request a [`Context`](reqctx::Context) that is cancelled,
+//! with a [`Cause`](reqctx::Cause) the handler can read, when the client goes away, the
+//! deadline passes, the response ends, or the server shuts down. Handlers take it with the
+//! [`ReqCtx`] extractor and hand it to everything they call.
+//!
+//! ```
+//! use std::time::Duration;
+//! use axum::{Router, routing::get};
+//! use tower_reqctx::{ContextLayer, ReqCtx, reqctx::Cancelled};
+//!
+//! async fn search(ctx: ReqCtx) -> Result<String, Cancelled> {
+//!     // A slow backend: the context's deadline (here ?timeout=50ms) stops it.
+//!     ctx.run(tokio::time::sleep(Duration::from_secs(5))).await?;
+//!     Ok("results".into())
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> std::io::Result<()> {
+//! let app = Router::new()
+//!     .route("/search", get(search))
+//!     .layer(ContextLayer::new().timeout(Duration::from_secs(10)));
+//!
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let addr = listener.local_addr()?;
+//! tokio::spawn(tower_reqctx::serve(listener, app).into_future());
+//!
+//! // A client asks for a 50 ms budget: the handler's context ends with
+//! // DeadlineExceeded { origin: Query } and the answer is 504.
+//! # use tokio::io::{AsyncReadExt, AsyncWriteExt};
+//! let mut conn = tokio::net::TcpStream::connect(addr).await?;
+//! conn.write_all(b"GET /search?timeout=50ms HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await?;
+//! let mut answer = String::new();
+//! conn.read_to_string(&mut answer).await?;
+//! assert!(answer.starts_with("HTTP/1.1 504"));
+//! # Ok(())
+//! # }
+//! # use std::future::IntoFuture;
+//! ```
+//!
+//! # When the context ends, and the cause it reads
+//!
+//! | event | cause |
+//! |---|---|
+//! | the deadline passed | `DeadlineExceeded { origin: Query }` (the client's `?timeout=`) or `{ origin: Layer }` (the server's) |
+//! | the client closed or reset the connection, reset its HTTP/2 stream, or a write to it failed | `ClientDisconnected` |
+//! | the response body reached its end (a plain body: as soon as it is sent; HEAD, 204, 304 and empty bodies: when the response is returned) | `Completed` |
+//! | the server's root was cancelled ([`serve`]'s graceful shutdown) | `Shutdown` |
+//! | the handler panicked | a custom cause, [`HandlerPanicked`] (never `ClientDisconnected`) |
+//!
+//! Work spawned with [`Context::spawn`](reqctx::Context::spawn) stops at any of them. When
+//! the deadline passes while a response is streaming, the body ends with an error, so the
+//! client sees a truncated response, never a clean end; the same happens at shutdown.
+//!
+//! **Which cause wins a race:** the first one recorded, and it never changes. A body that
+//! reached its end is `Completed` even if the client closes a moment later; a deadline that
+//! fires while the body still streams wins over the completion that would have followed; a
+//! request cancelled because its connection or the server's root was cancelled reports that
+//! cause. Deadlines are compared with the clock whenever a cause is read, so a deadline
+//! that passed before a later event wins even if its timer had not fired yet.
+//!
+//! # Deadlines
+//!
+//! The deadline is the earliest of the effective server timeout (the innermost
+//! `ContextLayer`'s [`timeout`](ContextLayer::timeout), replaced per route by a route's own
+//! layer, longer or shorter, or removed by [`no_timeout`](ContextLayer::no_timeout)) and the
+//! client's `?timeout=` (Go duration syntax, see [`duration`]). A client can shorten the
+//! server's deadline, never lengthen it. A `timeout` that does not parse, is zero or
+//! negative, or is rejected by [`ClampPolicy::Reject`] gets `400 Bad Request` with a
+//! one-line reason, and the handler never runs. No input panics or overflows.
+//!
+//! # Seeing the client leave
+//!
+//! hyper notices a closed connection only when it reads from it: not while a request body
+//! is unread, not while a pipelined request waits, not while the client has stopped
+//! reading. [`serve`] (and [`WatchedListener`] for `axum::serve`) watch every connection
+//! for the client's FIN or RST, event-driven, so those cases are seen too, in well under a
+//! millisecond. Under plain `axum::serve` the layer still sees what hyper sees (the
+//! response future or body dropped). On Linux the watch is one epoll instance of our own;
+//! elsewhere only hyper's detection and failed reads and writes apply. A FIN queued behind a
+//! full receive window (the server stopped reading a large upload) cannot be seen by anyone;
+//! only the deadline ends such a request.
+//!
+//! The context tree is: the server's root, then one context per connection
+//! ([`ConnectionContext`]), then one per request.
+//!
+//! # Cancellation safety
+//!
+//! The layer's response future and body may be dropped at any time (that is how hyper
+//! reports a client that left); dropping them records `ClientDisconnected` unless a cause was
+//! recorded before. [`Context::cancelled`](reqctx::Context::cancelled) is cancel-safe.
+//!
+//! # Features
+//!
+//! - `axum` (default): the [`ReqCtx`] extractor, [`WatchedListener`], `IntoResponse` for
+//!   [`Cancelled`](reqctx::Cancelled) (504 deadline, 503 shutdown, 499 client gone, 500
+//!   otherwise).
 #![forbid(unsafe_code)]
+#![doc(test(attr(deny(warnings))))]
 
 pub use reqctx;
+
+mod body;
+mod conn;
+pub mod duration;
+#[cfg(feature = "axum")]
+mod extract;
+mod layer;
+mod listener;
+mod serve;
+mod service;
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+mod watch;
+
+pub use crate::body::{BoxError, ContextBody, HandlerPanicked, ResponseBodyFailed};
+pub use crate::conn::ConnectionContext;
+#[cfg(feature = "axum")]
+pub use crate::extract::{MissingContextLayer, ReqCtx};
+pub use crate::layer::{ClampPolicy, ContextLayer};
+#[cfg(feature = "axum")]
+pub use crate::listener::WatchedListener;
+pub use crate::serve::{Serve, ServeFuture, serve};
+pub use crate::service::{ContextService, ResponseFuture, parts_context, request_context};
+pub use crate::watch::WatchedIo;

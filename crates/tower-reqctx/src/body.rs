@@ -1,0 +1,281 @@
+//! `ContextBody`: the response body that ends the request's context.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::pin::Pin;
+use std::task::{Context as TaskContext, Poll};
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderValue};
+use http::{Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use reqctx::{Cancelled, Cause, DeadlineDriver, WaitForCancel};
+use tokio::time::{Sleep, sleep_until};
+
+/// The error type of [`ContextBody`].
+pub type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// Ends a request's context: `Completed` when the response is over, `ClientDisconnected`
+/// when it is dropped before (hyper drops the response future or body when the client is
+/// gone), a [`HandlerPanicked`] cause when dropped while a handler unwinds.
+pub(crate) struct Guard {
+    driver: DeadlineDriver,
+    head: bool, // a HEAD request: hyper sends no body and never polls it
+}
+
+impl Guard {
+    pub(crate) fn new(driver: DeadlineDriver, head: bool) -> Guard {
+        Guard { driver, head }
+    }
+
+    pub(crate) fn driver(&self) -> &DeadlineDriver {
+        &self.driver
+    }
+
+    fn end(&self, cause: Cause) {
+        if self.driver.cancel_with(cause.clone()) {
+            match cause {
+                Cause::Completed => {
+                    tracing::trace!(target: "tower_reqctx", "request context completed");
+                }
+                cause => {
+                    tracing::debug!(target: "tower_reqctx", cause = %cause, kind = cause.kind(), "request context cancelled");
+                }
+            }
+        }
+    }
+
+    /// The handler answered: the context lives on in the body, unless there is none to send.
+    pub(crate) fn into_response<B: Body>(self, res: Response<B>) -> Response<ContextBody<B>> {
+        let status = res.status();
+        let bodyless = self.head
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+            || res.body().is_end_stream();
+        if bodyless {
+            // hyper will not poll this body: the response is over once sent.
+            self.end(Cause::Completed);
+            return res.map(ContextBody::plain);
+        }
+        res.map(|body| ContextBody {
+            kind: Kind::Owned {
+                body,
+                guard: Some(self),
+                timer: None,
+                wait: None,
+            },
+        })
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let cause = if std::thread::panicking() {
+            Cause::custom(HandlerPanicked)
+        } else {
+            Cause::ClientDisconnected
+        };
+        self.end(cause);
+    }
+}
+
+/// The cause of a request whose handler (or response body) panicked: it is not the
+/// client's doing. Check for it with [`Cause::downcast_ref`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HandlerPanicked;
+
+impl fmt::Display for HandlerPanicked {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the handler panicked")
+    }
+}
+
+impl StdError for HandlerPanicked {}
+
+/// The error of a response body cut short by its context: the client sees a truncated
+/// response, never a clean end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ResponseBodyFailed;
+
+impl fmt::Display for ResponseBodyFailed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the response body failed")
+    }
+}
+
+impl StdError for ResponseBodyFailed {}
+
+pin_project! {
+    /// The response body of [`ContextService`](crate::ContextService).
+    ///
+    /// It ends the request's context with [`Cause::Completed`] when the body reaches its end
+    /// (or reports [`is_end_stream`](Body::is_end_stream)), and with
+    /// [`Cause::ClientDisconnected`] when dropped before. When the context is cancelled
+    /// while the body is streaming (deadline, shutdown, client gone), the body ends with
+    /// an error, so the client sees a truncated response.
+    pub struct ContextBody<B> {
+        #[pin]
+        kind: Kind<B>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<B> {
+        Plain {
+            #[pin]
+            body: B,
+        },
+        Owned {
+            #[pin]
+            body: B,
+            guard: Option<Guard>, // taken when the context ends
+            #[pin]
+            timer: Option<Sleep>, // the driven deadline, armed once the body is pending
+            #[pin]
+            wait: Option<WaitForCancel>, // other causes, armed once the body is pending
+        },
+        Message {
+            data: Option<Bytes>,
+        },
+    }
+}
+
+impl<B> ContextBody<B> {
+    pub(crate) fn plain(body: B) -> ContextBody<B> {
+        ContextBody {
+            kind: Kind::Plain { body },
+        }
+    }
+
+    pub(crate) fn message_response(
+        status: StatusCode,
+        message: String,
+    ) -> Response<ContextBody<B>> {
+        let mut res = Response::new(ContextBody {
+            kind: Kind::Message {
+                data: Some(Bytes::from(message)),
+            },
+        });
+        *res.status_mut() = status;
+        res.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        res
+    }
+}
+
+impl<B> fmt::Debug for ContextBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match &self.kind {
+            Kind::Plain { .. } => "plain",
+            Kind::Owned { .. } => "owned",
+            Kind::Message { .. } => "message",
+        };
+        f.debug_struct("ContextBody").field("kind", &kind).finish()
+    }
+}
+
+impl<B> Body for ContextBody<B>
+where
+    B: Body,
+    B::Data: From<Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = B::Data;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, BoxError>>> {
+        match self.project().kind.project() {
+            KindProj::Plain { body } => body.poll_frame(cx).map_err(Into::into),
+            KindProj::Message { data } => {
+                Poll::Ready(data.take().map(|d| Ok(Frame::data(B::Data::from(d)))))
+            }
+            KindProj::Owned {
+                body,
+                guard,
+                mut timer,
+                mut wait,
+            } => {
+                let Some(g) = guard.as_ref() else {
+                    return body.poll_frame(cx).map_err(Into::into);
+                };
+                let polled = body.poll_frame(cx);
+                match polled {
+                    Poll::Ready(None) => {
+                        g.end(Cause::Completed);
+                        *guard = None;
+                        return Poll::Ready(None);
+                    }
+                    Poll::Ready(Some(Err(e))) => {
+                        g.end(Cause::custom(ResponseBodyFailed));
+                        *guard = None;
+                        return Poll::Ready(Some(Err(e.into())));
+                    }
+                    Poll::Ready(Some(Ok(frame))) => {
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
+                    Poll::Pending => {}
+                }
+                // The body waits: the deadline (ours to time) and any other cause end it.
+                if timer.is_none() {
+                    if let Some((at, _)) = g.driver().deadline() {
+                        timer.set(Some(sleep_until(at)));
+                    }
+                }
+                if let Some(t) = timer.as_mut().as_pin_mut() {
+                    if t.poll(cx).is_ready() {
+                        let _ = g.driver().expire();
+                    }
+                }
+                if wait.is_none() {
+                    wait.set(Some(g.driver().context().cancelled()));
+                }
+                let cancelled = match wait.as_mut().as_pin_mut() {
+                    Some(w) => w.poll(cx).is_ready(),
+                    None => false,
+                };
+                if !cancelled && !g.driver().is_cancelled() {
+                    return Poll::Pending;
+                }
+                let cause = g.driver().context().cause().unwrap_or(Cause::Cancelled);
+                *guard = None;
+                Poll::Ready(Some(Err(Box::new(Cancelled::new(cause)))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Plain { body } => body.is_end_stream(),
+            Kind::Owned { body, guard, .. } => {
+                let end = body.is_end_stream();
+                if end {
+                    // hyper may drop the body without polling it again.
+                    if let Some(g) = guard {
+                        g.end(Cause::Completed);
+                    }
+                }
+                end
+            }
+            Kind::Message { data } => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Plain { body } | Kind::Owned { body, .. } => body.size_hint(),
+            Kind::Message { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+        }
+    }
+}

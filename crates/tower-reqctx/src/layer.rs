@@ -1,0 +1,183 @@
+//! `ContextLayer`: the builder.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::StatusCode;
+use reqctx::Context;
+use tower_layer::Layer;
+
+use crate::service::ContextService;
+
+/// Gives every request a [`Context`](reqctx::Context), cancelled with a cause when the
+/// client goes away, the deadline passes, the response ends, or the server shuts down.
+///
+/// Put one on the whole app (the *outer* layer): it creates each request's context, owns
+/// its timer and answers for it. A `ContextLayer` on a single route (an *inner* layer, via
+/// `MethodRouter::layer` or `Router::route_layer`) finds the outer one's context and only
+/// replaces the server timeout for that route, longer or shorter ([`timeout`], [`no_timeout`]);
+/// its other settings are ignored.
+///
+/// The deadline is the earliest of the effective server timeout (the innermost layer's
+/// [`timeout`], or none), and the client's `?timeout=` in Go duration syntax (`300ms`,
+/// `1.5s`, `2h45m`). A client can shorten the server's deadline, never lengthen it.
+///
+/// [`timeout`]: ContextLayer::timeout
+/// [`no_timeout`]: ContextLayer::no_timeout
+///
+/// ```
+/// use std::time::Duration;
+/// use axum::{Router, routing::get};
+/// use tower_reqctx::{ContextLayer, ReqCtx};
+///
+/// async fn search(ctx: ReqCtx) -> Result<String, tower_reqctx::reqctx::Cancelled> {
+///     let hits = ctx.run(async { 3 }).await?;
+///     Ok(format!("{hits} hits"))
+/// }
+///
+/// let app: Router = Router::new()
+///     .route("/search", get(search))
+///     // A slow report gets 30 s, whatever the server default is.
+///     .route(
+///         "/report",
+///         get(search).layer(ContextLayer::new().timeout(Duration::from_secs(30))),
+///     )
+///     // Server default 10 s; clients may ask for less with ?timeout=, at most 60 s.
+///     .layer(
+///         ContextLayer::new()
+///             .timeout(Duration::from_secs(10))
+///             .max_timeout(Duration::from_secs(60)),
+///     );
+/// # let _ = app;
+/// ```
+#[derive(Clone, Debug)]
+pub struct ContextLayer {
+    config: Arc<Config>,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Config {
+    pub(crate) timeout: TimeoutSetting,
+    pub(crate) max_timeout: Option<Duration>,
+    pub(crate) policy: ClampPolicy,
+    pub(crate) query_param: Option<&'static str>,
+    pub(crate) timeout_status: StatusCode,
+    pub(crate) grace: Duration,
+    pub(crate) root: Option<Context>,
+}
+
+/// What a layer says about the server timeout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TimeoutSetting {
+    /// Nothing: an outer layer has no timeout, an inner one keeps the outer's.
+    Unset,
+    /// `.timeout(d)`.
+    After(Duration),
+    /// `.no_timeout()`.
+    Never,
+}
+
+/// What to do with a client-requested timeout above [`ContextLayer::max_timeout`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ClampPolicy {
+    /// Use the maximum instead (the default).
+    #[default]
+    Clamp,
+    /// Answer `400 Bad Request`; the handler never runs.
+    Reject,
+}
+
+impl Default for ContextLayer {
+    fn default() -> ContextLayer {
+        ContextLayer::new()
+    }
+}
+
+impl ContextLayer {
+    /// No server timeout, `?timeout=` read from the query, timeouts answered with 504 and
+    /// no grace, request contexts under the connection's (or under
+    /// [`background`](reqctx::Context::background) when there is none).
+    pub fn new() -> ContextLayer {
+        ContextLayer {
+            config: Arc::new(Config {
+                timeout: TimeoutSetting::Unset,
+                max_timeout: None,
+                policy: ClampPolicy::Clamp,
+                query_param: Some("timeout"),
+                timeout_status: StatusCode::GATEWAY_TIMEOUT,
+                grace: Duration::ZERO,
+                root: None,
+            }),
+        }
+    }
+
+    fn with(mut self, f: impl FnOnce(&mut Config)) -> ContextLayer {
+        f(Arc::make_mut(&mut self.config));
+        self
+    }
+
+    /// The server-side timeout of the requests through this layer, counted from the
+    /// moment the outer layer received the request. On a route's layer it replaces the
+    /// outer layer's timeout for that route. Not capped by [`max_timeout`](Self::max_timeout).
+    pub fn timeout(self, timeout: Duration) -> ContextLayer {
+        self.with(|c| c.timeout = TimeoutSetting::After(timeout))
+    }
+
+    /// No server timeout: on a route's layer, removes the outer layer's (for server-sent
+    /// events, long polls). A client's `?timeout=` still applies.
+    pub fn no_timeout(self) -> ContextLayer {
+        self.with(|c| c.timeout = TimeoutSetting::Never)
+    }
+
+    /// The largest timeout a client may ask for. Above it, [`clamp_policy`](Self::clamp_policy)
+    /// decides. Server timeouts are not capped.
+    pub fn max_timeout(self, max: Duration) -> ContextLayer {
+        self.with(|c| c.max_timeout = Some(max))
+    }
+
+    /// What to do with a client's timeout above [`max_timeout`](Self::max_timeout):
+    /// [`ClampPolicy::Clamp`] (the default) or [`ClampPolicy::Reject`].
+    pub fn clamp_policy(self, policy: ClampPolicy) -> ContextLayer {
+        self.with(|c| c.policy = policy)
+    }
+
+    /// The query parameter a client sets its timeout with (`"timeout"` by default).
+    pub fn query_param(self, name: &'static str) -> ContextLayer {
+        self.with(|c| c.query_param = Some(name))
+    }
+
+    /// Ignore the query: clients cannot set a timeout that way.
+    pub fn without_query_param(self) -> ContextLayer {
+        self.with(|c| c.query_param = None)
+    }
+
+    /// The status the layer answers with when the handler has not answered by the deadline
+    /// (plus the [`grace`](Self::grace)). Default `504 Gateway Timeout`.
+    pub fn timeout_status(self, status: StatusCode) -> ContextLayer {
+        self.with(|c| c.timeout_status = status)
+    }
+
+    /// How long after the deadline the handler may still answer for itself (its context is
+    /// cancelled at the deadline). After that the layer drops the handler's future and
+    /// answers with the [`timeout_status`](Self::timeout_status). Default zero.
+    pub fn grace(self, grace: Duration) -> ContextLayer {
+        self.with(|c| c.grace = grace)
+    }
+
+    /// The parent of every request context when the request carries no
+    /// [`ConnectionContext`](crate::ConnectionContext). Cancel it with
+    /// [`Cause::Shutdown`](reqctx::Cause::Shutdown) at shutdown. With
+    /// [`serve`](crate::serve), give the root to `serve` instead.
+    pub fn root(self, root: Context) -> ContextLayer {
+        self.with(|c| c.root = Some(root))
+    }
+}
+
+impl<S> Layer<S> for ContextLayer {
+    type Service = ContextService<S>;
+
+    fn layer(&self, inner: S) -> ContextService<S> {
+        ContextService::new(inner, self.config.clone())
+    }
+}

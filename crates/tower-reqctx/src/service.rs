@@ -1,0 +1,503 @@
+//! `ContextService`: creates (outer layer) or refines (inner layer) a request's context.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+
+use http::{Method, Request, Response, StatusCode};
+use pin_project_lite::pin_project;
+use reqctx::{Cause, Context, DeadlineDriver, DeadlineHandle, DeadlineOrigin};
+use tokio::time::{Instant, Sleep, sleep_until};
+use tower_service::Service;
+
+use crate::body::{ContextBody, Guard};
+use crate::conn::ConnectionContext;
+use crate::duration::{MAX_INPUT_LEN, ParseDurationError, parse_duration_bytes};
+use crate::layer::{ClampPolicy, Config, TimeoutSetting};
+
+/// The service made by [`ContextLayer`](crate::ContextLayer).
+#[derive(Clone, Debug)]
+pub struct ContextService<S> {
+    inner: S,
+    config: Arc<Config>,
+}
+
+impl<S> ContextService<S> {
+    pub(crate) fn new(inner: S, config: Arc<Config>) -> ContextService<S> {
+        ContextService { inner, config }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+/// What the outer layer leaves in the request's extensions, for the extractor and for
+/// inner layers.
+#[derive(Clone, Debug)]
+pub(crate) struct RequestScope {
+    pub(crate) ctx: Context,
+    handle: DeadlineHandle,
+    start: Option<Instant>, // when the request arrived, read only if a timeout needs it
+    client: Option<(Instant, DeadlineOrigin)>, // the client's own deadline, if it set one
+}
+
+impl RequestScope {
+    /// An inner layer's timeout replaces the server's; the client's still applies.
+    fn set_server_timeout(&mut self, setting: TimeoutSetting) {
+        let server = match setting {
+            TimeoutSetting::Unset => return,
+            TimeoutSetting::Never => None,
+            TimeoutSetting::After(d) => {
+                let start = *self.start.get_or_insert_with(Instant::now);
+                start.checked_add(d).map(|at| (at, DeadlineOrigin::Layer))
+            }
+        };
+        self.handle.set_deadline(earliest(server, self.client));
+    }
+}
+
+fn earliest(
+    a: Option<(Instant, DeadlineOrigin)>,
+    b: Option<(Instant, DeadlineOrigin)>,
+) -> Option<(Instant, DeadlineOrigin)> {
+    match (a, b) {
+        // On a tie the client's wins: it is the more specific reason.
+        (Some(a), Some(b)) => Some(if b.0 <= a.0 { b } else { a }),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The context a [`ContextLayer`](crate::ContextLayer) gave this request, for code that is
+/// not an axum handler (tonic, plain hyper, other middleware).
+pub fn request_context<B>(req: &Request<B>) -> Option<&Context> {
+    req.extensions().get::<RequestScope>().map(|s| &s.ctx)
+}
+
+/// As [`request_context`], from `http::request::Parts`.
+pub fn parts_context(parts: &http::request::Parts) -> Option<&Context> {
+    parts.extensions.get::<RequestScope>().map(|s| &s.ctx)
+}
+
+impl<S, ReqB, ResB> Service<Request<ReqB>> for ContextService<S>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+    ResB: http_body::Body,
+{
+    type Response = Response<ContextBody<ResB>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
+        let config = &*self.config;
+        if let Some(scope) = req.extensions_mut().get_mut::<RequestScope>() {
+            // An inner layer: the outer one owns the context and its timer.
+            scope.set_server_timeout(config.timeout);
+            return ResponseFuture::passthrough(self.inner.call(req));
+        }
+
+        let client = match config.query_param {
+            Some(name) => match client_timeout(req.uri().query(), name, config) {
+                Ok(t) => t,
+                Err(message) => return ResponseFuture::early(StatusCode::BAD_REQUEST, message),
+            },
+            None => None,
+        };
+        let server = match config.timeout {
+            TimeoutSetting::After(d) => Some(d),
+            TimeoutSetting::Unset | TimeoutSetting::Never => None,
+        };
+        // The clock is read only if some timeout applies.
+        let start = (server.is_some() || client.is_some()).then(Instant::now);
+        let at = |d: Option<Duration>, origin| {
+            d.and_then(|d| start?.checked_add(d)).map(|t| (t, origin))
+        };
+        let client = at(client, DeadlineOrigin::Query);
+        let deadline = earliest(at(server, DeadlineOrigin::Layer), client);
+
+        let parent = parent_context(&req, config);
+        let (ctx, driver) = parent.with_driven_deadline(deadline);
+        let head = req.method() == Method::HEAD;
+        req.extensions_mut().insert(RequestScope {
+            ctx,
+            handle: driver.handle(),
+            start,
+            client,
+        });
+        ResponseFuture::owner(
+            self.inner.call(req),
+            driver,
+            head,
+            config.grace,
+            config.timeout_status,
+        )
+    }
+}
+
+fn parent_context<B>(req: &Request<B>, config: &Config) -> Context {
+    let ext = req.extensions();
+    if let Some(conn) = ext.get::<ConnectionContext>() {
+        return conn.context().clone();
+    }
+    #[cfg(feature = "axum")]
+    if let Some(info) = ext.get::<axum::extract::ConnectInfo<ConnectionContext>>() {
+        return info.0.context().clone();
+    }
+    config.root.clone().unwrap_or_default()
+}
+
+/// The client's timeout from the query, capped by policy. `Err` is the 400's one line.
+fn client_timeout(
+    query: Option<&str>,
+    name: &str,
+    config: &Config,
+) -> Result<Option<Duration>, String> {
+    let Some(raw) = find_param(query, name) else {
+        return Ok(None);
+    };
+    let invalid = |e: ParseDurationError| format!("invalid `{name}` query parameter: {e}");
+    let mut buf = [0u8; MAX_INPUT_LEN];
+    let value = percent_decode(raw.as_bytes(), &mut buf).map_err(invalid)?;
+    let d = parse_duration_bytes(value).map_err(invalid)?;
+    match config.max_timeout {
+        Some(max) if d > max => match config.policy {
+            ClampPolicy::Clamp => Ok(Some(max)),
+            ClampPolicy::Reject => Err(format!(
+                "invalid `{name}` query parameter: above the maximum of {}",
+                DisplayDuration(max)
+            )),
+        },
+        _ => Ok(Some(d)),
+    }
+}
+
+/// The raw value of the first `name=` pair. Keys are compared as written (not decoded).
+fn find_param<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
+    query?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then_some(v)
+    })
+}
+
+/// Decodes `%XX` escapes into `buf`; longer than `buf` is `TooLong`, whatever the input's size.
+fn percent_decode<'b>(raw: &[u8], buf: &'b mut [u8]) -> Result<&'b [u8], ParseDurationError> {
+    let mut n = 0;
+    let mut i = 0;
+    while i < raw.len() {
+        if n == buf.len() {
+            return Err(ParseDurationError::TooLong);
+        }
+        let b = match raw[i] {
+            b'%' => {
+                let hex = |c: u8| (c as char).to_digit(16);
+                let hi = raw.get(i + 1).and_then(|&c| hex(c));
+                let lo = raw.get(i + 2).and_then(|&c| hex(c));
+                match (hi, lo) {
+                    (Some(h), Some(l)) => {
+                        i += 2;
+                        (h * 16 + l) as u8
+                    }
+                    _ => return Err(ParseDurationError::Invalid),
+                }
+            }
+            b => b,
+        };
+        buf[n] = b;
+        n += 1;
+        i += 1;
+    }
+    Ok(&buf[..n])
+}
+
+/// `90s`, `1500ms`: for messages, without depending on the client's spelling.
+struct DisplayDuration(Duration);
+
+impl fmt::Display for DisplayDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let d = self.0;
+        if d.subsec_nanos() == 0 {
+            write!(f, "{}s", d.as_secs())
+        } else {
+            write!(f, "{}ms", d.as_millis())
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`ContextService`].
+    #[must_use = "futures do nothing unless polled"]
+    pub struct ResponseFuture<F> {
+        #[pin]
+        kind: Kind<F>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<F> {
+        // The layer answers without calling the handler (a bad timeout, or the deadline).
+        Early {
+            status: StatusCode,
+            message: Option<String>,
+        },
+        // An inner layer: the outer one does the work.
+        Passthrough {
+            #[pin]
+            inner: F,
+        },
+        // The outer layer: owns the context (through the guard) and its timer.
+        Owner {
+            #[pin]
+            inner: F,
+            guard: Option<Guard>,
+            #[pin]
+            timer: Option<Sleep>, // armed only once the handler is pending and a deadline applies
+            expired: bool, // the deadline fired; the timer now counts the grace
+            grace: Duration,
+            timeout_status: StatusCode,
+        },
+    }
+}
+
+impl<F> ResponseFuture<F> {
+    fn early(status: StatusCode, message: String) -> ResponseFuture<F> {
+        ResponseFuture {
+            kind: Kind::Early {
+                status,
+                message: Some(message),
+            },
+        }
+    }
+
+    fn passthrough(inner: F) -> ResponseFuture<F> {
+        ResponseFuture {
+            kind: Kind::Passthrough { inner },
+        }
+    }
+
+    fn owner(
+        inner: F,
+        driver: DeadlineDriver,
+        head: bool,
+        grace: Duration,
+        timeout_status: StatusCode,
+    ) -> ResponseFuture<F> {
+        ResponseFuture {
+            kind: Kind::Owner {
+                inner,
+                guard: Some(Guard::new(driver, head)),
+                timer: None,
+                expired: false,
+                grace,
+                timeout_status,
+            },
+        }
+    }
+}
+
+impl<F> fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    B: http_body::Body,
+{
+    type Output = Result<Response<ContextBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        let mut kind = self.project().kind;
+        let timed_out = match kind.as_mut().project() {
+            KindProj::Early { status, message } => {
+                let message = message.take().unwrap_or_default();
+                return Poll::Ready(Ok(ContextBody::message_response(*status, message)));
+            }
+            KindProj::Passthrough { inner } => {
+                return inner
+                    .poll(cx)
+                    .map(|r| r.map(|res| res.map(ContextBody::plain)));
+            }
+            KindProj::Owner {
+                inner,
+                guard,
+                mut timer,
+                expired,
+                grace,
+                timeout_status,
+            } => {
+                if let Poll::Ready(result) = inner.poll(cx) {
+                    let Some(guard) = guard.take() else {
+                        panic!("ResponseFuture polled after completion");
+                    };
+                    return Poll::Ready(result.map(|res| guard.into_response(res)));
+                }
+                let Some(g) = guard.as_ref() else {
+                    return Poll::Pending;
+                };
+                if !*expired {
+                    // The deadline may have been moved by an inner layer since the last poll.
+                    match g.deadline() {
+                        None => timer.set(None),
+                        Some(at) => match timer.as_mut().as_pin_mut() {
+                            Some(t) if t.deadline() == at => {}
+                            Some(t) => t.reset(at),
+                            None => timer.set(Some(sleep_until(at))),
+                        },
+                    }
+                }
+                let fired = match timer.as_mut().as_pin_mut() {
+                    Some(t) => t.poll(cx).is_ready(),
+                    None => false,
+                };
+                if !fired {
+                    None
+                } else if *expired || grace.is_zero() {
+                    g.expire();
+                    Some(*timeout_status)
+                } else {
+                    // Cancel now; the handler may still answer during the grace.
+                    g.expire();
+                    *expired = true;
+                    match timer.as_mut().as_pin_mut() {
+                        Some(mut t) => {
+                            t.as_mut().reset(Instant::now() + *grace);
+                            // Registers the new instant with the waker.
+                            t.poll(cx).is_ready().then_some(*timeout_status)
+                        }
+                        None => Some(*timeout_status),
+                    }
+                }
+            }
+        };
+        match timed_out {
+            Some(status) => {
+                // Drops the handler's future; the context's cause is already recorded.
+                kind.set(Kind::Early {
+                    status,
+                    message: None,
+                });
+                Poll::Ready(Ok(ContextBody::message_response(
+                    status,
+                    "request timed out".to_owned(),
+                )))
+            }
+            None => Poll::Pending,
+        }
+    }
+}
+
+/// Cancels the request's context if the response future is dropped before it is done.
+impl Guard {
+    fn deadline(&self) -> Option<Instant> {
+        self.driver().deadline().map(|(at, _)| at)
+    }
+
+    fn expire(&self) {
+        if self.driver().expire().is_none() {
+            // The timer and the clock disagree only if the deadline moved under us;
+            // the timer fired for the deadline we knew, so that is the cause.
+            let origin = self
+                .driver()
+                .deadline()
+                .map_or(DeadlineOrigin::Layer, |(_, o)| o);
+            self.driver()
+                .cancel_with(Cause::DeadlineExceeded { origin });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        Config {
+            timeout: TimeoutSetting::Unset,
+            max_timeout: None,
+            policy: ClampPolicy::Clamp,
+            query_param: Some("timeout"),
+            timeout_status: StatusCode::GATEWAY_TIMEOUT,
+            grace: Duration::ZERO,
+            root: None,
+        }
+    }
+
+    #[test]
+    fn finds_the_first_exact_key() {
+        assert_eq!(
+            find_param(Some("a=1&timeout=2s&timeout=3s"), "timeout"),
+            Some("2s")
+        );
+        assert_eq!(find_param(Some("timeouts=1s&xtimeout=2s"), "timeout"), None);
+        assert_eq!(find_param(Some("timeout"), "timeout"), Some(""));
+        assert_eq!(find_param(None, "timeout"), None);
+    }
+
+    #[test]
+    fn client_timeouts() {
+        let c = config();
+        let t = |q: &str| client_timeout(Some(q), "timeout", &c);
+        assert_eq!(t("timeout=300ms"), Ok(Some(Duration::from_millis(300))));
+        assert_eq!(t("timeout=1%2E5s"), Ok(Some(Duration::from_millis(1500))));
+        assert_eq!(t("timeout=5%C2%B5s"), Ok(Some(Duration::from_micros(5))));
+        assert_eq!(t("q=go"), Ok(None));
+        for bad in [
+            "timeout=",
+            "timeout=-1s",
+            "timeout=0",
+            "timeout=abc",
+            "timeout=%ZZ",
+            "timeout=%FF%FEs",
+        ] {
+            let err = t(bad).unwrap_err();
+            assert!(
+                err.starts_with("invalid `timeout` query parameter: "),
+                "{bad}: {err}"
+            );
+        }
+        let huge = format!("timeout={}", "9".repeat(10_000));
+        assert!(t(&huge).unwrap_err().contains("too long"));
+        assert_eq!(
+            t("timeout=99999999999999999h"),
+            Ok(Some(Duration::MAX)),
+            "saturates; the deadline computation then means no practical deadline"
+        );
+    }
+
+    #[test]
+    fn error_messages_never_echo_input() {
+        let c = config();
+        let err = client_timeout(Some("timeout=<script>s"), "timeout", &c).unwrap_err();
+        assert!(!err.contains("<script>"), "{err}");
+    }
+
+    #[test]
+    fn max_timeout_policy() {
+        let mut c = config();
+        c.max_timeout = Some(Duration::from_secs(60));
+        let t = |q: &str, c: &Config| client_timeout(Some(q), "timeout", c);
+        assert_eq!(t("timeout=2h", &c), Ok(Some(Duration::from_secs(60))));
+        assert_eq!(
+            t("timeout=99999999999999999h", &c),
+            Ok(Some(Duration::from_secs(60)))
+        );
+        c.policy = ClampPolicy::Reject;
+        assert_eq!(
+            t("timeout=2h", &c).unwrap_err(),
+            "invalid `timeout` query parameter: above the maximum of 60s"
+        );
+        assert_eq!(t("timeout=59s", &c), Ok(Some(Duration::from_secs(59))));
+    }
+}

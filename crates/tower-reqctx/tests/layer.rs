@@ -1,0 +1,497 @@
+//! The layer's logic, in process (`oneshot`) under a paused clock. The same behaviours over
+//! real sockets are in the workspace's `tests/` crate.
+#![cfg(feature = "axum")]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use reqctx::{Cause, Context, DeadlineOrigin};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tower::ServiceExt;
+use tower_reqctx::{ClampPolicy, ContextLayer, HandlerPanicked, ReqCtx};
+
+type Seen = mpsc::UnboundedSender<Context>;
+
+/// A handler that hands its context to the test, then waits for it to end (or `work`).
+fn waiting_app(seen: Seen, work: Duration) -> Router {
+    Router::new().route(
+        "/",
+        get(move |ctx: ReqCtx| async move {
+            seen.send(ctx.0.clone()).unwrap();
+            match ctx.run(tokio::time::sleep(work)).await {
+                Ok(()) => "done".into_response(),
+                Err(e) => e.into_response(),
+            }
+        }),
+    )
+}
+
+async fn body_text(res: Response) -> String {
+    let bytes = axum::body::to_bytes(res.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    String::from_utf8(bytes.to_vec()).unwrap()
+}
+
+fn get_req(uri: &str) -> Request<Body> {
+    Request::get(uri).body(Body::empty()).unwrap()
+}
+
+fn deadline(origin: DeadlineOrigin) -> Cause {
+    Cause::DeadlineExceeded { origin }
+}
+
+#[tokio::test(start_paused = true)]
+async fn query_timeout_answers_504_with_query_origin() {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let app = waiting_app(tx, Duration::from_secs(10)).layer(ContextLayer::new());
+    let start = Instant::now();
+    let res = app.oneshot(get_req("/?timeout=50ms")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(start.elapsed(), Duration::from_millis(50));
+    let ctx = rx.recv().await.unwrap();
+    assert_eq!(ctx.cause(), Some(deadline(DeadlineOrigin::Query)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn route_timeout_and_query_the_earliest_wins() {
+    let cases = [
+        // (outer, route, query, fires after, origin)
+        (
+            Some(10_000),
+            Some(100),
+            Some("50ms"),
+            50,
+            DeadlineOrigin::Query,
+        ),
+        (
+            Some(10_000),
+            Some(100),
+            Some("200ms"),
+            100,
+            DeadlineOrigin::Layer,
+        ),
+        (Some(50), Some(200), None, 200, DeadlineOrigin::Layer), // a route may lengthen
+        (Some(50), Some(200), Some("1h"), 200, DeadlineOrigin::Layer), // a client may not
+        (Some(300), None, Some("80ms"), 80, DeadlineOrigin::Query),
+    ];
+    for (outer, route, query, after, origin) in cases {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let seen = tx.clone();
+        let handler = move |ctx: ReqCtx| async move {
+            seen.send(ctx.0.clone()).unwrap();
+            ctx.run(std::future::pending::<()>()).await.into_response()
+        };
+        let mut route_layer = ContextLayer::new();
+        if let Some(ms) = route {
+            route_layer = route_layer.timeout(Duration::from_millis(ms));
+        }
+        let mut outer_layer = ContextLayer::new();
+        if let Some(ms) = outer {
+            outer_layer = outer_layer.timeout(Duration::from_millis(ms));
+        }
+        let app = Router::new()
+            .route("/", get(handler).layer(route_layer))
+            .layer(outer_layer);
+        let uri = query.map_or("/".to_owned(), |q| format!("/?timeout={q}"));
+        let start = Instant::now();
+        let res = app.oneshot(get_req(&uri)).await.unwrap();
+        let case = format!("outer {outer:?} route {route:?} query {query:?}");
+        assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT, "{case}");
+        assert_eq!(start.elapsed(), Duration::from_millis(after), "{case}");
+        assert_eq!(
+            rx.recv().await.unwrap().cause(),
+            Some(deadline(origin)),
+            "{case}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_timeout_on_a_route_removes_the_servers() {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let app = Router::new()
+        .route(
+            "/stream",
+            get(move |ctx: ReqCtx| async move {
+                tx.send(ctx.0.clone()).unwrap();
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                "slow but allowed"
+            })
+            .layer(ContextLayer::new().no_timeout()),
+        )
+        .layer(ContextLayer::new().timeout(Duration::from_millis(100)));
+    let res = app.clone().oneshot(get_req("/stream")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let ctx = rx.recv().await.unwrap();
+    assert_eq!(body_text(res).await, "slow but allowed");
+    assert_eq!(ctx.cause(), Some(Cause::Completed));
+
+    // A client may still set one.
+    let start = Instant::now();
+    let res = app.oneshot(get_req("/stream?timeout=30ms")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(start.elapsed(), Duration::from_millis(30));
+}
+
+#[tokio::test(start_paused = true)]
+async fn bad_timeouts_get_400_and_the_handler_never_runs() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    let app = Router::new()
+        .route(
+            "/",
+            get(move || async move {
+                r.fetch_add(1, Ordering::SeqCst);
+                "ran"
+            }),
+        )
+        .layer(
+            ContextLayer::new()
+                .max_timeout(Duration::from_secs(60))
+                .clamp_policy(ClampPolicy::Reject),
+        );
+    let ten_kb = "9".repeat(10_000);
+    for q in [
+        "abc",
+        "-1s",
+        "0",
+        "0s",
+        "10",
+        "5x",
+        "99999999999999999h",
+        "2m",
+        ten_kb.as_str(),
+        "%FF%FE",
+        "%3Cb%3E1s%3C%2Fb%3E",
+    ] {
+        let res = app
+            .clone()
+            .oneshot(get_req(&format!("/?timeout={q}")))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::BAD_REQUEST, "{q}");
+        let text = body_text(res).await;
+        assert!(
+            text.starts_with("invalid `timeout` query parameter: "),
+            "{text}"
+        );
+        assert!(!text.contains('\n') && !text.contains("<b>"), "{text}");
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+    let res = app.oneshot(get_req("/?timeout=30s")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn huge_timeouts_are_clamped_by_default() {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let app = Router::new()
+        .route(
+            "/",
+            get(move |ctx: ReqCtx| async move {
+                tx.send(ctx.0.clone()).unwrap();
+                "ok"
+            }),
+        )
+        .layer(ContextLayer::new().max_timeout(Duration::from_secs(60)));
+    let start = Instant::now();
+    let res = app
+        .clone()
+        .oneshot(get_req("/?timeout=99999999999999999h"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let ctx = rx.recv().await.unwrap();
+    assert_eq!(ctx.deadline(), Some(start + Duration::from_secs(60)));
+
+    // Without a maximum, a huge value means no practical deadline; nothing overflows.
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let app = Router::new()
+        .route(
+            "/",
+            get(move |ctx: ReqCtx| async move {
+                tx.send(ctx.0.clone()).unwrap();
+                "ok"
+            }),
+        )
+        .layer(ContextLayer::new());
+    let res = app
+        .oneshot(get_req("/?timeout=99999999999999999h"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(rx.recv().await.unwrap().deadline(), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn normal_request_completes_and_stops_spawned_work() {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let app = Router::new()
+        .route(
+            "/",
+            get(move |ctx: ReqCtx| async move {
+                let task = ctx.spawn(std::future::pending::<()>());
+                tx.send((ctx.0.clone(), task)).unwrap();
+                "hello"
+            }),
+        )
+        .layer(ContextLayer::new().timeout(Duration::from_secs(30)));
+    let res = app.oneshot(get_req("/")).await.unwrap();
+    let (ctx, task) = rx.recv().await.unwrap();
+    assert_eq!(body_text(res).await, "hello");
+    assert_eq!(ctx.cause(), Some(Cause::Completed));
+    assert_eq!(task.await.unwrap().unwrap_err().cause(), &Cause::Completed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn head_304_and_empty_bodies_complete_without_being_polled() {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let t = tx.clone();
+    let t2 = tx.clone();
+    let app = Router::new()
+        .route(
+            "/",
+            get(move |ctx: ReqCtx| async move {
+                tx.send(ctx.0.clone()).unwrap();
+                "a body hyper will not send for HEAD"
+            }),
+        )
+        .route(
+            "/304",
+            get(move |ctx: ReqCtx| async move {
+                t.send(ctx.0.clone()).unwrap();
+                (StatusCode::NOT_MODIFIED, "ignored")
+            }),
+        )
+        .route(
+            "/empty",
+            get(move |ctx: ReqCtx| async move {
+                t2.send(ctx.0.clone()).unwrap();
+                StatusCode::ACCEPTED
+            }),
+        )
+        .layer(ContextLayer::new());
+    for (method, uri) in [
+        (Method::HEAD, "/"),
+        (Method::GET, "/304"),
+        (Method::GET, "/empty"),
+    ] {
+        let req = Request::builder()
+            .method(method.clone())
+            .uri(uri)
+            .body(Body::empty())
+            .unwrap();
+        let res = app.clone().oneshot(req).await.unwrap();
+        let ctx = rx.recv().await.unwrap();
+        // The response is not consumed at all: hyper would not poll such a body.
+        assert_eq!(ctx.cause(), Some(Cause::Completed), "{method} {uri}");
+        drop(res);
+        assert_eq!(ctx.cause(), Some(Cause::Completed), "{method} {uri}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropped_response_future_is_a_client_disconnect() {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let app = waiting_app(tx, Duration::from_secs(10)).layer(ContextLayer::new());
+    let fut = app.oneshot(get_req("/"));
+    let timed_out = tokio::time::timeout(Duration::from_millis(10), fut).await;
+    assert!(timed_out.is_err(), "the handler waits 10 s");
+    let ctx = rx.recv().await.unwrap();
+    assert_eq!(ctx.cause(), Some(Cause::ClientDisconnected));
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropped_unfinished_body_is_a_client_disconnect() {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let app = Router::new()
+        .route(
+            "/",
+            get(move |ctx: ReqCtx| async move {
+                tx.send(ctx.0.clone()).unwrap();
+                let ticks = futures_stream(Duration::from_millis(10));
+                Body::from_stream(ticks)
+            }),
+        )
+        .layer(ContextLayer::new());
+    let res = app.oneshot(get_req("/")).await.unwrap();
+    let ctx = rx.recv().await.unwrap();
+    assert_eq!(ctx.cause(), None, "streaming");
+    drop(res);
+    assert_eq!(ctx.cause(), Some(Cause::ClientDisconnected));
+}
+
+/// An endless stream of ticks, one every `every`.
+fn futures_stream(
+    every: Duration,
+) -> impl futures_core::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + 'static {
+    struct Ticks(tokio::time::Interval);
+    impl futures_core::Stream for Ticks {
+        type Item = Result<bytes::Bytes, std::io::Error>;
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Self::Item>> {
+            self.0
+                .poll_tick(cx)
+                .map(|_| Some(Ok(bytes::Bytes::from_static(b"tick\n"))))
+        }
+    }
+    Ticks(tokio::time::interval(every))
+}
+
+#[tokio::test(start_paused = true)]
+async fn deadline_during_a_stream_truncates_it() {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let app = Router::new()
+        .route(
+            "/",
+            get(move |ctx: ReqCtx| async move {
+                tx.send(ctx.0.clone()).unwrap();
+                Body::from_stream(futures_stream(Duration::from_millis(10)))
+            }),
+        )
+        .layer(ContextLayer::new());
+    let res = app.oneshot(get_req("/?timeout=55ms")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let start = Instant::now();
+    let err = axum::body::to_bytes(res.into_body(), 1 << 20)
+        .await
+        .unwrap_err();
+    assert!(start.elapsed() <= Duration::from_millis(55));
+    assert!(format!("{err:?}").contains("DeadlineExceeded"), "{err:?}");
+    assert_eq!(
+        rx.recv().await.unwrap().cause(),
+        Some(deadline(DeadlineOrigin::Query))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_of_the_root_ends_an_endless_stream() {
+    let (root, shutdown) = Context::background().with_cancel();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let app = Router::new()
+        .route(
+            "/",
+            get(move |ctx: ReqCtx| async move {
+                tx.send(ctx.0.clone()).unwrap();
+                Body::from_stream(futures_stream(Duration::from_millis(10)))
+            }),
+        )
+        .layer(ContextLayer::new().root(root));
+    let res = app.oneshot(get_req("/")).await.unwrap();
+    let ctx = rx.recv().await.unwrap();
+    let reader = tokio::spawn(axum::body::to_bytes(res.into_body(), 1 << 20));
+    tokio::time::sleep(Duration::from_millis(35)).await; // a few ticks flow
+    shutdown.cancel_with(Cause::Shutdown);
+    assert!(reader.await.unwrap().is_err(), "truncated, not a clean end");
+    assert_eq!(ctx.cause(), Some(Cause::Shutdown));
+}
+
+#[tokio::test(start_paused = true)]
+async fn grace_lets_the_handler_answer_for_itself() {
+    let app = Router::new()
+        .route(
+            "/",
+            get(|ctx: ReqCtx| async move {
+                ctx.cancelled().await;
+                tokio::time::sleep(Duration::from_millis(5)).await; // cleaning up
+                (StatusCode::SERVICE_UNAVAILABLE, "partial results")
+            }),
+        )
+        .layer(
+            ContextLayer::new()
+                .timeout(Duration::from_millis(20))
+                .grace(Duration::from_millis(10)),
+        );
+    let start = Instant::now();
+    let res = app.clone().oneshot(get_req("/")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(start.elapsed(), Duration::from_millis(25));
+
+    // Past the grace, the layer answers.
+    let app = Router::new()
+        .route("/", get(std::future::pending::<&'static str>))
+        .layer(
+            ContextLayer::new()
+                .timeout(Duration::from_millis(20))
+                .grace(Duration::from_millis(10))
+                .timeout_status(StatusCode::SERVICE_UNAVAILABLE),
+        );
+    let start = Instant::now();
+    let res = app.oneshot(get_req("/")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(start.elapsed(), Duration::from_millis(30));
+    assert_eq!(body_text(res).await, "request timed out");
+}
+
+#[tokio::test]
+async fn a_panicking_handler_is_not_a_client_disconnect() {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let app = Router::new()
+        .route(
+            "/",
+            get(move |ctx: ReqCtx| async move {
+                tx.send(ctx.0.clone()).unwrap();
+                tokio::task::yield_now().await;
+                if ctx.value::<u8>().is_none() {
+                    panic!("handler bug");
+                }
+                "unreachable"
+            }),
+        )
+        .layer(ContextLayer::new());
+    let joined = tokio::spawn(app.oneshot(get_req("/"))).await;
+    assert!(joined.unwrap_err().is_panic());
+    let cause = rx.recv().await.unwrap().cause().unwrap();
+    assert!(
+        cause.downcast_ref::<HandlerPanicked>().is_some(),
+        "{cause:?}"
+    );
+}
+
+#[tokio::test]
+async fn missing_layer_is_a_500_that_names_it() {
+    let app = Router::new().route("/", get(|_ctx: ReqCtx| async { "unreachable" }));
+    let res = app.oneshot(get_req("/")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    let text = String::from_utf8(
+        axum::body::to_bytes(res.into_body(), 1 << 16)
+            .await
+            .unwrap()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(text.contains("ContextLayer::new()"), "{text}");
+
+    let app = Router::new().route(
+        "/",
+        get(|ctx: Option<ReqCtx>| async move { format!("{}", ctx.is_some()) }),
+    );
+    let res = app.oneshot(get_req("/")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancelled_answers_with_its_status() {
+    // A handler returning Result<_, Cancelled> uses `?` and answers 504 by itself.
+    async fn handler(ctx: ReqCtx) -> Result<&'static str, reqctx::Cancelled> {
+        ctx.run(tokio::time::sleep(Duration::from_secs(1))).await?;
+        Ok("done")
+    }
+    let app = Router::new()
+        .route("/", get(handler))
+        .layer(ContextLayer::new().grace(Duration::from_millis(100)));
+    let res = app.oneshot(get_req("/?timeout=10ms")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert!(body_text(res).await.contains("deadline exceeded"));
+}

@@ -1,0 +1,371 @@
+//! `serve` and `WatchedListener` over real sockets on 127.0.0.1. Every wait is for an event;
+//! a timeout only bounds a failure.
+#![cfg(feature = "axum")]
+
+use std::future::{IntoFuture, pending};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::routing::{get, post};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+use tower_reqctx::reqctx::Cause;
+use tower_reqctx::{ConnectionContext, WatchedListener, serve};
+
+/// How long a test waits for an event before it fails.
+const BOUND: Duration = Duration::from_secs(5);
+
+/// What the handlers report.
+#[derive(Clone)]
+struct Probe {
+    started: mpsc::UnboundedSender<()>,
+    causes: mpsc::UnboundedSender<Option<Cause>>,
+    dropped: mpsc::UnboundedSender<()>,
+}
+
+struct Reports {
+    started: mpsc::UnboundedReceiver<()>,
+    causes: mpsc::UnboundedReceiver<Option<Cause>>,
+    dropped: mpsc::UnboundedReceiver<()>,
+}
+
+/// Reports that a handler's future was dropped.
+struct DropGuard(mpsc::UnboundedSender<()>);
+
+impl Drop for DropGuard {
+    fn drop(&mut self) {
+        let _ = self.0.send(());
+    }
+}
+
+impl Reports {
+    async fn started(&mut self) {
+        timeout(BOUND, self.started.recv())
+            .await
+            .expect("the handler did not start within the bound")
+            .unwrap();
+    }
+
+    async fn cause(&mut self) -> Option<Cause> {
+        timeout(BOUND, self.causes.recv())
+            .await
+            .expect("the connection context was not cancelled within the bound")
+            .unwrap()
+    }
+
+    /// Whether a handler's future has been dropped, now.
+    fn dropped(&mut self) -> bool {
+        self.dropped.try_recv().is_ok()
+    }
+}
+
+/// The connection, as `serve` or `WatchedListener` left it in the request.
+fn connection(req: &Request) -> ConnectionContext {
+    let ext = req.extensions();
+    ext.get::<ConnectionContext>()
+        .or_else(|| {
+            ext.get::<ConnectInfo<ConnectionContext>>()
+                .map(|info| &info.0)
+        })
+        .expect("no ConnectionContext in the request")
+        .clone()
+}
+
+/// Reports the connection context's cause from a task of its own, so the report survives
+/// hyper dropping the handler.
+fn report_cause(conn: &ConnectionContext, probe: &Probe) {
+    let ctx = conn.context().clone();
+    let causes = probe.causes.clone();
+    tokio::spawn(async move {
+        ctx.cancelled().await;
+        let _ = causes.send(ctx.cause());
+    });
+}
+
+/// Holds the request (its body unread), waits for the connection context, returns.
+async fn wait(State(probe): State<Probe>, req: Request) -> &'static str {
+    let conn = connection(&req);
+    report_cause(&conn, &probe);
+    let _ = probe.started.send(());
+    conn.context().cancelled().await;
+    drop(req);
+    "cancelled"
+}
+
+/// Ignores its context, forever.
+async fn stuck(State(probe): State<Probe>, req: Request) -> &'static str {
+    let conn = connection(&req);
+    report_cause(&conn, &probe);
+    let _guard = DropGuard(probe.dropped.clone());
+    let _ = probe.started.send(());
+    pending::<()>().await;
+    "unreachable"
+}
+
+async fn peer(ConnectInfo(addr): ConnectInfo<SocketAddr>) -> String {
+    addr.to_string()
+}
+
+fn app() -> (Router, Reports) {
+    let (started_tx, started) = mpsc::unbounded_channel();
+    let (causes_tx, causes) = mpsc::unbounded_channel();
+    let (dropped_tx, dropped) = mpsc::unbounded_channel();
+    let probe = Probe {
+        started: started_tx,
+        causes: causes_tx,
+        dropped: dropped_tx,
+    };
+    let router = Router::new()
+        .route("/wait", get(wait).post(wait))
+        .route("/stuck", get(stuck))
+        .route("/hello", get(|| async { "hello" }))
+        .route("/peer", get(peer))
+        .route("/upload", post(wait))
+        .with_state(probe);
+    let reports = Reports {
+        started,
+        causes,
+        dropped,
+    };
+    (router, reports)
+}
+
+/// A server under `serve` with graceful shutdown: its address, the shutdown trigger and the
+/// server's task.
+struct Server {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl Server {
+    async fn start(router: Router, drain: Duration) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = serve(listener, router)
+            .with_graceful_shutdown(async {
+                let _ = stopped.await;
+            })
+            .drain_timeout(drain);
+        let addr = server.local_addr().unwrap();
+        let task = tokio::spawn(server.into_future());
+        Server {
+            addr,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.take().unwrap().send(()).unwrap();
+    }
+
+    /// Waits for `serve` to resolve, for at most `bound`.
+    async fn stopped(self, bound: Duration) {
+        timeout(bound, self.task)
+            .await
+            .expect("serve did not return within the bound")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+async fn send(addr: SocketAddr, request: &[u8]) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    stream
+}
+
+/// A POST that announces 100,000 body bytes and sends 1,000.
+const PARTIAL_UPLOAD: &[u8] =
+    b"POST /upload HTTP/1.1\r\nhost: test\r\ncontent-length: 100000\r\n\r\n";
+
+async fn partial_upload(addr: SocketAddr) -> TcpStream {
+    let mut stream = send(addr, PARTIAL_UPLOAD).await;
+    stream.write_all(&[b'x'; 1000]).await.unwrap();
+    stream
+}
+
+/// Reads one `connection: close` response to its end.
+async fn read_response(stream: &mut TcpStream) -> String {
+    let mut response = Vec::new();
+    timeout(BOUND, stream.read_to_end(&mut response))
+        .await
+        .expect("no response within the bound")
+        .unwrap();
+    String::from_utf8(response).unwrap()
+}
+
+#[tokio::test]
+async fn get_then_close_is_client_disconnected() {
+    let (router, mut reports) = app();
+    let server = Server::start(router, Duration::from_secs(10)).await;
+
+    let client = send(server.addr, b"GET /wait HTTP/1.1\r\nhost: test\r\n\r\n").await;
+    reports.started().await;
+    drop(client);
+    assert_eq!(reports.cause().await, Some(Cause::ClientDisconnected));
+}
+
+/// The case hyper misses: the handler holds the body unread, so hyper does not read the
+/// socket and never sees the FIN.
+#[tokio::test]
+async fn unread_partial_body_then_close_is_client_disconnected() {
+    let (router, mut reports) = app();
+    let server = Server::start(router, Duration::from_secs(10)).await;
+
+    let client = partial_upload(server.addr).await;
+    reports.started().await;
+    drop(client);
+    assert_eq!(reports.cause().await, Some(Cause::ClientDisconnected));
+}
+
+#[tokio::test]
+async fn shutdown_cancels_in_flight_requests_after_the_drain() {
+    let (router, mut reports) = app();
+    let drain = Duration::from_millis(100);
+    let mut server = Server::start(router, drain).await;
+
+    let mut client = send(server.addr, b"GET /wait HTTP/1.1\r\nhost: test\r\n\r\n").await;
+    reports.started().await;
+    server.shutdown();
+    assert_eq!(reports.cause().await, Some(Cause::Shutdown));
+    // The handler returned on `Shutdown`; its response closes the connection.
+    let response = read_response(&mut client).await;
+    assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+    assert!(response.contains("connection: close\r\n"), "{response}");
+    assert!(response.ends_with("cancelled"), "{response}");
+    server.stopped(BOUND).await;
+}
+
+#[tokio::test]
+async fn shutdown_drops_a_handler_that_ignores_its_context() {
+    let (router, mut reports) = app();
+    let drain = Duration::from_millis(100);
+    let mut server = Server::start(router, drain).await;
+
+    let mut client = send(server.addr, b"GET /stuck HTTP/1.1\r\nhost: test\r\n\r\n").await;
+    reports.started().await;
+    server.shutdown();
+    // Drain, then one second's final period; the bound adds slack for a slow machine.
+    server.stopped(drain + Duration::from_secs(1) + BOUND).await;
+    assert_eq!(reports.cause().await, Some(Cause::Shutdown));
+    assert!(reports.dropped());
+    // The connection was dropped without a response.
+    assert_eq!(read_response(&mut client).await, "");
+}
+
+/// HTTP/2 streams run in tasks hyper spawns; dropping their connection ends them.
+#[tokio::test]
+async fn shutdown_drops_a_stuck_http2_stream() {
+    let (router, mut reports) = app();
+    let drain = Duration::from_millis(100);
+    let mut server = Server::start(router, drain).await;
+
+    let stream = TcpStream::connect(server.addr).await.unwrap();
+    let (mut h2, h2_conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(h2_conn);
+    let request = http::Request::get(format!("http://{}/stuck", server.addr))
+        .body(Body::empty())
+        .unwrap();
+    let response = tokio::spawn(h2.send_request(request));
+    reports.started().await;
+    server.shutdown();
+    server.stopped(drain + Duration::from_secs(1) + BOUND).await;
+    assert_eq!(reports.cause().await, Some(Cause::Shutdown));
+    timeout(BOUND, reports.dropped.recv())
+        .await
+        .expect("the stream's handler was not dropped")
+        .unwrap();
+    let response = timeout(BOUND, response).await.unwrap().unwrap();
+    assert!(response.is_err(), "{response:?}");
+}
+
+#[tokio::test]
+async fn http2_prior_knowledge_and_idle_keep_alive_closed_at_shutdown() {
+    let (router, _reports) = app();
+    // A long drain: serve must return without waiting for it, since nothing is in flight.
+    let mut server = Server::start(router, Duration::from_secs(60)).await;
+
+    // HTTP/2 with prior knowledge.
+    let stream = TcpStream::connect(server.addr).await.unwrap();
+    let (mut h2, h2_conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    let h2_conn = tokio::spawn(h2_conn);
+    let request = http::Request::get(format!("http://{}/hello", server.addr))
+        .body(Body::empty())
+        .unwrap();
+    let response = timeout(BOUND, h2.send_request(request))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    let body = axum::body::to_bytes(Body::new(response.into_body()), 1024)
+        .await
+        .unwrap();
+    assert_eq!(&body[..], b"hello");
+
+    // An HTTP/1.1 keep-alive connection, idle after one response.
+    let mut h1 = send(server.addr, b"GET /hello HTTP/1.1\r\nhost: test\r\n\r\n").await;
+    let mut response = Vec::new();
+    let mut buf = [0; 1024];
+    while !response.ends_with(b"hello") {
+        let n = timeout(BOUND, h1.read(&mut buf)).await.unwrap().unwrap();
+        assert_ne!(n, 0, "closed before the response ended");
+        response.extend_from_slice(&buf[..n]);
+    }
+    assert!(!String::from_utf8_lossy(&response).contains("connection: close"));
+
+    server.shutdown();
+    // Both connections close: the HTTP/1 one at once, the HTTP/2 one after GOAWAY.
+    assert_eq!(timeout(BOUND, h1.read(&mut buf)).await.unwrap().unwrap(), 0);
+    timeout(BOUND, h2_conn).await.unwrap().unwrap().unwrap();
+    server.stopped(BOUND).await;
+}
+
+#[tokio::test]
+async fn connect_info_socket_addr_is_present() {
+    let (router, _reports) = app();
+    let server = Server::start(router, Duration::from_secs(10)).await;
+
+    let mut client = send(
+        server.addr,
+        b"GET /peer HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    let local = client.local_addr().unwrap();
+    let response = read_response(&mut client).await;
+    assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+    assert!(response.ends_with(&local.to_string()), "{response}");
+}
+
+#[tokio::test]
+async fn axum_serve_with_watched_listener_sees_client_disconnected() {
+    let (router, mut reports) = app();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _server = tokio::spawn(
+        axum::serve(
+            WatchedListener::new(listener),
+            router.into_make_service_with_connect_info::<ConnectionContext>(),
+        )
+        .into_future(),
+    );
+
+    let client = partial_upload(addr).await;
+    reports.started().await;
+    drop(client);
+    assert_eq!(reports.cause().await, Some(Cause::ClientDisconnected));
+}

@@ -1,5 +1,6 @@
 //! `ContextBody`: the response body that ends the request's context.
 
+use std::cell::Cell;
 use std::error::Error as StdError;
 use std::fmt;
 use std::pin::Pin;
@@ -21,27 +22,47 @@ pub type BoxError = Box<dyn StdError + Send + Sync>;
 /// gone), a [`HandlerPanicked`] cause when dropped while a handler unwinds.
 pub(crate) struct Guard {
     driver: DeadlineDriver,
-    head: bool, // a HEAD request: hyper sends no body and never polls it
+    head: bool,           // a HEAD request: hyper sends no body and never polls it
+    reported: Cell<bool>, // the cause went to tracing (once, by the first `end`)
 }
 
 impl Guard {
     pub(crate) fn new(driver: DeadlineDriver, head: bool) -> Guard {
-        Guard { driver, head }
+        Guard {
+            driver,
+            head,
+            reported: Cell::new(false),
+        }
     }
 
     pub(crate) fn driver(&self) -> &DeadlineDriver {
         &self.driver
     }
 
-    fn end(&self, cause: Cause) {
-        if self.driver.cancel_with(cause.clone()) {
-            match cause {
-                Cause::Completed => {
-                    tracing::trace!(target: "tower_reqctx", "request context completed");
-                }
-                cause => {
-                    tracing::debug!(target: "tower_reqctx", cause = %cause, kind = cause.kind(), "request context cancelled");
-                }
+    /// Ends the context with `cause` unless it has one, and reports the cause it ends with.
+    pub(crate) fn end(&self, cause: Cause) {
+        let recorded = self.driver.cancel_with(cause.clone());
+        if self.reported.replace(true) {
+            return;
+        }
+        // Only when another cause came first does reporting need to look it up.
+        let cause = if recorded {
+            cause
+        } else {
+            match self.driver.expire() {
+                Some(actual) => actual,
+                None => return,
+            }
+        };
+        // Fills `cause` on the request's span, if it declares one (see the crate docs):
+        // the span is current while a tracing layer outside ours polls us.
+        tracing::Span::current().record("cause", cause.kind());
+        match cause {
+            Cause::Completed => {
+                tracing::trace!(target: "tower_reqctx", "request context completed");
+            }
+            cause => {
+                tracing::debug!(target: "tower_reqctx", cause = %cause, kind = cause.kind(), "request context cancelled");
             }
         }
     }
@@ -233,7 +254,7 @@ where
                 }
                 if let Some(t) = timer.as_mut().as_pin_mut() {
                     if t.poll(cx).is_ready() {
-                        let _ = g.driver().expire();
+                        g.expire();
                     }
                 }
                 if wait.is_none() {

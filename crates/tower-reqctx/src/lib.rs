@@ -86,6 +86,16 @@
 //! The context tree is: the server's root, then one context per connection
 //! ([`ConnectionContext`]), then one per request.
 //!
+//! # Tracing
+//!
+//! When the context ends, the layer records the cause's [`kind`](reqctx::Cause::kind)
+//! (`completed`, `client_disconnected`, `deadline_exceeded`, ...) in the field `cause` of
+//! the current span, which is the request's span when a tracing layer such as tower-http's
+//! `TraceLayer` wraps the `ContextLayer` and declares the field
+//! (`cause = tracing::field::Empty` in its `make_span_with`). It also emits an event at
+//! `debug` for every cause but `completed` (which is at `trace`): a client that leaves is
+//! not an error.
+//!
 //! # Cancellation safety
 //!
 //! The layer's response future and body may be dropped at any time (that is how hyper

@@ -398,23 +398,19 @@ where
     }
 }
 
-/// Cancels the request's context if the response future is dropped before it is done.
 impl Guard {
     fn deadline(&self) -> Option<Instant> {
         self.driver().deadline().map(|(at, _)| at)
     }
 
-    fn expire(&self) {
-        if self.driver().expire().is_none() {
-            // The timer and the clock disagree only if the deadline moved under us;
-            // the timer fired for the deadline we knew, so that is the cause.
-            let origin = self
-                .driver()
-                .deadline()
-                .map_or(DeadlineOrigin::Layer, |(_, o)| o);
-            self.driver()
-                .cancel_with(Cause::DeadlineExceeded { origin });
-        }
+    /// The deadline's timer fired: the context ends with `DeadlineExceeded`, unless it
+    /// already had a cause.
+    pub(crate) fn expire(&self) {
+        let origin = self
+            .driver()
+            .deadline()
+            .map_or(DeadlineOrigin::Layer, |(_, origin)| origin);
+        self.end(Cause::DeadlineExceeded { origin });
     }
 }
 

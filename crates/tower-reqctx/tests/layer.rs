@@ -495,3 +495,89 @@ async fn cancelled_answers_with_its_status() {
     assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT);
     assert!(body_text(res).await.contains("deadline exceeded"));
 }
+
+/// A subscriber that knows the current span and keeps what is recorded in `cause`.
+mod recorder {
+    use std::sync::{Arc, Mutex};
+    use tracing::field::{Field, Visit};
+    use tracing::span::{Attributes, Id, Record};
+    use tracing::{Event, Metadata, Subscriber};
+    use tracing_core::span::Current;
+
+    #[derive(Default)]
+    pub(crate) struct Recorder {
+        pub(crate) causes: Arc<Mutex<Vec<String>>>,
+        stack: Mutex<Vec<(Id, &'static Metadata<'static>)>>,
+        spans: Mutex<Vec<&'static Metadata<'static>>>,
+    }
+
+    struct CauseVisitor<'a>(&'a Mutex<Vec<String>>);
+    impl Visit for CauseVisitor<'_> {
+        fn record_str(&mut self, field: &Field, value: &str) {
+            if field.name() == "cause" {
+                self.0.lock().unwrap().push(value.to_owned());
+            }
+        }
+        fn record_debug(&mut self, _: &Field, _: &dyn std::fmt::Debug) {}
+    }
+
+    impl Subscriber for Recorder {
+        fn enabled(&self, _: &Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, attrs: &Attributes<'_>) -> Id {
+            let mut spans = self.spans.lock().unwrap();
+            spans.push(attrs.metadata());
+            Id::from_u64(spans.len() as u64)
+        }
+        fn record(&self, _: &Id, values: &Record<'_>) {
+            values.record(&mut CauseVisitor(&self.causes));
+        }
+        fn record_follows_from(&self, _: &Id, _: &Id) {}
+        fn event(&self, _: &Event<'_>) {}
+        fn enter(&self, id: &Id) {
+            let meta = self.spans.lock().unwrap()[id.into_u64() as usize - 1];
+            self.stack.lock().unwrap().push((id.clone(), meta));
+        }
+        fn exit(&self, _: &Id) {
+            self.stack.lock().unwrap().pop();
+        }
+        fn current_span(&self) -> Current {
+            match self.stack.lock().unwrap().last() {
+                Some((id, meta)) => Current::new(id.clone(), meta),
+                None => Current::none(),
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn the_requests_span_records_the_cause() {
+    use tracing::Instrument;
+    let recorder = recorder::Recorder::default();
+    let causes = recorder.causes.clone();
+    let _default = tracing::subscriber::set_default(recorder);
+
+    let app = Router::new()
+        .route("/", get(|| async { "hello" }))
+        .route("/slow", get(std::future::pending::<&'static str>))
+        .layer(ContextLayer::new());
+    for (uri, kind) in [
+        ("/", "completed"),
+        ("/slow?timeout=10ms", "deadline_exceeded"),
+    ] {
+        let span = tracing::info_span!("request", cause = tracing::field::Empty);
+        let app = app.clone();
+        async move {
+            let res = app.oneshot(get_req(uri)).await.unwrap();
+            let _ = axum::body::to_bytes(res.into_body(), 1 << 16).await;
+        }
+        .instrument(span)
+        .await;
+        assert_eq!(
+            causes.lock().unwrap().last().map(String::as_str),
+            Some(kind),
+            "{uri}"
+        );
+    }
+}

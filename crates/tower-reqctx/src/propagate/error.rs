@@ -1,0 +1,97 @@
+//! The error of an outbound call bound to a context.
+
+use std::error::Error;
+use std::fmt;
+
+use reqctx::{Cancelled, Cause};
+
+/// The error of an outbound call bound to a context: the context stopped it, or the client
+/// failed.
+///
+/// `Cancelled` carries a cause:
+///
+/// - the context's own, when it was cancelled before the call was sent or while it was in
+///   flight (a deadline that passed reads `DeadlineExceeded` with the deadline's own
+///   origin);
+/// - `DeadlineExceeded { origin: Header }`, when the service called answered that its
+///   deadline, the budget this call sent it, passed (see
+///   [`Propagation`](super::Propagation)). The caller's context is not cancelled by that.
+///
+/// ```
+/// use tower_reqctx::propagate::ClientError;
+/// use tower_reqctx::reqctx::{Cancelled, Cause, DeadlineOrigin};
+///
+/// let err: ClientError<std::io::Error> =
+///     Cancelled::new(Cause::DeadlineExceeded { origin: DeadlineOrigin::Header }).into();
+/// assert!(err.cause().is_some_and(Cause::is_deadline_exceeded));
+/// assert_eq!(err.to_string(), "cancelled: deadline exceeded (set by the caller's deadline header)");
+/// ```
+#[derive(Debug)]
+pub enum ClientError<E> {
+    /// The context stopped the call, or the downstream service's deadline passed.
+    Cancelled(Cancelled),
+    /// The client's own error: the request was sent (or sending it was attempted) and
+    /// failed.
+    Inner(E),
+}
+
+impl<E> ClientError<E> {
+    /// The cause, for [`ClientError::Cancelled`].
+    pub fn cause(&self) -> Option<&Cause> {
+        match self {
+            ClientError::Cancelled(c) => Some(c.cause()),
+            ClientError::Inner(_) => None,
+        }
+    }
+
+    /// `true` for [`ClientError::Cancelled`].
+    pub fn is_cancelled(&self) -> bool {
+        matches!(self, ClientError::Cancelled(_))
+    }
+
+    /// The client's own error, for [`ClientError::Inner`].
+    pub fn into_inner(self) -> Option<E> {
+        match self {
+            ClientError::Cancelled(_) => None,
+            ClientError::Inner(e) => Some(e),
+        }
+    }
+}
+
+impl<E> From<Cancelled> for ClientError<E> {
+    fn from(c: Cancelled) -> ClientError<E> {
+        ClientError::Cancelled(c)
+    }
+}
+
+impl<E: fmt::Display> fmt::Display for ClientError<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClientError::Cancelled(c) => fmt::Display::fmt(c, f),
+            ClientError::Inner(e) => fmt::Display::fmt(e, f),
+        }
+    }
+}
+
+impl<E: Error + 'static> Error for ClientError<E> {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        match self {
+            ClientError::Cancelled(c) => c.source(),
+            ClientError::Inner(e) => e.source(),
+        }
+    }
+}
+
+/// The context's cause, which a resolved `cancelled()` guarantees is recorded.
+#[cfg(any(feature = "client", feature = "reqwest"))]
+pub(crate) fn cancelled(ctx: &reqctx::Context) -> Cancelled {
+    Cancelled::new(ctx.cause().unwrap_or(Cause::Cancelled))
+}
+
+/// The error for an answer that says the deadline passed downstream.
+#[cfg(any(feature = "client", feature = "reqwest"))]
+pub(crate) fn exceeded_downstream() -> Cancelled {
+    Cancelled::new(Cause::DeadlineExceeded {
+        origin: reqctx::DeadlineOrigin::Header,
+    })
+}

@@ -1,0 +1,111 @@
+//! Outbound calls bound to a context, and deadlines that travel from service to service.
+//!
+//! Go's `httpDo` binds an outbound call to the request's context. Here the call is bound,
+//! and the remaining budget also travels to the next service, so a client that hangs up on
+//! service A stops the work in B and C behind it:
+//!
+//! ```text
+//!            ?timeout=300ms          grpc-timeout: ≤ 295m        grpc-timeout: ≤ 290m
+//!   client ─────────────────▶  A  ─────────────────────────▶  B  ─────────────────────▶  C
+//!            deadline T          deadline ≤ T − 5 ms           deadline ≤ T − 10 ms
+//!
+//!   client hangs up ─▶ A's context: ClientDisconnected ─▶ A's call to B is dropped (reset)
+//!                    ─▶ B's context: ClientDisconnected ─▶ B's call to C is dropped (reset)
+//!                    ─▶ C's context: ClientDisconnected
+//!
+//!   the budget runs out: C's deadline passes first (the margins) ─▶ C answers 504
+//!                    ─▶ B's call fails: Cancelled(DeadlineExceeded { origin: Header })
+//! ```
+//!
+//! A call bound to a context:
+//!
+//! - **fails fast**: when the context is already cancelled, or has no more than the
+//!   [safety margin](Propagation#the-safety-margin) left, the call is never sent and fails
+//!   with `Cancelled` carrying the context's own cause. (Within the margin but before the
+//!   deadline, the failure waits for the deadline, at most the margin, so that the cause
+//!   is the one the context records, with its deadline's origin.)
+//! - **is aborted** when the context is cancelled in flight: the client's future is
+//!   dropped, and with it the HTTP/1 connection (closed) or the HTTP/2 stream (reset), so
+//!   the service called sees its client leave. The call fails with the context's cause.
+//! - **sends its budget**: the context's remaining time minus the margin, rounded down, in
+//!   a [deadline header](DeadlineHeader) (`grpc-timeout` by default), as a relative
+//!   duration, never a wall-clock time. Any value of that header set by the caller is
+//!   replaced, or removed if the context has no deadline: the context is the one source
+//!   of the budget (derive a context with a shorter timeout to send less).
+//! - **reads the answer**: one that says the deadline passed downstream (a marked 504, or
+//!   `grpc-status: 4`, see [`Propagation`]) fails with `Cancelled` carrying
+//!   `DeadlineExceeded { origin: Header }`, so the caller can tell "the budget ran out
+//!   downstream" from other failures.
+//!
+//! The response body is not bound: read it under the context's
+//! [`run`](reqctx::Context::run). (The reqwest helper's timeout bounds it.)
+//!
+//! The clients:
+//!
+//! - `ContextClientLayer` (feature `client`): a tower layer for hyper-util's legacy
+//!   `Client` or any tower HTTP client; the context is attached to the request with
+//!   `RequestContextExt::with_context`.
+//! - `ReqwestContextExt` (feature `reqwest`): `.context(&ctx).send()` on a reqwest
+//!   `RequestBuilder`. reqwest comes with no TLS; the feature `reqwest-rustls` adds rustls.
+//!
+//! The [`header`] module holds the codecs, which the server side reads with too.
+//!
+//! # Example: service B calling C
+//!
+//! ```
+//! # #[cfg(all(feature = "client", feature = "axum"))] {
+//! use axum::body::Body;
+//! use axum::extract::State;
+//! use axum::http::StatusCode;
+//! use axum::response::{IntoResponse, Response};
+//! use axum::{Router, routing::get};
+//! use hyper_util::client::legacy::{Client, connect::HttpConnector};
+//! use hyper_util::rt::TokioExecutor;
+//! use tower::ServiceExt;
+//! use tower_reqctx::propagate::{ClientError, ContextClient, ContextClientLayer, RequestContextExt};
+//! use tower_reqctx::{ContextLayer, ReqCtx};
+//!
+//! type Outbound = ContextClient<Client<HttpConnector, Body>>;
+//!
+//! async fn stock(State(client): State<Outbound>, ctx: ReqCtx) -> Response {
+//!     let req = http::Request::get("http://c.internal/stock")
+//!         .with_context(&ctx)
+//!         .body(Body::empty())
+//!         .unwrap();
+//!     match client.oneshot(req).await {
+//!         Ok(res) => res.map(Body::new).into_response(),
+//!         // 504 when a deadline passed, here or in C; 499 when our client left.
+//!         Err(ClientError::Cancelled(cancelled)) => cancelled.into_response(),
+//!         Err(ClientError::Inner(_)) => StatusCode::BAD_GATEWAY.into_response(),
+//!     }
+//! }
+//!
+//! let client = Client::builder(TokioExecutor::new()).build_http();
+//! let outbound: Outbound = tower::Layer::layer(&ContextClientLayer::default(), client);
+//! let app: Router = Router::new()
+//!     .route("/stock", get(stock))
+//!     .with_state(outbound)
+//!     .layer(ContextLayer::new());
+//! # let _ = app;
+//! # }
+//! ```
+
+#[cfg(feature = "client")]
+mod client;
+mod error;
+#[cfg(feature = "client")]
+mod future;
+pub mod header;
+mod propagation;
+#[cfg(feature = "reqwest")]
+mod reqwest;
+
+#[cfg(feature = "client")]
+pub use self::client::{ContextClient, ContextClientLayer, OutboundContext, RequestContextExt};
+pub use self::error::ClientError;
+#[cfg(feature = "client")]
+pub use self::future::ResponseFuture;
+pub use self::header::{DeadlineHeader, HeaderError};
+pub use self::propagation::{EXCEEDED, Propagation, X_REQCTX_DEADLINE};
+#[cfg(feature = "reqwest")]
+pub use self::reqwest::{ContextRequestBuilder, ReqwestContextExt};

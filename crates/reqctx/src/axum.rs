@@ -9,6 +9,10 @@ use crate::cause::{Cancelled, Cause};
 /// nginx's "client closed request": nobody reads it, but logs and metrics do.
 const CLIENT_CLOSED_REQUEST: u16 = 499;
 
+/// `x-reqctx-deadline: exceeded` on a 504 for a deadline (tower-reqctx's
+/// `propagate::X_REQCTX_DEADLINE`, spelled here: this crate does not depend on it).
+const DEADLINE_MARKER: http::HeaderName = http::HeaderName::from_static("x-reqctx-deadline");
+
 impl Cancelled {
     /// The status [`IntoResponse`] answers with: 504 for a deadline, 503 for a shutdown,
     /// 499 for a client that is gone, 500 otherwise.
@@ -23,7 +27,8 @@ impl Cancelled {
     }
 }
 
-/// A one-line plain-text answer naming the cause, with [`Cancelled::status`].
+/// A one-line plain-text answer naming the cause, with [`Cancelled::status`]; a deadline's
+/// 504 also carries `x-reqctx-deadline: exceeded`, so a caller can tell it from a gateway's.
 ///
 /// A custom cause's text is the application's own and is not shown to the client: the
 /// body then says only `request cancelled`.
@@ -34,10 +39,16 @@ impl IntoResponse for Cancelled {
             cause => format!("request cancelled: {cause}"),
         };
         let mut res = (self.status(), body).into_response();
-        res.headers_mut().insert(
+        let headers = res.headers_mut();
+        headers.insert(
             CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
+        if self.cause().is_deadline_exceeded() {
+            // tower-reqctx's outbound clients read this as "the budget ran out downstream",
+            // as opposed to some gateway's own timeout.
+            headers.insert(DEADLINE_MARKER, HeaderValue::from_static("exceeded"));
+        }
         res
     }
 }
@@ -57,6 +68,13 @@ mod tests {
             504
         );
         assert_eq!(s(Cause::Shutdown), 503);
+        let res = Cancelled::new(Cause::DeadlineExceeded {
+            origin: DeadlineOrigin::Header,
+        })
+        .into_response();
+        assert_eq!(res.headers()["x-reqctx-deadline"], "exceeded");
+        let res = Cancelled::new(Cause::Shutdown).into_response();
+        assert!(res.headers().get("x-reqctx-deadline").is_none());
         assert_eq!(s(Cause::ClientDisconnected), 499);
         assert_eq!(s(Cause::Completed), 500);
         assert_eq!(s(Cause::Cancelled), 500);

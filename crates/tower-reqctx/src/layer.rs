@@ -7,6 +7,7 @@ use http::StatusCode;
 use reqctx::Context;
 use tower_layer::Layer;
 
+use crate::propagate::header::DeadlineHeader;
 use crate::service::ContextService;
 
 /// Gives every request a [`Context`](reqctx::Context), cancelled with a cause when the
@@ -64,6 +65,7 @@ pub(crate) struct Config {
     pub(crate) timeout_status: StatusCode,
     pub(crate) grace: Duration,
     pub(crate) root: Option<Context>,
+    pub(crate) deadline_header: Option<DeadlineHeader>,
 }
 
 /// What a layer says about the server timeout.
@@ -108,6 +110,7 @@ impl ContextLayer {
                 timeout_status: StatusCode::GATEWAY_TIMEOUT,
                 grace: Duration::ZERO,
                 root: None,
+                deadline_header: None,
             }),
         }
     }
@@ -163,6 +166,21 @@ impl ContextLayer {
     /// answers with the [`timeout_status`](Self::timeout_status). Default zero.
     pub fn grace(self, grace: Duration) -> ContextLayer {
         self.with(|c| c.grace = grace)
+    }
+
+    /// Reads the caller's remaining budget from a deadline header (off by default): a
+    /// relative duration such as `grpc-timeout: 250m` sent by an upstream service through
+    /// [`propagate`](crate::propagate). The same rules as `?timeout=` apply: it can only
+    /// shorten the server's deadline, it is capped by [`max_timeout`](Self::max_timeout)
+    /// (clamped or rejected), and a malformed value gets `400 Bad Request` naming the
+    /// header. A budget of zero is valid: the request arrives already out of time, and its
+    /// context is born cancelled with `DeadlineExceeded { origin: Header }`. When both the
+    /// query and the header set a timeout, the earlier wins.
+    ///
+    /// Enable it only where the callers are trusted to send it: any client can send
+    /// headers.
+    pub fn deadline_header(self, header: DeadlineHeader) -> ContextLayer {
+        self.with(|c| c.deadline_header = Some(header))
     }
 
     /// The parent of every request context when the request carries no

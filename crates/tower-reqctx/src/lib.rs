@@ -4,7 +4,7 @@
 //! [`ContextLayer`] gives every request a [`Context`](reqctx::Context) that is cancelled,
 //! with a [`Cause`](reqctx::Cause) the handler can read, when the client goes away, the
 //! deadline passes, the response ends, or the server shuts down. Handlers take it with the
-//! [`ReqCtx`] extractor and hand it to everything they call.
+//! `ReqCtx` extractor (feature `axum`) and hand it to everything they call.
 //!
 //! ```
 //! use std::time::Duration;
@@ -75,7 +75,7 @@
 //!
 //! hyper notices a closed connection only when it reads from it: not while a request body
 //! is unread, not while a pipelined request waits, not while the client has stopped
-//! reading. [`serve`] (and [`WatchedListener`] for `axum::serve`) watch every connection
+//! reading. [`serve`] (and `WatchedListener` for `axum::serve`) watch every connection
 //! for the client's FIN or RST, event-driven, so those cases are seen too, in well under a
 //! millisecond. Under plain `axum::serve` the layer still sees what hyper sees (the
 //! response future or body dropped). On Linux the watch is one epoll instance of our own;
@@ -104,9 +104,22 @@
 //!
 //! # Features
 //!
-//! - `axum` (default): the [`ReqCtx`] extractor, [`WatchedListener`], `IntoResponse` for
+//! - `axum` (default): the `ReqCtx` extractor, `WatchedListener`, `IntoResponse` for
 //!   [`Cancelled`](reqctx::Cancelled) (504 deadline, 503 shutdown, 499 client gone, 500
 //!   otherwise).
+//! - `client` (off): `propagate::ContextClientLayer`, binding outbound requests of any
+//!   tower HTTP client (hyper-util's legacy `Client`) to a context, and sending the
+//!   remaining budget downstream. No extra dependency.
+//! - `reqwest` (off): `propagate::ReqwestContextExt`, the same for reqwest, with no TLS;
+//!   `reqwest-rustls` adds rustls (and its C-built crypto provider).
+//!
+//! # Deadlines across services
+//!
+//! With [`ContextLayer::deadline_header`] on the server and the [`propagate`] clients on
+//! the way out, a budget set by the first service's client travels down the chain, shrunk
+//! by a safety margin per hop, and a client hanging up on the first service stops the
+//! work in every service behind it (measured: 0.19 ms from the close at A to C's context,
+//! median of 20, A → B → C on loopback). See [`propagate`].
 #![forbid(unsafe_code)]
 #![doc(test(attr(deny(warnings))))]
 
@@ -119,6 +132,7 @@ pub mod duration;
 mod extract;
 mod layer;
 mod listener;
+pub mod propagate;
 mod serve;
 mod service;
 #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
@@ -132,5 +146,7 @@ pub use crate::layer::{ClampPolicy, ContextLayer};
 #[cfg(feature = "axum")]
 pub use crate::listener::WatchedListener;
 pub use crate::serve::{Serve, ServeFuture, serve};
-pub use crate::service::{ContextService, ResponseFuture, parts_context, request_context};
+pub use crate::service::{
+    ContextService, ResponseFuture, parts_context, request_context, set_request_value,
+};
 pub use crate::watch::WatchedIo;

@@ -17,6 +17,8 @@ use crate::body::{ContextBody, Guard};
 use crate::conn::ConnectionContext;
 use crate::duration::{MAX_INPUT_LEN, ParseDurationError, parse_duration_bytes};
 use crate::layer::{ClampPolicy, Config, TimeoutSetting};
+use crate::propagate::X_REQCTX_DEADLINE;
+use crate::propagate::header::DeadlineHeader;
 
 /// The service made by [`ContextLayer`](crate::ContextLayer).
 #[derive(Clone, Debug)]
@@ -78,6 +80,47 @@ pub fn request_context<B>(req: &Request<B>) -> Option<&Context> {
     req.extensions().get::<RequestScope>().map(|s| &s.ctx)
 }
 
+/// Adds `value` to the context of this request, as Go's
+/// `r.WithContext(context.WithValue(r.Context(), k, v))`: middleware between the
+/// [`ContextLayer`](crate::ContextLayer) and the handler uses it to hand request-scoped
+/// data (an authenticated user, a request id) to everything the handler calls. The
+/// handler's `ReqCtx` carries it; cancellation is unchanged. Returns
+/// `false` (and drops `value`) if no `ContextLayer` ran.
+///
+/// ```
+/// # #[cfg(feature = "axum")] {
+/// use axum::{Router, extract::Request, middleware::{self, Next}, response::Response, routing::get};
+/// use tower_reqctx::{ContextLayer, ReqCtx};
+///
+/// #[derive(Clone, Debug)]
+/// struct User(String);
+///
+/// async fn authenticate(mut req: Request, next: Next) -> Response {
+///     tower_reqctx::set_request_value(&mut req, User("alice".into()));
+///     next.run(req).await
+/// }
+///
+/// async fn handler(ctx: ReqCtx) -> String {
+///     ctx.value::<User>().map_or("anonymous".into(), |u| u.0.clone())
+/// }
+///
+/// let app: Router = Router::new()
+///     .route("/", get(handler))
+///     .layer(middleware::from_fn(authenticate))
+///     .layer(ContextLayer::new());
+/// # let _ = app;
+/// # }
+/// ```
+pub fn set_request_value<B, T: Send + Sync + 'static>(req: &mut Request<B>, value: T) -> bool {
+    match req.extensions_mut().get_mut::<RequestScope>() {
+        Some(scope) => {
+            scope.ctx = scope.ctx.with_value(value);
+            true
+        }
+        None => false,
+    }
+}
+
 /// As [`request_context`], from `http::request::Parts`.
 pub fn parts_context(parts: &http::request::Parts) -> Option<&Context> {
     parts.extensions.get::<RequestScope>().map(|s| &s.ctx)
@@ -105,8 +148,15 @@ where
             return ResponseFuture::passthrough(self.inner.call(req));
         }
 
-        let client = match config.query_param {
+        let query = match config.query_param {
             Some(name) => match client_timeout(req.uri().query(), name, config) {
+                Ok(t) => t,
+                Err(message) => return ResponseFuture::early(StatusCode::BAD_REQUEST, message),
+            },
+            None => None,
+        };
+        let header = match &config.deadline_header {
+            Some(header) => match header_timeout(&req, header, config) {
                 Ok(t) => t,
                 Err(message) => return ResponseFuture::early(StatusCode::BAD_REQUEST, message),
             },
@@ -117,11 +167,14 @@ where
             TimeoutSetting::Unset | TimeoutSetting::Never => None,
         };
         // The clock is read only if some timeout applies.
-        let start = (server.is_some() || client.is_some()).then(Instant::now);
+        let start = (server.is_some() || query.is_some() || header.is_some()).then(Instant::now);
         let at = |d: Option<Duration>, origin| {
             d.and_then(|d| start?.checked_add(d)).map(|t| (t, origin))
         };
-        let client = at(client, DeadlineOrigin::Query);
+        let client = earliest(
+            at(query, DeadlineOrigin::Query),
+            at(header, DeadlineOrigin::Header),
+        );
         let deadline = earliest(at(server, DeadlineOrigin::Layer), client);
 
         let parent = parent_context(&req, config);
@@ -168,13 +221,34 @@ fn client_timeout(
     let mut buf = [0u8; MAX_INPUT_LEN];
     let value = percent_decode(raw.as_bytes(), &mut buf).map_err(invalid)?;
     let d = parse_duration_bytes(value).map_err(invalid)?;
+    cap(d, config)
+        .map_err(|max| format!("invalid `{name}` query parameter: above the maximum of {max}"))
+}
+
+/// The caller's budget from the deadline header, capped by policy. Zero is valid (a spent
+/// budget). `Err` is the 400's one line.
+fn header_timeout<B>(
+    req: &Request<B>,
+    header: &DeadlineHeader,
+    config: &Config,
+) -> Result<Option<Duration>, String> {
+    let name = header.name();
+    let Some(value) = req.headers().get(&name) else {
+        return Ok(None);
+    };
+    let d = header
+        .decode(value)
+        .map_err(|e| format!("invalid `{name}` header: {e}"))?;
+    cap(d, config).map_err(|max| format!("invalid `{name}` header: above the maximum of {max}"))
+}
+
+/// Applies `max_timeout` and its policy to a client's value; `Err` is the maximum, for
+/// the message.
+fn cap(d: Duration, config: &Config) -> Result<Option<Duration>, DisplayDuration> {
     match config.max_timeout {
         Some(max) if d > max => match config.policy {
             ClampPolicy::Clamp => Ok(Some(max)),
-            ClampPolicy::Reject => Err(format!(
-                "invalid `{name}` query parameter: above the maximum of {}",
-                DisplayDuration(max)
-            )),
+            ClampPolicy::Reject => Err(DisplayDuration(max)),
         },
         _ => Ok(Some(d)),
     }
@@ -388,10 +462,13 @@ where
                     status,
                     message: None,
                 });
-                Poll::Ready(Ok(ContextBody::message_response(
-                    status,
-                    "request timed out".to_owned(),
-                )))
+                let mut res = ContextBody::message_response(status, "request timed out".to_owned());
+                // Tells an upstream reqctx client that the budget ran out here.
+                res.headers_mut().insert(
+                    X_REQCTX_DEADLINE,
+                    http::HeaderValue::from_static("exceeded"),
+                );
+                Poll::Ready(Ok(res))
             }
             None => Poll::Pending,
         }
@@ -427,6 +504,7 @@ mod tests {
             timeout_status: StatusCode::GATEWAY_TIMEOUT,
             grace: Duration::ZERO,
             root: None,
+            deadline_header: None,
         }
     }
 

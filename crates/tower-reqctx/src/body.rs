@@ -24,6 +24,9 @@ pub(crate) struct Guard {
     driver: DeadlineDriver,
     head: bool,           // a HEAD request: hyper sends no body and never polls it
     reported: Cell<bool>, // the cause went to tracing (once, by the first `end`)
+    // The handler answered before the context was cancelled: a cancellation now cuts the
+    // body short, while an answer written after a cancellation (its own 504) is complete.
+    live_at_response: bool,
 }
 
 impl Guard {
@@ -32,6 +35,7 @@ impl Guard {
             driver,
             head,
             reported: Cell::new(false),
+            live_at_response: false,
         }
     }
 
@@ -42,7 +46,7 @@ impl Guard {
     /// Ends the context with `cause` unless it has one, and reports the cause it ends with.
     pub(crate) fn end(&self, cause: Cause) {
         let recorded = self.driver.cancel_with(cause.clone());
-        if self.reported.replace(true) {
+        if self.reported.get() {
             return;
         }
         // Only when another cause came first does reporting need to look it up.
@@ -54,6 +58,14 @@ impl Guard {
                 None => return,
             }
         };
+        self.report(cause);
+    }
+
+    /// Sends the cause to tracing, the first time only.
+    fn report(&self, cause: Cause) {
+        if self.reported.replace(true) {
+            return;
+        }
         // Fills `cause` on the request's span, if it declares one (see the crate docs):
         // the span is current while a tracing layer outside ours polls us.
         tracing::Span::current().record("cause", cause.kind());
@@ -67,8 +79,19 @@ impl Guard {
         }
     }
 
+    /// The body reached its end: records `Completed`, or returns the cause that came first.
+    fn complete(&self) -> Option<Cause> {
+        if self.driver.cancel_with(Cause::Completed) {
+            self.report(Cause::Completed);
+            return None;
+        }
+        let cause = self.driver.expire()?;
+        self.report(cause.clone());
+        (self.live_at_response && cause != Cause::Completed).then_some(cause)
+    }
+
     /// The handler answered: the context lives on in the body, unless there is none to send.
-    pub(crate) fn into_response<B: Body>(self, res: Response<B>) -> Response<ContextBody<B>> {
+    pub(crate) fn into_response<B: Body>(mut self, res: Response<B>) -> Response<ContextBody<B>> {
         let status = res.status();
         let bodyless = self.head
             || status.is_informational()
@@ -80,6 +103,7 @@ impl Guard {
             self.end(Cause::Completed);
             return res.map(ContextBody::plain);
         }
+        self.live_at_response = !self.driver.is_cancelled();
         res.map(|body| ContextBody {
             kind: Kind::Owned {
                 body,
@@ -152,9 +176,11 @@ pin_project! {
             body: B,
         },
         Owned {
+            // Before `body`, so it is dropped first: a body's own Drop (a stream logging
+            // why it stopped) can read the cause.
+            guard: Option<Guard>, // taken when the context ends
             #[pin]
             body: B,
-            guard: Option<Guard>, // taken when the context ends
             #[pin]
             timer: Option<Sleep>, // the driven deadline, armed once the body is pending
             #[pin]
@@ -232,9 +258,14 @@ where
                 let polled = body.poll_frame(cx);
                 match polled {
                     Poll::Ready(None) => {
-                        g.end(Cause::Completed);
+                        let cause = g.complete();
                         *guard = None;
-                        return Poll::Ready(None);
+                        // A stream that stopped because its context was cancelled did not
+                        // complete: the client must see a truncated response, not an end.
+                        return match cause {
+                            None => Poll::Ready(None),
+                            Some(cause) => Poll::Ready(Some(Err(Box::new(Cancelled::new(cause))))),
+                        };
                     }
                     Poll::Ready(Some(Err(e))) => {
                         g.end(Cause::custom(ResponseBodyFailed));

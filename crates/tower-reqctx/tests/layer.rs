@@ -581,3 +581,282 @@ async fn the_requests_span_records_the_cause() {
         );
     }
 }
+
+mod deadline_header {
+    use super::*;
+    use tower_reqctx::propagate::header::DeadlineHeader;
+
+    fn req(header: &str, value: &str) -> Request<Body> {
+        Request::get("/")
+            .header(header, value)
+            .body(Body::empty())
+            .unwrap()
+    }
+
+    fn app(tx: mpsc::UnboundedSender<Context>, layer: ContextLayer) -> Router {
+        Router::new()
+            .route(
+                "/",
+                get(move |ctx: ReqCtx| async move {
+                    tx.send(ctx.0.clone()).unwrap();
+                    ctx.run(std::future::pending::<()>())
+                        .await
+                        .map(|()| "never")
+                }),
+            )
+            .layer(layer)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ignored_unless_enabled() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let app = app(tx, ContextLayer::new().timeout(Duration::from_millis(100)));
+        let start = Instant::now();
+        let res = app.oneshot(req("grpc-timeout", "10m")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(start.elapsed(), Duration::from_millis(100));
+        assert_eq!(
+            rx.recv().await.unwrap().cause(),
+            Some(deadline(DeadlineOrigin::Layer))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shortens_never_lengthens_and_marks_its_504() {
+        for (value, after, origin) in [
+            ("50m", 50, DeadlineOrigin::Header),
+            ("1S", 100, DeadlineOrigin::Layer),
+            ("99999999H", 100, DeadlineOrigin::Layer),
+        ] {
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let layer = ContextLayer::new()
+                .timeout(Duration::from_millis(100))
+                .deadline_header(DeadlineHeader::grpc());
+            let start = Instant::now();
+            let res = app(tx, layer)
+                .oneshot(req("grpc-timeout", value))
+                .await
+                .unwrap();
+            assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT, "{value}");
+            assert_eq!(res.headers()["x-reqctx-deadline"], "exceeded");
+            assert_eq!(start.elapsed(), Duration::from_millis(after), "{value}");
+            assert_eq!(
+                rx.recv().await.unwrap().cause(),
+                Some(deadline(origin)),
+                "{value}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_earlier_of_query_and_header_wins() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let layer = ContextLayer::new().deadline_header(DeadlineHeader::millis(
+            http::HeaderName::from_static("x-request-timeout-ms"),
+        ));
+        let r = Request::get("/?timeout=30ms")
+            .header("x-request-timeout-ms", "20")
+            .body(Body::empty())
+            .unwrap();
+        let start = Instant::now();
+        let res = app(tx, layer).oneshot(r).await.unwrap();
+        assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(start.elapsed(), Duration::from_millis(20));
+        assert_eq!(
+            rx.recv().await.unwrap().cause(),
+            Some(deadline(DeadlineOrigin::Header))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn capped_by_max_timeout() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let layer = ContextLayer::new()
+            .max_timeout(Duration::from_millis(40))
+            .deadline_header(DeadlineHeader::grpc());
+        let start = Instant::now();
+        let res = app(tx, layer)
+            .oneshot(req("grpc-timeout", "5S"))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(start.elapsed(), Duration::from_millis(40));
+        assert_eq!(
+            rx.recv().await.unwrap().cause(),
+            Some(deadline(DeadlineOrigin::Header))
+        );
+
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let layer = ContextLayer::new()
+            .max_timeout(Duration::from_millis(40))
+            .clamp_policy(ClampPolicy::Reject)
+            .deadline_header(DeadlineHeader::grpc());
+        let res = app(tx, layer)
+            .oneshot(req("grpc-timeout", "5S"))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            body_text(res).await,
+            "invalid `grpc-timeout` header: above the maximum of 40ms"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn malformed_values_get_400_naming_the_header() {
+        for value in ["", "10", "123456789m", "5x", "-5m", "1.5S", "<b>"] {
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let layer = ContextLayer::new().deadline_header(DeadlineHeader::grpc());
+            let res = app(tx, layer)
+                .oneshot(req("grpc-timeout", value))
+                .await
+                .unwrap();
+            assert_eq!(res.status(), StatusCode::BAD_REQUEST, "{value:?}");
+            let text = body_text(res).await;
+            assert!(
+                text.starts_with("invalid `grpc-timeout` header: "),
+                "{text}"
+            );
+            assert!(!text.contains("<b>"), "{text}");
+            assert!(rx.try_recv().is_err(), "the handler never ran");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_spent_budget_is_born_cancelled() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let r = runs.clone();
+        let app = Router::new()
+            .route(
+                "/",
+                get(move |ctx: ReqCtx| async move {
+                    tx.send(ctx.0.clone()).unwrap();
+                    // A handler checks before calling downstream: nothing is spent.
+                    ctx.check()?;
+                    r.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, reqctx::Cancelled>("called downstream")
+                }),
+            )
+            .layer(ContextLayer::new().deadline_header(DeadlineHeader::grpc()));
+        let start = Instant::now();
+        let res = app.oneshot(req("grpc-timeout", "0n")).await.unwrap();
+        assert_eq!(start.elapsed(), Duration::ZERO, "answered at once");
+        assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(res.headers()["x-reqctx-deadline"], "exceeded");
+        assert_eq!(
+            rx.recv().await.unwrap().cause(),
+            Some(deadline(DeadlineOrigin::Header))
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 0);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_that_stops_on_cancellation_is_still_truncated() {
+    // The stream ends itself (None) when its context is cancelled: the client must not see
+    // that as a clean end.
+    let (root, shutdown) = Context::background().with_cancel();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let app = Router::new()
+        .route(
+            "/",
+            get(move |ctx: ReqCtx| async move {
+                tx.send(ctx.0.clone()).unwrap();
+                let ctx = ctx.0;
+                let ticks = futures_stream(Duration::from_millis(10));
+                Body::from_stream(StopOnCancel {
+                    ctx,
+                    ticks: Box::pin(ticks),
+                })
+            }),
+        )
+        .layer(ContextLayer::new().root(root));
+    let res = app.oneshot(get_req("/")).await.unwrap();
+    let ctx = rx.recv().await.unwrap();
+    let reader = tokio::spawn(axum::body::to_bytes(res.into_body(), 1 << 20));
+    tokio::time::sleep(Duration::from_millis(25)).await;
+    shutdown.cancel_with(Cause::Shutdown);
+    assert!(reader.await.unwrap().is_err(), "truncated");
+    assert_eq!(ctx.cause(), Some(Cause::Shutdown));
+}
+
+/// Ends (None) once its context is cancelled, and records the cause it saw when dropped.
+struct StopOnCancel<S> {
+    ctx: Context,
+    ticks: std::pin::Pin<Box<S>>,
+}
+
+impl<S: futures_core::Stream + Send> futures_core::Stream for StopOnCancel<S> {
+    type Item = S::Item;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<S::Item>> {
+        if self.ctx.is_cancelled() {
+            return std::task::Poll::Ready(None);
+        }
+        let wait = std::pin::pin!(self.ctx.cancelled());
+        if std::future::Future::poll(wait, cx).is_ready() {
+            return std::task::Poll::Ready(None);
+        }
+        self.ticks.as_mut().poll_next(cx)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_dropped_by_the_server_can_read_its_cause_in_drop() {
+    struct ReportOnDrop(Context, mpsc::UnboundedSender<Option<Cause>>);
+    impl Drop for ReportOnDrop {
+        fn drop(&mut self) {
+            let _ = self.1.send(self.0.cause());
+        }
+    }
+    impl futures_core::Stream for ReportOnDrop {
+        type Item = Result<bytes::Bytes, std::io::Error>;
+        fn poll_next(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Self::Item>> {
+            std::task::Poll::Pending
+        }
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let app = Router::new()
+        .route(
+            "/",
+            get(move |ctx: ReqCtx| async move { Body::from_stream(ReportOnDrop(ctx.0, tx)) }),
+        )
+        .layer(ContextLayer::new());
+    let res = app.oneshot(get_req("/")).await.unwrap();
+    drop(res); // as hyper does when the client leaves
+    assert_eq!(rx.recv().await.unwrap(), Some(Cause::ClientDisconnected));
+}
+
+#[tokio::test]
+async fn middleware_adds_values_the_handler_sees() {
+    use axum::extract::Request as AxumRequest;
+    use axum::middleware::{self, Next};
+
+    #[derive(Debug, PartialEq)]
+    struct User(&'static str);
+    async fn authenticate(mut req: AxumRequest, next: Next) -> Response {
+        assert!(tower_reqctx::set_request_value(&mut req, User("alice")));
+        next.run(req).await
+    }
+    let app = Router::new()
+        .route(
+            "/",
+            get(|ctx: ReqCtx| async move { format!("{:?}", ctx.value::<User>()) }),
+        )
+        .layer(middleware::from_fn(authenticate))
+        .layer(ContextLayer::new());
+    let res = app.oneshot(get_req("/")).await.unwrap();
+    assert_eq!(body_text(res).await, "Some(User(\"alice\"))");
+
+    let mut req = get_req("/");
+    assert!(
+        !tower_reqctx::set_request_value(&mut req, User("bob")),
+        "no layer ran"
+    );
+}

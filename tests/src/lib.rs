@@ -1,6 +1,8 @@
 //! Support for the integration tests: servers on 127.0.0.1, a raw HTTP/1.1 client, an
 //! HTTP/2 client, and a probe that hands each handler's context to the test.
 
+pub mod chain;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

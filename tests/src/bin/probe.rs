@@ -1,7 +1,7 @@
 //! Disconnect-detection latency: from the client's close (or reset) to the handler's
 //! context being cancelled, median and max of N trials per case and server.
 //!
-//! `cargo run --release -p reqctx-tests --bin probe [-- TRIALS]`
+//! `cargo run --release -p reqctx-tests --bin probe [-- [chain] TRIALS]`
 
 use std::time::{Duration, Instant};
 
@@ -177,12 +177,41 @@ fn ms(d: Duration) -> String {
     format!("{:.3}", d.as_secs_f64() * 1e3)
 }
 
+/// A → B → C: from the client's close at A to C's context being cancelled.
+async fn chain_latency(trials: usize) {
+    let mut chain = reqctx_tests::chain::chain().await;
+    let mut lat = Vec::new();
+    for _ in 0..trials {
+        let mut s = connect(chain.a).await;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let [pa, pb, pc] = &mut chain.probes;
+        let (_a, _b, c) = (pa.started().await, pb.started().await, pc.started().await);
+        let closed = Instant::now();
+        drop(s);
+        c.cancelled().await;
+        lat.push(closed.elapsed());
+        assert_eq!(c.cause(), Some(Cause::ClientDisconnected));
+    }
+    lat.sort();
+    println!(
+        "A -> B -> C: client closes at A, C cancelled: median {} ms, max {} ms over {trials} trials",
+        ms(lat[lat.len() / 2]),
+        ms(lat[lat.len() - 1])
+    );
+    chain.shutdown().await;
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let trials: usize = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(20);
+    let mut args = std::env::args().skip(1).peekable();
+    let chain = args.next_if(|a| a == "chain").is_some();
+    let trials: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(20);
+    if chain {
+        chain_latency(trials).await;
+        return;
+    }
     println!("| case | server | detected | median ms | max ms | cause |");
     println!("|---|---|---:|---:|---:|---|");
     for server in [Server::Serve, Server::AxumWatched, Server::AxumPlain] {

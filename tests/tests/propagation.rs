@@ -1,0 +1,118 @@
+//! Three services A → B → C over real sockets: a client hanging up on A stops C; a budget
+//! set at A runs out at C first and comes back as `DeadlineExceeded { origin: Header }`.
+
+use std::time::{Duration, Instant};
+
+use reqctx::{Cause, DeadlineOrigin};
+use reqctx_tests::chain::{MARGIN, chain};
+use reqctx_tests::{cause_of, connect, http1};
+use tokio::io::AsyncWriteExt;
+
+#[tokio::test]
+async fn a_client_hanging_up_on_a_stops_c() {
+    let mut chain = chain().await;
+    let mut s = connect(chain.a).await;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let [pa, pb, pc] = &mut chain.probes;
+    let (a, b, c) = (pa.started().await, pb.started().await, pc.started().await);
+    let closed = Instant::now();
+    drop(s);
+    assert_eq!(cause_of(&c).await, Cause::ClientDisconnected);
+    let took = closed.elapsed();
+    assert!(took < Duration::from_millis(500), "{took:?}");
+    assert_eq!(cause_of(&b).await, Cause::ClientDisconnected);
+    assert_eq!(cause_of(&a).await, Cause::ClientDisconnected);
+    chain.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_budget_set_at_a_runs_out_at_c_first() {
+    let mut chain = chain().await;
+    let start = Instant::now();
+    let (status, _) = http1(
+        chain.a,
+        "GET /?timeout=300ms HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let took = start.elapsed();
+    let [pa, pb, pc] = &mut chain.probes;
+    let (a, b, c) = (pa.started().await, pb.started().await, pc.started().await);
+    let header = Cause::DeadlineExceeded {
+        origin: DeadlineOrigin::Header,
+    };
+
+    // The budget shrinks by a margin per hop (plus transit, a fraction of a millisecond).
+    let (da, db, dc) = (
+        a.deadline().unwrap(),
+        b.deadline().unwrap(),
+        c.deadline().unwrap(),
+    );
+    assert!(
+        db + MARGIN <= da + Duration::from_millis(10),
+        "{:?}",
+        da - db
+    );
+    assert!(
+        dc + MARGIN <= db + Duration::from_millis(10),
+        "{:?}",
+        db - dc
+    );
+
+    // C's deadline is the earliest, so C ends first, by its own (header) deadline.
+    assert_eq!(c.cause(), Some(header.clone()));
+    // B's call to C fails with the downstream deadline, and B answers 504 at once.
+    let [a_out, b_out] = &mut chain.outbound;
+    assert_eq!(b_out.recv().await, Some(header.clone()));
+    // A's call to B fails the same way, before A's own deadline: A answers B's 504.
+    assert_eq!(a_out.recv().await, Some(header));
+    assert_eq!(status, 504);
+    assert!(
+        took < Duration::from_millis(300),
+        "A answered before its deadline: {took:?}"
+    );
+    assert!(took >= Duration::from_millis(300) - 2 * MARGIN - Duration::from_millis(10));
+    // A and B answered in time: their own contexts completed.
+    assert_eq!(cause_of(&b).await, Cause::Completed);
+    assert_eq!(cause_of(&a).await, Cause::Completed);
+    chain.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_spent_budget_is_answered_at_once_without_calling_c() {
+    let mut chain = chain().await;
+    let start = Instant::now();
+    let (status, body) = http1(
+        chain.b,
+        "GET / HTTP/1.1\r\nHost: b\r\ngrpc-timeout: 0n\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 504, "{body}");
+    assert!(start.elapsed() < Duration::from_millis(200));
+    let [_, b_out] = &mut chain.outbound;
+    assert_eq!(
+        b_out.recv().await,
+        Some(Cause::DeadlineExceeded {
+            origin: DeadlineOrigin::Header
+        })
+    );
+    let [_, _, pc] = &mut chain.probes;
+    assert!(!pc.any_started(), "C was never called");
+    chain.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_garbage_deadline_header_is_a_400_naming_it() {
+    let mut chain = chain().await;
+    let (status, body) = http1(
+        chain.b,
+        "GET / HTTP/1.1\r\nHost: b\r\ngrpc-timeout: soon\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(body.starts_with("invalid `grpc-timeout` header"), "{body}");
+    let [_, pb, _] = &mut chain.probes;
+    assert!(!pb.any_started());
+    chain.shutdown().await;
+}

@@ -148,6 +148,15 @@ impl Context {
         )
     }
 
+    /// How many contexts made by [`with_driven_deadline`](Context::with_driven_deadline)
+    /// are alive in this process: under tower-reqctx, one per request whose context (or a
+    /// clone, or a child of it) is still held somewhere. A cheap relaxed counter, for leak
+    /// checks and metrics; it falls back to zero when every request is done and nothing
+    /// kept its context.
+    pub fn live_driven_contexts() -> usize {
+        crate::node::live_driven()
+    }
+
     fn with_node(&self, node: Arc<CancelNode>) -> Context {
         Context {
             cancel: Some(node),

@@ -21,7 +21,7 @@
 //! nothing points down. A token may be cancelled under our lock: tokio-util never calls
 //! back into this module.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use tokio::time::Instant;
@@ -47,6 +47,13 @@ impl LazyNow {
     }
 }
 
+/// Driven contexts alive now: one per request under a middleware such as tower-reqctx's.
+static LIVE_DRIVEN: AtomicUsize = AtomicUsize::new(0);
+
+pub(crate) fn live_driven() -> usize {
+    LIVE_DRIVEN.load(Ordering::Relaxed)
+}
+
 pub(crate) struct CancelNode {
     parent: Option<Arc<CancelNode>>,
     /// A deadline that never changes; `None` for driven nodes (see `State::driven`).
@@ -65,6 +72,14 @@ struct State {
     token: Option<CancellationToken>,
     timer_armed: bool,
     driven: Option<Deadline>, // only for driven nodes
+}
+
+impl Drop for CancelNode {
+    fn drop(&mut self) {
+        if self.driven {
+            LIVE_DRIVEN.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl CancelNode {
@@ -95,6 +110,9 @@ impl CancelNode {
         } else {
             (deadline, State::default())
         };
+        if driven {
+            LIVE_DRIVEN.fetch_add(1, Ordering::Relaxed);
+        }
         Arc::new(CancelNode {
             parent,
             fixed,

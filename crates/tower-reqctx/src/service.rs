@@ -121,6 +121,14 @@ pub fn set_request_value<B, T: Send + Sync + 'static>(req: &mut Request<B>, valu
     }
 }
 
+/// How many request contexts made by a [`ContextLayer`](crate::ContextLayer) are alive in
+/// this process: requests in flight, plus any whose context a task still holds. Zero once
+/// everything is done and nothing leaked. A relaxed counter: two atomic additions per
+/// request.
+pub fn live_request_contexts() -> usize {
+    Context::live_driven_contexts()
+}
+
 /// As [`request_context`], from `http::request::Parts`.
 pub fn parts_context(parts: &http::request::Parts) -> Option<&Context> {
     parts.extensions.get::<RequestScope>().map(|s| &s.ctx)

@@ -217,6 +217,22 @@ impl<B> ContextBody<B> {
     }
 }
 
+impl<B> ContextBody<B> {
+    /// A gRPC trailers-only answer: HTTP 200 carrying `grpc-status` and `grpc-message` in
+    /// its headers and no body. `message` must be printable ASCII without `%` (it goes out
+    /// unescaped).
+    pub(crate) fn grpc_response(code: u8, message: &'static str) -> Response<ContextBody<B>> {
+        let mut res = Response::new(ContextBody {
+            kind: Kind::Message { data: None },
+        });
+        let headers = res.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert("grpc-status", HeaderValue::from(u16::from(code)));
+        headers.insert("grpc-message", HeaderValue::from_static(message));
+        res
+    }
+}
+
 impl<B> fmt::Debug for ContextBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match &self.kind {

@@ -156,17 +156,20 @@ where
             return ResponseFuture::passthrough(self.inner.call(req));
         }
 
+        // A gRPC service enables grpc-timeout; only then is the content type looked at.
+        let grpc =
+            matches!(config.deadline_header, Some(DeadlineHeader::GrpcTimeout)) && is_grpc(&req);
         let query = match config.query_param {
             Some(name) => match client_timeout(req.uri().query(), name, config) {
                 Ok(t) => t,
-                Err(message) => return ResponseFuture::early(StatusCode::BAD_REQUEST, message),
+                Err(message) => return ResponseFuture::early(Answer::bad_request(grpc, message)),
             },
             None => None,
         };
         let header = match &config.deadline_header {
             Some(header) => match header_timeout(&req, header, config) {
                 Ok(t) => t,
-                Err(message) => return ResponseFuture::early(StatusCode::BAD_REQUEST, message),
+                Err(message) => return ResponseFuture::early(Answer::bad_request(grpc, message)),
             },
             None => None,
         };
@@ -199,8 +202,55 @@ where
             driver,
             head,
             config.grace,
-            config.timeout_status,
+            match grpc {
+                true => Answer::Grpc(GRPC_DEADLINE_EXCEEDED, "deadline exceeded"),
+                false => Answer::Text(config.timeout_status, None),
+            },
         )
+    }
+}
+
+/// `content-type: application/grpc` (or `application/grpc+proto`, ...).
+fn is_grpc<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+const GRPC_INVALID_ARGUMENT: u8 = 3;
+const GRPC_DEADLINE_EXCEEDED: u8 = 4;
+
+/// What the layer answers by itself.
+#[derive(Clone, Debug)]
+enum Answer {
+    /// An HTTP status with a one-line plain-text body (`None`: "request timed out").
+    Text(StatusCode, Option<String>),
+    /// A gRPC trailers-only answer: HTTP 200 with `grpc-status` and `grpc-message`.
+    Grpc(u8, &'static str),
+}
+
+impl Answer {
+    fn bad_request(grpc: bool, message: String) -> Answer {
+        match grpc {
+            true => Answer::Grpc(GRPC_INVALID_ARGUMENT, "invalid grpc-timeout"),
+            false => Answer::Text(StatusCode::BAD_REQUEST, Some(message)),
+        }
+    }
+
+    fn into_response<B>(self) -> Response<ContextBody<B>> {
+        match self {
+            Answer::Text(status, Some(message)) => ContextBody::message_response(status, message),
+            Answer::Text(status, None) => {
+                let mut res = ContextBody::message_response(status, "request timed out".to_owned());
+                // Tells an upstream reqctx client that the budget ran out here.
+                res.headers_mut().insert(
+                    X_REQCTX_DEADLINE,
+                    http::HeaderValue::from_static("exceeded"),
+                );
+                res
+            }
+            Answer::Grpc(code, message) => ContextBody::grpc_response(code, message),
+        }
     }
 }
 
@@ -328,8 +378,7 @@ pin_project! {
     enum Kind<F> {
         // The layer answers without calling the handler (a bad timeout, or the deadline).
         Early {
-            status: StatusCode,
-            message: Option<String>,
+            answer: Option<Answer>,
         },
         // An inner layer: the outer one does the work.
         Passthrough {
@@ -345,17 +394,16 @@ pin_project! {
             timer: Option<Sleep>, // armed only once the handler is pending and a deadline applies
             expired: bool, // the deadline fired; the timer now counts the grace
             grace: Duration,
-            timeout_status: StatusCode,
+            on_timeout: Answer,
         },
     }
 }
 
 impl<F> ResponseFuture<F> {
-    fn early(status: StatusCode, message: String) -> ResponseFuture<F> {
+    fn early(answer: Answer) -> ResponseFuture<F> {
         ResponseFuture {
             kind: Kind::Early {
-                status,
-                message: Some(message),
+                answer: Some(answer),
             },
         }
     }
@@ -371,7 +419,7 @@ impl<F> ResponseFuture<F> {
         driver: DeadlineDriver,
         head: bool,
         grace: Duration,
-        timeout_status: StatusCode,
+        on_timeout: Answer,
     ) -> ResponseFuture<F> {
         ResponseFuture {
             kind: Kind::Owner {
@@ -380,7 +428,7 @@ impl<F> ResponseFuture<F> {
                 timer: None,
                 expired: false,
                 grace,
-                timeout_status,
+                on_timeout,
             },
         }
     }
@@ -402,9 +450,11 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
         let mut kind = self.project().kind;
         let timed_out = match kind.as_mut().project() {
-            KindProj::Early { status, message } => {
-                let message = message.take().unwrap_or_default();
-                return Poll::Ready(Ok(ContextBody::message_response(*status, message)));
+            KindProj::Early { answer } => {
+                let Some(answer) = answer.take() else {
+                    panic!("ResponseFuture polled after completion");
+                };
+                return Poll::Ready(Ok(answer.into_response()));
             }
             KindProj::Passthrough { inner } => {
                 return inner
@@ -417,7 +467,7 @@ where
                 mut timer,
                 expired,
                 grace,
-                timeout_status,
+                on_timeout,
             } => {
                 if let Poll::Ready(result) = inner.poll(cx) {
                     let Some(guard) = guard.take() else {
@@ -447,7 +497,7 @@ where
                     None
                 } else if *expired || grace.is_zero() {
                     g.expire();
-                    Some(*timeout_status)
+                    Some(on_timeout.clone())
                 } else {
                     // Cancel now; the handler may still answer during the grace.
                     g.expire();
@@ -456,27 +506,18 @@ where
                         Some(mut t) => {
                             t.as_mut().reset(Instant::now() + *grace);
                             // Registers the new instant with the waker.
-                            t.poll(cx).is_ready().then_some(*timeout_status)
+                            t.poll(cx).is_ready().then(|| on_timeout.clone())
                         }
-                        None => Some(*timeout_status),
+                        None => Some(on_timeout.clone()),
                     }
                 }
             }
         };
         match timed_out {
-            Some(status) => {
+            Some(answer) => {
                 // Drops the handler's future; the context's cause is already recorded.
-                kind.set(Kind::Early {
-                    status,
-                    message: None,
-                });
-                let mut res = ContextBody::message_response(status, "request timed out".to_owned());
-                // Tells an upstream reqctx client that the budget ran out here.
-                res.headers_mut().insert(
-                    X_REQCTX_DEADLINE,
-                    http::HeaderValue::from_static("exceeded"),
-                );
-                Poll::Ready(Ok(res))
+                kind.set(Kind::Early { answer: None });
+                Poll::Ready(Ok(answer.into_response()))
             }
             None => Poll::Pending,
         }

@@ -723,6 +723,49 @@ mod deadline_header {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn grpc_requests_get_grpc_statuses_not_http_ones() {
+        let grpc = |value: &str| {
+            Request::post("/")
+                .header("content-type", "application/grpc+proto")
+                .header("grpc-timeout", value)
+                .body(Body::empty())
+                .unwrap()
+        };
+        let layer = || ContextLayer::new().deadline_header(DeadlineHeader::grpc());
+        let app = |tx: mpsc::UnboundedSender<Context>| {
+            Router::new()
+                .route(
+                    "/",
+                    axum::routing::post(move |ctx: ReqCtx| async move {
+                        tx.send(ctx.0.clone()).unwrap();
+                        std::future::pending::<()>().await;
+                    }),
+                )
+                .layer(layer())
+        };
+        // The deadline: HTTP 200, grpc-status 4 (DEADLINE_EXCEEDED), no body.
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let start = Instant::now();
+        let res = app(tx).oneshot(grpc("30m")).await.unwrap();
+        assert_eq!(start.elapsed(), Duration::from_millis(30));
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(res.headers()["grpc-status"], "4");
+        assert_eq!(res.headers()["content-type"], "application/grpc");
+        assert_eq!(body_text(res).await, "");
+        assert_eq!(
+            rx.recv().await.unwrap().cause(),
+            Some(deadline(DeadlineOrigin::Header))
+        );
+
+        // A malformed budget: grpc-status 3 (INVALID_ARGUMENT), the handler never runs.
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let res = app(tx).oneshot(grpc("soon")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(res.headers()["grpc-status"], "3");
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_spent_budget_is_born_cancelled() {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let runs = Arc::new(AtomicUsize::new(0));

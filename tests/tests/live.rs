@@ -57,7 +57,9 @@ async fn counts_in_flight_and_kept_contexts_and_returns_to_zero() {
     let mut held = Vec::new();
     for _ in 0..3 {
         let mut s = connect(srv.addr).await;
-        s.write_all(b"GET /wait HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+        s.write_all(b"GET /wait HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
         held.push(probe.started().await);
         conns.push(s);
     }

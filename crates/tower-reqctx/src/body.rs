@@ -12,6 +12,8 @@ use http::{Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use reqctx::{Cancelled, Cause, DeadlineDriver, WaitForCancel};
+
+use crate::conn::ConnectionContext;
 use tokio::time::{Sleep, sleep_until};
 
 /// The error type of [`ContextBody`].
@@ -27,6 +29,8 @@ pub(crate) struct Guard {
     // The handler answered before the context was cancelled: a cancellation now cuts the
     // body short, while an answer written after a cancellation (its own 504) is complete.
     live_at_response: bool,
+    // An upgrade request's connection: on a 101 the guard is parked there.
+    upgrade: Option<ConnectionContext>,
 }
 
 impl Guard {
@@ -36,7 +40,13 @@ impl Guard {
             head,
             reported: Cell::new(false),
             live_at_response: false,
+            upgrade: None,
         }
+    }
+
+    /// Parks the guard on `conn` instead of ending it at a `101 Switching Protocols`.
+    pub(crate) fn upgrades_on(&mut self, conn: ConnectionContext) {
+        self.upgrade = Some(conn);
     }
 
     pub(crate) fn driver(&self) -> &DeadlineDriver {
@@ -93,6 +103,16 @@ impl Guard {
     /// The handler answered: the context lives on in the body, unless there is none to send.
     pub(crate) fn into_response<B: Body>(mut self, res: Response<B>) -> Response<ContextBody<B>> {
         let status = res.status();
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(conn) = self.upgrade.take() {
+                // The context lives as long as the upgraded connection, with no deadline:
+                // the request's timeouts do not cut a WebSocket short.
+                self.driver.set_deadline(None);
+                conn.park(self);
+                return res.map(ContextBody::plain);
+            }
+        }
+        self.upgrade = None; // no cycle through the connection's slot
         let bodyless = self.head
             || status.is_informational()
             || status == StatusCode::NO_CONTENT

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
 use pin_project_lite::pin_project;
-use reqctx::{Cause, Context, DeadlineDriver, DeadlineHandle, DeadlineOrigin};
+use reqctx::{Cause, Context, DeadlineHandle, DeadlineOrigin};
 use tokio::time::{Instant, Sleep, sleep_until};
 use tower_service::Service;
 
@@ -188,7 +188,19 @@ where
         );
         let deadline = earliest(at(server, DeadlineOrigin::Layer), client);
 
-        let parent = parent_context(&req, config);
+        let conn = connection(&req);
+        let parent = match conn {
+            Some(conn) => conn.context().clone(),
+            None => config.root.clone().unwrap_or_default(),
+        };
+        // hyper marks requests that may upgrade (a WebSocket handshake, CONNECT).
+        let upgrade = conn
+            .filter(|_| {
+                req.extensions()
+                    .get::<hyper::upgrade::OnUpgrade>()
+                    .is_some()
+            })
+            .cloned();
         let (ctx, driver) = parent.with_driven_deadline(deadline);
         let head = req.method() == Method::HEAD;
         req.extensions_mut().insert(RequestScope {
@@ -197,10 +209,13 @@ where
             start,
             client,
         });
+        let mut guard = Guard::new(driver, head);
+        if let Some(conn) = upgrade {
+            guard.upgrades_on(conn);
+        }
         ResponseFuture::owner(
             self.inner.call(req),
-            driver,
-            head,
+            guard,
             config.grace,
             match grpc {
                 true => Answer::Grpc(GRPC_DEADLINE_EXCEEDED, "deadline exceeded"),
@@ -254,16 +269,16 @@ impl Answer {
     }
 }
 
-fn parent_context<B>(req: &Request<B>, config: &Config) -> Context {
+/// The connection the request arrived on, from `serve` or `WatchedListener`.
+fn connection<B>(req: &Request<B>) -> Option<&ConnectionContext> {
     let ext = req.extensions();
-    if let Some(conn) = ext.get::<ConnectionContext>() {
-        return conn.context().clone();
-    }
+    let conn = ext.get::<ConnectionContext>();
     #[cfg(feature = "axum")]
-    if let Some(info) = ext.get::<axum::extract::ConnectInfo<ConnectionContext>>() {
-        return info.0.context().clone();
-    }
-    config.root.clone().unwrap_or_default()
+    let conn = conn.or_else(|| {
+        ext.get::<axum::extract::ConnectInfo<ConnectionContext>>()
+            .map(|info| &info.0)
+    });
+    conn
 }
 
 /// The client's timeout from the query, capped by policy. `Err` is the 400's one line.
@@ -414,17 +429,11 @@ impl<F> ResponseFuture<F> {
         }
     }
 
-    fn owner(
-        inner: F,
-        driver: DeadlineDriver,
-        head: bool,
-        grace: Duration,
-        on_timeout: Answer,
-    ) -> ResponseFuture<F> {
+    fn owner(inner: F, guard: Guard, grace: Duration, on_timeout: Answer) -> ResponseFuture<F> {
         ResponseFuture {
             kind: Kind::Owner {
                 inner,
-                guard: Some(Guard::new(driver, head)),
+                guard: Some(guard),
                 timer: None,
                 expired: false,
                 grace,

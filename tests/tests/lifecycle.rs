@@ -304,3 +304,36 @@ async fn graceful_shutdown_ends_an_infinite_stream_and_serve_returns() {
         "Cancelled(Shutdown) answers 503"
     );
 }
+
+#[tokio::test]
+async fn peer_address_and_request_id_as_context_values() {
+    use tower_reqctx::{PeerAddr, RequestId};
+    let app = Router::new()
+        .route(
+            "/",
+            get(|ctx: ReqCtx| async move {
+                format!(
+                    "{:?} {:?}",
+                    ctx.value::<PeerAddr>().map(|p| p.0.ip()),
+                    ctx.value::<RequestId>()
+                        .and_then(|id| id.as_str())
+                        .map(str::to_owned)
+                )
+            }),
+        )
+        .layer(ContextLayer::new().peer_addr_value().request_id());
+    let srv = Running::start(Server::Serve, app, DRAIN).await;
+    let (status, body) = http1(
+        srv.addr,
+        "GET / HTTP/1.1\r\nHost: t\r\nx-request-id: abc-123\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(body, "Some(127.0.0.1) Some(\"abc-123\")");
+    // Without the header, a fresh id.
+    let (_, a) = http_get(srv.addr, "/").await;
+    let (_, b) = http_get(srv.addr, "/").await;
+    assert!(a.starts_with("Some(127.0.0.1) Some(\""), "{a}");
+    assert_ne!(a, b, "ids are unique");
+    srv.shutdown().await.unwrap();
+}

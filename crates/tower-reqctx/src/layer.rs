@@ -66,6 +66,8 @@ pub(crate) struct Config {
     pub(crate) grace: Duration,
     pub(crate) root: Option<Context>,
     pub(crate) deadline_header: Option<DeadlineHeader>,
+    pub(crate) peer_value: bool,
+    pub(crate) request_id: Option<http::HeaderName>,
 }
 
 /// What a layer says about the server timeout.
@@ -111,6 +113,8 @@ impl ContextLayer {
                 grace: Duration::ZERO,
                 root: None,
                 deadline_header: None,
+                peer_value: false,
+                request_id: None,
             }),
         }
     }
@@ -181,6 +185,29 @@ impl ContextLayer {
     /// headers.
     pub fn deadline_header(self, header: DeadlineHeader) -> ContextLayer {
         self.with(|c| c.deadline_header = Some(header))
+    }
+
+    /// Puts the client's address in every request's context as a [`PeerAddr`] value
+    /// (from the connection, under [`serve`](crate::serve()) or `WatchedListener`, or
+    /// axum's `ConnectInfo<SocketAddr>`), so code far from the handler can log it. Off by
+    /// default: a value costs an allocation per request.
+    ///
+    /// [`PeerAddr`]: crate::PeerAddr
+    pub fn peer_addr_value(self) -> ContextLayer {
+        self.with(|c| c.peer_value = true)
+    }
+
+    /// Puts a [`RequestId`](crate::RequestId) in every request's context: the value of the
+    /// `x-request-id` header when the request has one (set by a proxy, or by tower-http's
+    /// `SetRequestIdLayer` outside this layer), else a new id unique in this process. Off by
+    /// default. [`request_id_header`](Self::request_id_header) reads another header.
+    pub fn request_id(self) -> ContextLayer {
+        self.with(|c| c.request_id = Some(http::HeaderName::from_static("x-request-id")))
+    }
+
+    /// As [`request_id`](Self::request_id), reading `name`.
+    pub fn request_id_header(self, name: http::HeaderName) -> ContextLayer {
+        self.with(|c| c.request_id = Some(name))
     }
 
     /// The parent of every request context when the request carries no

@@ -147,7 +147,7 @@ pub use crate::layer::{ClampPolicy, ContextLayer};
 pub use crate::listener::WatchedListener;
 pub use crate::serve::{Serve, ServeFuture, serve};
 pub use crate::service::{
-    ContextService, ResponseFuture, live_request_contexts, parts_context, request_context,
-    set_request_value,
+    ContextService, PeerAddr, RequestId, ResponseFuture, live_request_contexts, parts_context,
+    request_context, set_request_value,
 };
 pub use crate::watch::WatchedIo;

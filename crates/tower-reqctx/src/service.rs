@@ -202,6 +202,8 @@ where
             })
             .cloned();
         let (ctx, driver) = parent.with_driven_deadline(deadline);
+        let ctx = with_request_values(ctx, &req, conn, config);
+        record_route(&req);
         let head = req.method() == Method::HEAD;
         req.extensions_mut().insert(RequestScope {
             ctx,
@@ -267,6 +269,68 @@ impl Answer {
             Answer::Grpc(code, message) => ContextBody::grpc_response(code, message),
         }
     }
+}
+
+/// The client's address, a value of the request's context with
+/// [`ContextLayer::peer_addr_value`](crate::ContextLayer::peer_addr_value).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PeerAddr(pub std::net::SocketAddr);
+
+/// The request's id, a value of the request's context with
+/// [`ContextLayer::request_id`](crate::ContextLayer::request_id): the caller's header, or a
+/// new id unique in this process.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RequestId(pub http::HeaderValue);
+
+impl RequestId {
+    /// The id as text, when it is visible ASCII.
+    pub fn as_str(&self) -> Option<&str> {
+        self.0.to_str().ok()
+    }
+}
+
+fn with_request_values<B>(
+    mut ctx: Context,
+    req: &Request<B>,
+    conn: Option<&ConnectionContext>,
+    config: &Config,
+) -> Context {
+    if config.peer_value {
+        let peer = conn.and_then(ConnectionContext::remote_addr);
+        #[cfg(feature = "axum")]
+        let peer = peer.or_else(|| {
+            req.extensions()
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map(|info| info.0)
+        });
+        if let Some(peer) = peer {
+            ctx = ctx.with_value(PeerAddr(peer));
+        }
+    }
+    if let Some(name) = &config.request_id {
+        let id = match req.headers().get(name) {
+            Some(id) => id.clone(),
+            None => {
+                use std::sync::atomic::{AtomicU64, Ordering};
+                static NEXT: AtomicU64 = AtomicU64::new(1);
+                let n = NEXT.fetch_add(1, Ordering::Relaxed);
+                http::HeaderValue::from(n)
+            }
+        };
+        ctx = ctx.with_value(RequestId(id));
+    }
+    ctx
+}
+
+/// Records axum's matched route (`/users/{id}`) in the `route` field of the current span,
+/// if it declares one. `Router::layer` runs after routing, so the path is known here.
+fn record_route<B>(req: &Request<B>) {
+    #[cfg(feature = "axum")]
+    if let Some(path) = req.extensions().get::<axum::extract::MatchedPath>() {
+        tracing::Span::current().record("route", path.as_str());
+    }
+    #[cfg(not(feature = "axum"))]
+    let _ = req;
 }
 
 /// The connection the request arrived on, from `serve` or `WatchedListener`.
@@ -563,6 +627,8 @@ mod tests {
             grace: Duration::ZERO,
             root: None,
             deadline_header: None,
+            peer_value: false,
+            request_id: None,
         }
     }
 

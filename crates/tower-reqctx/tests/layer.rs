@@ -507,15 +507,18 @@ mod recorder {
     #[derive(Default)]
     pub(crate) struct Recorder {
         pub(crate) causes: Arc<Mutex<Vec<String>>>,
+        pub(crate) routes: Arc<Mutex<Vec<String>>>,
         stack: Mutex<Vec<(Id, &'static Metadata<'static>)>>,
         spans: Mutex<Vec<&'static Metadata<'static>>>,
     }
 
-    struct CauseVisitor<'a>(&'a Mutex<Vec<String>>);
+    struct CauseVisitor<'a>(&'a Mutex<Vec<String>>, &'a Mutex<Vec<String>>);
     impl Visit for CauseVisitor<'_> {
         fn record_str(&mut self, field: &Field, value: &str) {
-            if field.name() == "cause" {
-                self.0.lock().unwrap().push(value.to_owned());
+            match field.name() {
+                "cause" => self.0.lock().unwrap().push(value.to_owned()),
+                "route" => self.1.lock().unwrap().push(value.to_owned()),
+                _ => {}
             }
         }
         fn record_debug(&mut self, _: &Field, _: &dyn std::fmt::Debug) {}
@@ -531,7 +534,7 @@ mod recorder {
             Id::from_u64(spans.len() as u64)
         }
         fn record(&self, _: &Id, values: &Record<'_>) {
-            values.record(&mut CauseVisitor(&self.causes));
+            values.record(&mut CauseVisitor(&self.causes, &self.routes));
         }
         fn record_follows_from(&self, _: &Id, _: &Id) {}
         fn event(&self, _: &Event<'_>) {}
@@ -902,4 +905,23 @@ async fn middleware_adds_values_the_handler_sees() {
         !tower_reqctx::set_request_value(&mut req, User("bob")),
         "no layer ran"
     );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_matched_route_goes_on_the_span() {
+    use tracing::Instrument;
+    let recorder = recorder::Recorder::default();
+    let routes = recorder.routes.clone();
+    let _default = tracing::subscriber::set_default(recorder);
+    let app = Router::new()
+        .route("/users/{id}", get(|| async { "user" }))
+        .layer(ContextLayer::new());
+    let span = tracing::info_span!("request", route = tracing::field::Empty);
+    let res = app
+        .oneshot(get_req("/users/42"))
+        .instrument(span)
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(routes.lock().unwrap().as_slice(), ["/users/{id}"]);
 }

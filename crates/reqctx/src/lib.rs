@@ -56,6 +56,8 @@
 //!
 //! - `axum` (off): `impl IntoResponse for Cancelled` (504 deadline, 503 shutdown, 499
 //!   client gone, 500 otherwise), depending only on `axum-core`.
+//! - `stream` (off): [`Context::bind`] and [`Context::bind_try`], streams that end with the
+//!   context, depending only on `futures-core`.
 #![forbid(unsafe_code)]
 #![doc(test(attr(deny(warnings))))]
 
@@ -66,7 +68,11 @@ mod node;
 
 #[cfg(feature = "axum")]
 mod axum;
+#[cfg(feature = "stream")]
+mod stream;
 
 pub use crate::cause::{Cancelled, Cause, DeadlineOrigin};
 pub use crate::context::{Canceler, Context, DeadlineDriver, DeadlineHandle, OnCancel};
 pub use crate::future::{Run, WaitForCancel};
+#[cfg(feature = "stream")]
+pub use crate::stream::{Bound, BoundTry};

@@ -112,6 +112,13 @@
 //!   remaining budget downstream. No extra dependency.
 //! - `reqwest` (off): `propagate::ReqwestContextExt`, the same for reqwest, with no TLS;
 //!   `reqwest-rustls` adds rustls (and its C-built crypto provider).
+//! - `tls` (off): `TlsListener`, [`serve`] over TLS with tokio-rustls
+//!   and rustls's `ring` provider (built from C with the machine's C compiler; no aws-lc).
+//! - `metrics` (off): `reqctx_requests_total{cause}` and `reqctx_live_request_contexts`
+//!   through the `metrics` facade, no exporter: see `record_metrics`.
+//!
+//! With `axum`, `sse()` is an event stream that ends with the request's
+//! context. [`serve`] takes any [`Listener`]: TCP, Unix domain sockets, TLS.
 //!
 //! # Deadlines across services
 //!
@@ -132,9 +139,12 @@ pub mod duration;
 mod extract;
 mod layer;
 mod listener;
+mod metrics;
 pub mod propagate;
 mod serve;
 mod service;
+#[cfg(feature = "axum")]
+mod sse;
 #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 mod watch;
 
@@ -143,11 +153,18 @@ pub use crate::conn::ConnectionContext;
 #[cfg(feature = "axum")]
 pub use crate::extract::{MissingContextLayer, ReqCtx};
 pub use crate::layer::{ClampPolicy, ContextLayer};
+pub use crate::listener::Listener;
 #[cfg(feature = "axum")]
 pub use crate::listener::WatchedListener;
+#[cfg(feature = "tls")]
+pub use crate::listener::{TlsListener, TlsStream};
+#[cfg(feature = "metrics")]
+pub use crate::metrics::{describe_metrics, record_metrics};
 pub use crate::serve::{Serve, ServeFuture, serve};
 pub use crate::service::{
     ContextService, PeerAddr, RequestId, ResponseFuture, live_request_contexts, parts_context,
     request_context, set_request_value,
 };
+#[cfg(feature = "axum")]
+pub use crate::sse::sse;
 pub use crate::watch::WatchedIo;

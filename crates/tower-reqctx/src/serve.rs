@@ -17,14 +17,14 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
 use reqctx::{Cause, Context};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::task::{JoinError, JoinSet};
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tower_service::Service;
 
 use crate::ConnectionContext;
-use crate::listener::Connections;
+use crate::listener::{Connections, Listener};
 use crate::watch::WatchedIo;
 
 type BoxError = Box<dyn StdError + Send + Sync>;
@@ -42,6 +42,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Serves `service` on `listener` over HTTP/1.1 and HTTP/2, giving every request its
 /// connection's [`ConnectionContext`].
+///
+/// `listener` is any [`Listener`]: a [`TcpListener`], a
+/// [`UnixListener`](tokio::net::UnixListener), a `TlsListener` (feature `tls`) or your own.
 ///
 /// Like [`axum::serve`](https://docs.rs/axum/latest/axum/serve/fn.serve.html), it takes an
 /// axum `Router` as it is, or any tower service of `http::Request<hyper::body::Incoming>`.
@@ -72,7 +75,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// request (made by [`ContextLayer`](crate::ContextLayer) under the connection's). Each
 /// request's extensions hold a [`ConnectionContext`] and, with the `axum` feature,
 /// [`ConnectInfo<SocketAddr>`](https://docs.rs/axum/0.8/axum/extract/struct.ConnectInfo.html) (so handlers written for
-/// `axum::serve` with connect info keep working).
+/// `axum::serve` with connect info keep working) when the listener gives the peer's
+/// [`SocketAddr`] (TCP and TLS over TCP do; a Unix socket does not).
 ///
 /// A connection's context is cancelled:
 /// - with [`Cause::ClientDisconnected`] when the connection watcher sees the client close
@@ -97,7 +101,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// `h2c`) on the same port, with HTTP/1 upgrades and HTTP/2's extended CONNECT (WebSockets
 /// over HTTP/2) enabled, and a [`TokioTimer`] on both, so hyper's HTTP/1 header read
 /// timeout (30 s by default) applies. [`http_builder`](Serve::http_builder) reaches every
-/// other setting. `TCP_NODELAY` is set on every connection.
+/// other setting. `TCP_NODELAY` is set on every TCP connection.
 ///
 /// # Errors and shutdown
 ///
@@ -112,8 +116,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 ///
 /// Dropping the future drops every connection at once. It must be polled inside a tokio
 /// runtime with IO and time enabled.
-pub fn serve<S, B>(listener: TcpListener, service: S) -> Serve<S>
+pub fn serve<L, S, B>(listener: L, service: S) -> Serve<S, L>
 where
+    L: Listener,
     S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send,
     S::Error: Into<BoxError>,
@@ -139,8 +144,8 @@ where
 
 /// A server to start with `.await`: see [`serve`].
 #[must_use = "a server does nothing until it is awaited"]
-pub struct Serve<S> {
-    listener: TcpListener,
+pub struct Serve<S, L = TcpListener> {
+    listener: L,
     service: S,
     signal: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     drain_timeout: Duration,
@@ -148,7 +153,7 @@ pub struct Serve<S> {
     builder: Builder<TokioExecutor>,
 }
 
-impl<S> Serve<S> {
+impl<S, L: Listener> Serve<S, L> {
     /// Shuts the server down gracefully when `signal` completes:
     ///
     /// 1. It stops accepting, and tells every connection to finish: an idle HTTP/1
@@ -211,13 +216,14 @@ impl<S> Serve<S> {
     }
 
     /// The address the listener is bound to.
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+    pub fn local_addr(&self) -> io::Result<L::Addr> {
         self.listener.local_addr()
     }
 }
 
-impl<S, B> IntoFuture for Serve<S>
+impl<S, L, B> IntoFuture for Serve<S, L>
 where
+    L: Listener,
     S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send,
     S::Error: Into<BoxError>,
@@ -233,7 +239,7 @@ where
     }
 }
 
-impl<S> Serve<S> {
+impl<S, L: Listener> Serve<S, L> {
     async fn run<B>(self) -> io::Result<()>
     where
         S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
@@ -244,7 +250,7 @@ impl<S> Serve<S> {
         B::Error: Into<BoxError>,
     {
         let Serve {
-            listener,
+            mut listener,
             service,
             signal,
             drain_timeout,
@@ -262,7 +268,7 @@ impl<S> Serve<S> {
 
         loop {
             tokio::select! {
-                accepted = accept(&listener, &mut backoff) => {
+                accepted = accept(&mut listener, &mut backoff) => {
                     let (stream, peer) = match accepted {
                         Ok(accepted) => accepted,
                         Err(err) => {
@@ -272,10 +278,7 @@ impl<S> Serve<S> {
                             return Err(err);
                         }
                     };
-                    if let Err(err) = stream.set_nodelay(true) {
-                        tracing::debug!(%err, %peer, "cannot set TCP_NODELAY");
-                    }
-                    let io = connections.accept(stream, Some(peer));
+                    let io = connections.accept(stream, peer);
                     let service = WithConnection {
                         inner: service.clone(),
                         conn: io.connection().clone(),
@@ -322,10 +325,10 @@ impl<S> Serve<S> {
 ///
 /// Cancel-safe: no connection is lost, and an interrupted pause is not shortened the next
 /// time.
-async fn accept(
-    listener: &TcpListener,
+async fn accept<L: Listener>(
+    listener: &mut L,
     backoff: &mut Option<Duration>,
-) -> io::Result<(TcpStream, SocketAddr)> {
+) -> io::Result<(L::Io, Option<SocketAddr>)> {
     loop {
         match listener.accept().await {
             Ok(accepted) => {
@@ -371,12 +374,13 @@ fn reaped(joined: Result<(), JoinError>) {
 }
 
 /// Serves one connection, and starts its graceful shutdown when `graceful` is cancelled.
-async fn serve_connection<S, B>(
+async fn serve_connection<I, S, B>(
     builder: Arc<Builder<TokioExecutor>>,
-    io: WatchedIo<TcpStream>,
+    io: WatchedIo<I>,
     service: WithConnection<S>,
     graceful: CancellationToken,
 ) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send,
     S::Error: Into<BoxError>,
@@ -406,7 +410,7 @@ struct WithConnection<S> {
     inner: S,
     conn: ConnectionContext,
     #[cfg_attr(not(feature = "axum"), allow(dead_code))]
-    peer: SocketAddr,
+    peer: Option<SocketAddr>,
 }
 
 impl<S, R> Service<Request<R>> for WithConnection<S>
@@ -426,7 +430,9 @@ where
         let extensions = req.extensions_mut();
         extensions.insert(self.conn.clone());
         #[cfg(feature = "axum")]
-        extensions.insert(axum::extract::ConnectInfo(self.peer));
+        if let Some(peer) = self.peer {
+            extensions.insert(axum::extract::ConnectInfo(peer));
+        }
         self.inner.call(req)
     }
 }
@@ -450,7 +456,7 @@ impl fmt::Debug for ServeFuture {
     }
 }
 
-impl<S> fmt::Debug for Serve<S> {
+impl<S, L: fmt::Debug> fmt::Debug for Serve<S, L> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Serve")
             .field("listener", &self.listener)

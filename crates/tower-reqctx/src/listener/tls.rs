@@ -1,0 +1,212 @@
+//! [`TlsListener`]: TLS over any [`Listener`], with tokio-rustls.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::ServerConfig;
+
+use super::{AsSocket, BorrowedSocket, Listener};
+
+/// How long a client has to finish its TLS handshake by default.
+const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A [`Listener`] that runs TLS (tokio-rustls) over the connections of another, a
+/// [`TcpListener`](tokio::net::TcpListener) by default. Feature `tls`.
+///
+/// Handshakes run concurrently, each in its own task, so a slow or silent client never
+/// holds up the others; one that has not finished within the
+/// [`handshake_timeout`](TlsListener::handshake_timeout) (10 s by default), or fails, is
+/// dropped and logged at `debug`. [`accept`](Listener::accept) yields connections whose
+/// handshake is done. The connection watcher watches the TCP socket under the TLS stream,
+/// so a client that leaves is seen as over plain TCP.
+///
+/// To serve HTTP/2 as well as HTTP/1.1, put `h2` and `http/1.1` in the config's
+/// `alpn_protocols`; the server detects HTTP/2 by its preface either way.
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use tokio_rustls::rustls::ServerConfig;
+/// use tower_reqctx::TlsListener;
+///
+/// # #[allow(dead_code)]
+/// # async fn run(app: axum::Router, config: ServerConfig) -> std::io::Result<()> {
+/// // `config`: a rustls ServerConfig with the certificate chain and key.
+/// let mut config = config;
+/// config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+/// let tcp = tokio::net::TcpListener::bind("0.0.0.0:443").await?;
+/// tower_reqctx::serve(TlsListener::new(tcp, Arc::new(config)), app).await
+/// # }
+/// ```
+pub struct TlsListener<L: Listener = tokio::net::TcpListener> {
+    inner: L,
+    acceptor: TlsAcceptor,
+    handshake_timeout: Duration,
+    handshakes: JoinSet<Option<Accepted<L::Io>>>, // None: failed or timed out
+}
+
+/// A connection whose handshake is done, and its peer.
+type Accepted<IO> = (TlsStream<IO>, Option<SocketAddr>);
+
+impl<L: Listener> TlsListener<L> {
+    /// Runs TLS with `config` over the connections `inner` accepts.
+    pub fn new(inner: L, config: Arc<ServerConfig>) -> TlsListener<L> {
+        TlsListener {
+            inner,
+            acceptor: TlsAcceptor::from(config),
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            handshakes: JoinSet::new(),
+        }
+    }
+
+    /// How long a client has to finish its handshake, from its connection's accept.
+    /// Defaults to 10 seconds.
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
+        self
+    }
+
+    /// The wrapped listener.
+    pub fn get_ref(&self) -> &L {
+        &self.inner
+    }
+}
+
+impl<L: Listener> Listener for TlsListener<L> {
+    type Io = TlsStream<L::Io>;
+    type Addr = L::Addr;
+
+    /// Yields the next connection whose handshake succeeded; errors are the inner
+    /// listener's. Cancel-safe if the inner listener's `accept` is: a handshake in progress
+    /// goes on in its task.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime (each handshake is a task).
+    async fn accept(&mut self) -> io::Result<(Self::Io, Option<SocketAddr>)> {
+        loop {
+            tokio::select! {
+                accepted = self.inner.accept() => {
+                    let (io, peer) = accepted?;
+                    let handshake = self.acceptor.accept(io);
+                    let limit = self.handshake_timeout;
+                    self.handshakes.spawn(async move {
+                        match tokio::time::timeout(limit, handshake).await {
+                            Ok(Ok(stream)) => Some((TlsStream(stream), peer)),
+                            Ok(Err(err)) => {
+                                tracing::debug!(%err, ?peer, "TLS handshake failed");
+                                None
+                            }
+                            Err(_) => {
+                                tracing::debug!(?peer, ?limit, "TLS handshake timed out");
+                                None
+                            }
+                        }
+                    });
+                }
+                Some(done) = self.handshakes.join_next(), if !self.handshakes.is_empty() => {
+                    if let Ok(Some(connection)) = done {
+                        return Ok(connection);
+                    }
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<L::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+impl<L: Listener + fmt::Debug> fmt::Debug for TlsListener<L> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsListener")
+            .field("inner", &self.inner)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("handshakes", &self.handshakes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A server-side TLS connection accepted by [`TlsListener`]: tokio-rustls's stream, whose
+/// socket (the IO under the TLS session) the connection watcher can hold.
+#[derive(Debug)]
+pub struct TlsStream<IO>(tokio_rustls::server::TlsStream<IO>);
+
+impl<IO> TlsStream<IO> {
+    /// The tokio-rustls stream: its `get_ref()` gives the IO and the rustls session (the
+    /// negotiated ALPN protocol, the client's SNI name).
+    pub fn get_ref(&self) -> &tokio_rustls::server::TlsStream<IO> {
+        &self.0
+    }
+
+    /// The tokio-rustls stream.
+    pub fn into_inner(self) -> tokio_rustls::server::TlsStream<IO> {
+        self.0
+    }
+}
+
+impl<IO: AsSocket> AsSocket for TlsStream<IO> {
+    #[cfg(not(windows))]
+    fn as_fd(&self) -> BorrowedSocket<'_> {
+        self.0.get_ref().0.as_fd()
+    }
+
+    #[cfg(windows)]
+    fn as_socket(&self) -> BorrowedSocket<'_> {
+        self.0.get_ref().0.as_socket()
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<IO> {
+    #[inline]
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
+    #[inline]
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    #[inline]
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    #[inline]
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    #[inline]
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    #[inline]
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,51 @@
+//! [`sse()`]: server-sent events that end with the request's context.
+
+use axum::response::sse::{Event, Sse};
+use futures_core::Stream;
+use reqctx::{Bound, Context};
+
+use crate::BoxError;
+
+/// A server-sent event response whose event stream ends when `ctx` is cancelled: the
+/// client left (the connection watcher sees it even while the stream is idle, waiting for
+/// its next event), the deadline passed, or the server shuts down. Feature `axum`.
+///
+/// It is [`Sse::new`] over [`ctx.bind(stream)`](Context::bind): the stream is not polled
+/// again once the context is cancelled, and the response then ends cleanly (an
+/// `EventSource` client reconnects as it would after any end). Configure keep-alive
+/// comments on the result with [`Sse::keep_alive`]. Under [`ContextLayer`](crate::ContextLayer)
+/// a deadline that passes first ends the body with an error instead; use
+/// [`no_timeout`](crate::ContextLayer::no_timeout) on long-lived event routes.
+///
+/// ```
+/// use std::convert::Infallible;
+/// use axum::response::IntoResponse;
+/// use axum::response::sse::{Event, KeepAlive};
+/// use futures_core::Stream;
+/// use tower_reqctx::ReqCtx;
+///
+/// # #[allow(dead_code)]
+/// async fn events(ctx: ReqCtx) -> impl IntoResponse {
+///     # let updates = tokio::sync::mpsc::unbounded_channel::<String>().1;
+///     // `updates`: a channel of messages for this client.
+///     let stream = Updates(updates);
+///     tower_reqctx::sse(&ctx, stream).keep_alive(KeepAlive::default())
+/// }
+/// # struct Updates(tokio::sync::mpsc::UnboundedReceiver<String>);
+/// # impl Stream for Updates {
+/// #     type Item = Result<Event, Infallible>;
+/// #     fn poll_next(
+/// #         mut self: std::pin::Pin<&mut Self>,
+/// #         cx: &mut std::task::Context<'_>,
+/// #     ) -> std::task::Poll<Option<Self::Item>> {
+/// #         self.0.poll_recv(cx).map(|m| m.map(|m| Ok(Event::default().data(m))))
+/// #     }
+/// # }
+/// ```
+pub fn sse<S, E>(ctx: &Context, stream: S) -> Sse<Bound<S>>
+where
+    S: Stream<Item = Result<Event, E>> + Send + 'static,
+    E: Into<BoxError>,
+{
+    Sse::new(ctx.bind(stream))
+}

@@ -1,0 +1,124 @@
+//! The `metrics` feature through a tiny in-test recorder: causes counted by kind once per
+//! request, and the live-context gauge.
+#![cfg(all(feature = "metrics", feature = "axum"))]
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::routing::get;
+use metrics::{
+    Counter, CounterFn, Gauge, GaugeFn, Histogram, Key, KeyName, Metadata, Recorder, SharedString,
+    Unit,
+};
+use tower::ServiceExt;
+use tower_reqctx::{ContextLayer, ReqCtx};
+
+/// Keeps counters and gauges by their key, as `name{label=value}`.
+#[derive(Default)]
+struct Tiny {
+    values: Mutex<HashMap<String, Arc<Value>>>,
+}
+
+#[derive(Default)]
+struct Value(AtomicU64);
+
+impl CounterFn for Value {
+    fn increment(&self, value: u64) {
+        self.0.fetch_add(value, Ordering::Relaxed);
+    }
+    fn absolute(&self, value: u64) {
+        self.0.store(value, Ordering::Relaxed);
+    }
+}
+
+impl GaugeFn for Value {
+    fn increment(&self, _: f64) {}
+    fn decrement(&self, _: f64) {}
+    fn set(&self, value: f64) {
+        self.0.store(value.to_bits(), Ordering::Relaxed);
+    }
+}
+
+impl Tiny {
+    fn value(&self, key: &Key) -> Arc<Value> {
+        let labels: Vec<String> = key
+            .labels()
+            .map(|l| format!("{}={}", l.key(), l.value()))
+            .collect();
+        let name = format!("{}{{{}}}", key.name(), labels.join(","));
+        Arc::clone(self.values.lock().unwrap().entry(name).or_default())
+    }
+
+    fn get(&self, name: &str) -> Option<u64> {
+        let values = self.values.lock().unwrap();
+        values.get(name).map(|v| v.0.load(Ordering::Relaxed))
+    }
+}
+
+impl Recorder for Tiny {
+    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+        Counter::from_arc(self.value(key))
+    }
+    fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+        Gauge::from_arc(self.value(key))
+    }
+    fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+        Histogram::noop()
+    }
+}
+
+fn app() -> Router {
+    Router::new()
+        .route("/ok", get(|| async { "ok" }))
+        .route(
+            "/slow",
+            get(|ctx: ReqCtx| async move {
+                ctx.run(tokio::time::sleep(Duration::from_secs(5)))
+                    .await
+                    .map(|()| "done")
+            }),
+        )
+        .layer(ContextLayer::new().timeout(Duration::from_secs(10)))
+}
+
+async fn get_to_end(app: Router, uri: &str) -> u16 {
+    let req = http::Request::get(uri).body(Body::empty()).unwrap();
+    let res = app.oneshot(req).await.unwrap();
+    let status = res.status().as_u16();
+    axum::body::to_bytes(res.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    status
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn each_request_counts_its_cause_once() {
+    let recorder = Tiny::default();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    assert_eq!(get_to_end(app(), "/ok").await, 200);
+    assert_eq!(get_to_end(app(), "/ok").await, 200);
+    assert_eq!(get_to_end(app(), "/slow?timeout=10ms").await, 504);
+    let count = |kind: &str| recorder.get(&format!("reqctx_requests_total{{cause={kind}}}"));
+    assert_eq!(count("completed"), Some(2));
+    assert_eq!(count("deadline_exceeded"), Some(1));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn record_metrics_sets_the_live_request_contexts_gauge() {
+    let recorder = Tiny::default();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    assert_eq!(get_to_end(app(), "/ok").await, 200);
+    tower_reqctx::record_metrics();
+    let live = recorder
+        .get("reqctx_live_request_contexts{}")
+        .map(f64::from_bits);
+    // Other tests in this binary may hold contexts: only its presence is certain.
+    assert!(live.is_some_and(|n| n >= 0.0), "{live:?}");
+}

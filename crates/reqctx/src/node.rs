@@ -60,6 +60,9 @@ pub(crate) struct CancelNode {
     fixed: Option<Deadline>,
     /// The deadline is set and timed by an owner (middleware), not by this crate.
     driven: bool,
+    /// A driven deadline has been set at some point: until then, reading the cause needs
+    /// no lock (the request of a server with no timeout).
+    driven_set: AtomicBool,
     done: AtomicBool,
     /// Some descendant has a deadline of its own: record the time when cancelled (inv. 3).
     timed_descendants: AtomicBool,
@@ -117,6 +120,7 @@ impl CancelNode {
             parent,
             fixed,
             driven,
+            driven_set: AtomicBool::new(driven && deadline.is_some()),
             done: AtomicBool::new(false),
             timed_descendants: AtomicBool::new(false),
             state: Mutex::new(state),
@@ -178,12 +182,18 @@ impl CancelNode {
             return self.recorded();
         }
         let inherited = self.parent.as_ref().and_then(|p| p.resolve(now));
-        if inherited.is_none() && !self.driven {
+        if inherited.is_none() {
             // Nothing to record: skip the lock (the common case on every check).
-            match self.fixed {
-                None => return None,
-                Some((deadline, _)) if now.get() < deadline => return None,
-                Some(_) => {}
+            if self.driven {
+                if !self.driven_set.load(Ordering::Acquire) {
+                    return None;
+                }
+            } else {
+                match self.fixed {
+                    None => return None,
+                    Some((deadline, _)) if now.get() < deadline => return None,
+                    Some(_) => {}
+                }
             }
         }
         self.settle(inherited, None, now).0
@@ -327,6 +337,9 @@ impl CancelNode {
             return false;
         }
         self.lock().driven = deadline;
+        if deadline.is_some() {
+            self.driven_set.store(true, Ordering::Release);
+        }
         true
     }
 }

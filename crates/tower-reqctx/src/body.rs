@@ -76,6 +76,10 @@ impl Guard {
         if self.reported.replace(true) {
             return;
         }
+        crate::metrics::cause(cause.kind());
+        if !tracing::dispatcher::has_been_set() {
+            return; // no subscriber was ever installed: nothing would see the rest
+        }
         // Fills `cause` on the request's span, if it declares one (see the crate docs):
         // the span is current while a tracing layer outside ours polls us.
         tracing::Span::current().record("cause", cause.kind());
@@ -201,10 +205,10 @@ pin_project! {
             guard: Option<Guard>, // taken when the context ends
             #[pin]
             body: B,
-            #[pin]
-            timer: Option<Sleep>, // the driven deadline, armed once the body is pending
-            #[pin]
-            wait: Option<WaitForCancel>, // other causes, armed once the body is pending
+            // The driven deadline and the other causes, armed once the body is pending (a
+            // streaming body); boxed so that the body stays small to move.
+            timer: Option<Pin<Box<Sleep>>>,
+            wait: Option<Pin<Box<WaitForCancel>>>,
         },
         Message {
             data: Option<Bytes>,
@@ -285,8 +289,8 @@ where
             KindProj::Owned {
                 body,
                 guard,
-                mut timer,
-                mut wait,
+                timer,
+                wait,
             } => {
                 let Some(g) = guard.as_ref() else {
                     return body.poll_frame(cx).map_err(Into::into);
@@ -316,21 +320,16 @@ where
                 // The body waits: the deadline (ours to time) and any other cause end it.
                 if timer.is_none() {
                     if let Some((at, _)) = g.driver().deadline() {
-                        timer.set(Some(sleep_until(at)));
+                        *timer = Some(Box::pin(sleep_until(at)));
                     }
                 }
-                if let Some(t) = timer.as_mut().as_pin_mut() {
-                    if t.poll(cx).is_ready() {
+                if let Some(t) = timer {
+                    if t.as_mut().poll(cx).is_ready() {
                         g.expire();
                     }
                 }
-                if wait.is_none() {
-                    wait.set(Some(g.driver().context().cancelled()));
-                }
-                let cancelled = match wait.as_mut().as_pin_mut() {
-                    Some(w) => w.poll(cx).is_ready(),
-                    None => false,
-                };
+                let wait = wait.get_or_insert_with(|| Box::pin(g.driver().context().cancelled()));
+                let cancelled = wait.as_mut().poll(cx).is_ready();
                 if !cancelled && !g.driver().is_cancelled() {
                     return Poll::Pending;
                 }

@@ -326,6 +326,10 @@ fn with_request_values<B>(
 /// if it declares one. `Router::layer` runs after routing, so the path is known here.
 fn record_route<B>(req: &Request<B>) {
     #[cfg(feature = "axum")]
+    if !tracing::dispatcher::has_been_set() {
+        return; // no subscriber was ever installed: no span to record on
+    }
+    #[cfg(feature = "axum")]
     if let Some(path) = req.extensions().get::<axum::extract::MatchedPath>() {
         tracing::Span::current().record("route", path.as_str());
     }
@@ -469,8 +473,9 @@ pin_project! {
             #[pin]
             inner: F,
             guard: Option<Guard>,
-            #[pin]
-            timer: Option<Sleep>, // armed only once the handler is pending and a deadline applies
+            // Armed only once the handler is pending and a deadline applies; boxed so that
+            // the future stays small to move (tokio's Sleep is large).
+            timer: Option<Pin<Box<Sleep>>>,
             expired: bool, // the deadline fired; the timer now counts the grace
             grace: Duration,
             on_timeout: Answer,
@@ -537,7 +542,7 @@ where
             KindProj::Owner {
                 inner,
                 guard,
-                mut timer,
+                timer,
                 expired,
                 grace,
                 on_timeout,
@@ -554,18 +559,17 @@ where
                 if !*expired {
                     // The deadline may have been moved by an inner layer since the last poll.
                     match g.deadline() {
-                        None => timer.set(None),
-                        Some(at) => match timer.as_mut().as_pin_mut() {
+                        None => *timer = None,
+                        Some(at) => match timer {
                             Some(t) if t.deadline() == at => {}
-                            Some(t) => t.reset(at),
-                            None => timer.set(Some(sleep_until(at))),
+                            Some(t) => t.as_mut().reset(at),
+                            None => *timer = Some(Box::pin(sleep_until(at))),
                         },
                     }
                 }
-                let fired = match timer.as_mut().as_pin_mut() {
-                    Some(t) => t.poll(cx).is_ready(),
-                    None => false,
-                };
+                let fired = timer
+                    .as_mut()
+                    .is_some_and(|t| t.as_mut().poll(cx).is_ready());
                 if !fired {
                     None
                 } else if *expired || grace.is_zero() {
@@ -575,11 +579,11 @@ where
                     // Cancel now; the handler may still answer during the grace.
                     g.expire();
                     *expired = true;
-                    match timer.as_mut().as_pin_mut() {
-                        Some(mut t) => {
+                    match timer {
+                        Some(t) => {
                             t.as_mut().reset(Instant::now() + *grace);
                             // Registers the new instant with the waker.
-                            t.poll(cx).is_ready().then(|| on_timeout.clone())
+                            t.as_mut().poll(cx).is_ready().then(|| on_timeout.clone())
                         }
                         None => Some(on_timeout.clone()),
                     }

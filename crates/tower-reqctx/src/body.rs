@@ -141,6 +141,9 @@ impl Guard {
 
 impl Drop for Guard {
     fn drop(&mut self) {
+        if self.reported.get() {
+            return; // the context already ended (and was reported): nothing to record
+        }
         let cause = if std::thread::panicking() {
             Cause::custom(HandlerPanicked)
         } else {

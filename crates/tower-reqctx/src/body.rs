@@ -112,7 +112,7 @@ impl Guard {
                 // The context lives as long as the upgraded connection, with no deadline:
                 // the request's timeouts do not cut a WebSocket short.
                 self.driver.set_deadline(None);
-                conn.park(self);
+                conn.hold(Box::new(Parked(self)));
                 return res.map(ContextBody::plain);
             }
         }
@@ -136,6 +136,17 @@ impl Guard {
                 wait: None,
             },
         })
+    }
+}
+
+/// A guard held by an upgraded connection: the tunnel ended when the connection drops it.
+struct Parked(Guard);
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        // A client that closed first was recorded as ClientDisconnected through the
+        // connection's context.
+        self.0.end(Cause::Completed);
     }
 }
 

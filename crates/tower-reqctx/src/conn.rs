@@ -4,9 +4,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use reqctx::{Cause, Context};
-
-use crate::body::Guard;
+use reqctx::Context;
 
 /// The connection a request arrived on: its context, which is the parent of the context of
 /// every request on it, and the peer's address.
@@ -29,21 +27,20 @@ pub struct ConnectionContext {
 struct Inner {
     ctx: Context,
     remote: Option<SocketAddr>,
-    parked: Mutex<Vec<Guard>>, // upgraded requests, ended when the connection is dropped
+    held: Mutex<Vec<Held>>, // what requests left here to outlive their response (upgrades)
 }
+
+/// What a request hands its connection to keep until the connection ends: the connection
+/// knows nothing of it but that dropping it is how it learns the connection is over.
+pub(crate) type Held = Box<dyn Send + 'static>;
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        let parked = std::mem::take(
-            self.parked
-                .get_mut()
-                .unwrap_or_else(PoisonError::into_inner),
-        );
-        for guard in parked {
-            // The server dropped the upgraded IO: the handler's task is over. A client that
-            // closed first was recorded as ClientDisconnected through the connection.
-            guard.end(Cause::Completed);
-        }
+        // Dropped in order, before anything else of the connection: a held request records
+        // its own end (the upgraded IO was dropped: its task is over) before the
+        // connection's context could end with a cause of its own.
+        let held = std::mem::take(self.held.get_mut().unwrap_or_else(PoisonError::into_inner));
+        drop(held);
     }
 }
 
@@ -55,7 +52,7 @@ impl ConnectionContext {
             inner: Arc::new(Inner {
                 ctx,
                 remote,
-                parked: Mutex::new(Vec::new()),
+                held: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -70,13 +67,16 @@ impl ConnectionContext {
         self.inner.remote
     }
 
-    /// Keeps an upgraded request's guard until the connection is dropped.
-    pub(crate) fn park(&self, guard: Guard) {
+    /// The seam between a request's owner and its connection: keeps `item` until the
+    /// connection ends (its IO is dropped), then drops it. An upgraded request (101,
+    /// CONNECT 2xx, HTTP/2 extended CONNECT) hands its lifecycle here to outlive its
+    /// response.
+    pub(crate) fn hold(&self, item: Held) {
         self.inner
-            .parked
+            .held
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .push(guard);
+            .push(item);
     }
 }
 

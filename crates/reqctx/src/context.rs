@@ -283,6 +283,27 @@ impl Context {
         self.cancel.as_ref()?.deadline()
     }
 
+    /// Where the context's [`deadline`](Context::deadline) came from: the
+    /// [`DeadlineOrigin`] that [`Cause::DeadlineExceeded`] will carry when it passes.
+    ///
+    /// A service that sent its budget downstream reads a downstream timeout through this
+    /// as its own deadline: the budget it sent was its own, set by whoever set it here.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use reqctx::{Context, DeadlineOrigin};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// assert_eq!(Context::background().deadline_origin(), None);
+    /// let (ctx, _cancel) = Context::background().with_timeout(Duration::from_secs(1));
+    /// assert_eq!(ctx.deadline_origin(), Some(DeadlineOrigin::Code));
+    /// # }
+    /// ```
+    pub fn deadline_origin(&self) -> Option<DeadlineOrigin> {
+        self.cancel.as_ref()?.earliest_deadline().map(|(_, o)| o)
+    }
+
     /// The time left until [`deadline`](Context::deadline), zero once it has passed.
     pub fn remaining(&self) -> Option<Duration> {
         self.deadline()

@@ -143,11 +143,19 @@ impl CancelNode {
 
     /// The earliest deadline of this node and its ancestors.
     pub(crate) fn deadline(&self) -> Option<Instant> {
-        let mut best: Option<Instant> = None;
+        self.earliest_deadline().map(|(d, _)| d)
+    }
+
+    /// The earliest deadline of this node and its ancestors, with its origin. On a tie the
+    /// nearer node's wins: it is the one whose cause would be recorded.
+    pub(crate) fn earliest_deadline(&self) -> Option<Deadline> {
+        let mut best: Option<Deadline> = None;
         let mut node = Some(self);
         while let Some(n) = node {
-            if let Some((d, _)) = n.own_deadline() {
-                best = Some(best.map_or(d, |b| b.min(d)));
+            if let Some((d, origin)) = n.own_deadline() {
+                if best.is_none_or(|(b, _)| d < b) {
+                    best = Some((d, origin));
+                }
             }
             node = n.parent.as_deref();
         }

@@ -68,16 +68,22 @@ async fn a_budget_set_at_a_runs_out_at_c_first() {
     let [a_out, b_out] = &mut chain.outbound;
     assert_eq!(b_out.recv().await, Some(header.clone()));
     // A's call to B fails the same way, before A's own deadline: A answers B's 504.
-    assert_eq!(a_out.recv().await, Some(header));
+    assert_eq!(a_out.recv().await, Some(header.clone()));
     assert_eq!(status, 504);
     assert!(
         took < Duration::from_millis(300),
         "A answered before its deadline: {took:?}"
     );
     assert!(took >= Duration::from_millis(300) - 2 * MARGIN - Duration::from_millis(10));
-    // A and B answered in time: their own contexts completed.
-    assert_eq!(cause_of(&b).await, Cause::Completed);
-    assert_eq!(cause_of(&a).await, Cause::Completed);
+    // A and B answered with the cause (a handler's `Cancelled`): their own contexts end
+    // with it, each with the origin of its own deadline.
+    assert_eq!(cause_of(&b).await, header);
+    assert_eq!(
+        cause_of(&a).await,
+        Cause::DeadlineExceeded {
+            origin: DeadlineOrigin::Query
+        }
+    );
     chain.shutdown().await;
 }
 

@@ -31,14 +31,11 @@ impl Cancelled {
 /// 504 also carries `x-reqctx-deadline: exceeded`, so a caller can tell it from a gateway's.
 ///
 /// A custom cause's text is the application's own and is not shown to the client: the
-/// body then says only `request cancelled`.
+/// body then says only `request cancelled`. The response's extensions carry the
+/// `Cancelled`, so tower-reqctx's layer ends the request's context with its cause.
 impl IntoResponse for Cancelled {
     fn into_response(self) -> Response {
-        let body = match self.cause() {
-            Cause::Custom(_) => "request cancelled".to_owned(),
-            cause => format!("request cancelled: {cause}"),
-        };
-        let mut res = (self.status(), body).into_response();
+        let mut res = (self.status(), self.answer_text()).into_response();
         let headers = res.headers_mut();
         headers.insert(
             CONTENT_TYPE,
@@ -49,6 +46,8 @@ impl IntoResponse for Cancelled {
             // as opposed to some gateway's own timeout.
             headers.insert(DEADLINE_MARKER, HeaderValue::from_static("exceeded"));
         }
+        // tower-reqctx's layer ends the request's context with this cause, not `Completed`.
+        res.extensions_mut().insert(self);
         res
     }
 }

@@ -225,6 +225,17 @@ impl Cancelled {
     pub fn into_cause(self) -> Cause {
         self.cause
     }
+
+    /// The one line a server answers with for this cause, whoever answers (a handler's
+    /// `Cancelled`, or tower-reqctx's layer at a deadline). A custom cause's text is the
+    /// application's own and is not shown: the line then says only `request cancelled`.
+    #[doc(hidden)]
+    pub fn answer_text(&self) -> String {
+        match &self.cause {
+            Cause::Custom(_) => "request cancelled".to_owned(),
+            cause => format!("request cancelled: {cause}"),
+        }
+    }
 }
 
 impl From<Cause> for Cancelled {

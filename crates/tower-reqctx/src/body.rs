@@ -1,196 +1,22 @@
-//! `ContextBody`: the response body that ends the request's context.
+//! `ContextBody`: the response body, the second home of a request's [`Owner`].
 
-use std::cell::Cell;
 use std::error::Error as StdError;
 use std::fmt;
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use http::header::{CONTENT_TYPE, HeaderValue};
-use http::{Response, StatusCode};
+use http::{HeaderMap, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
-use reqctx::{Cancelled, Cause, DeadlineDriver, WaitForCancel};
+use reqctx::{Cancelled, Cause, WaitForCancel};
 
-use crate::conn::ConnectionContext;
-use tokio::time::{Sleep, sleep_until};
+use crate::lifecycle::{Owner, ResponseBodyFailed};
 
 /// The error type of [`ContextBody`].
 pub type BoxError = Box<dyn StdError + Send + Sync>;
-
-/// Ends a request's context: `Completed` when the response is over, `ClientDisconnected`
-/// when it is dropped before (hyper drops the response future or body when the client is
-/// gone), a [`HandlerPanicked`] cause when dropped while a handler unwinds.
-pub(crate) struct Guard {
-    driver: DeadlineDriver,
-    head: bool,           // a HEAD request: hyper sends no body and never polls it
-    reported: Cell<bool>, // the cause went to tracing (once, by the first `end`)
-    // The handler answered before the context was cancelled: a cancellation now cuts the
-    // body short, while an answer written after a cancellation (its own 504) is complete.
-    live_at_response: bool,
-    // An upgrade request's connection: on a 101 the guard is parked there.
-    upgrade: Option<ConnectionContext>,
-}
-
-impl Guard {
-    pub(crate) fn new(driver: DeadlineDriver, head: bool) -> Guard {
-        Guard {
-            driver,
-            head,
-            reported: Cell::new(false),
-            live_at_response: false,
-            upgrade: None,
-        }
-    }
-
-    /// Parks the guard on `conn` instead of ending it at a `101 Switching Protocols`.
-    pub(crate) fn upgrades_on(&mut self, conn: ConnectionContext) {
-        self.upgrade = Some(conn);
-    }
-
-    pub(crate) fn driver(&self) -> &DeadlineDriver {
-        &self.driver
-    }
-
-    /// Ends the context with `cause` unless it has one, and reports the cause it ends with.
-    pub(crate) fn end(&self, cause: Cause) {
-        let recorded = self.driver.cancel_with(cause.clone());
-        if self.reported.get() {
-            return;
-        }
-        // Only when another cause came first does reporting need to look it up.
-        let cause = if recorded {
-            cause
-        } else {
-            match self.driver.expire() {
-                Some(actual) => actual,
-                None => return,
-            }
-        };
-        self.report(cause);
-    }
-
-    /// Sends the cause to tracing, the first time only.
-    fn report(&self, cause: Cause) {
-        if self.reported.replace(true) {
-            return;
-        }
-        crate::metrics::cause(cause.kind());
-        if !tracing::dispatcher::has_been_set() {
-            return; // no subscriber was ever installed: nothing would see the rest
-        }
-        // Fills `cause` on the request's span, if it declares one (see the crate docs):
-        // the span is current while a tracing layer outside ours polls us.
-        tracing::Span::current().record("cause", cause.kind());
-        match cause {
-            Cause::Completed => {
-                tracing::trace!(target: "tower_reqctx", "request context completed");
-            }
-            cause => {
-                tracing::debug!(target: "tower_reqctx", cause = %cause, kind = cause.kind(), "request context cancelled");
-            }
-        }
-    }
-
-    /// The body reached its end: records `Completed`, or returns the cause that came first.
-    fn complete(&self) -> Option<Cause> {
-        if self.driver.cancel_with(Cause::Completed) {
-            self.report(Cause::Completed);
-            return None;
-        }
-        let cause = self.driver.expire()?;
-        self.report(cause.clone());
-        (self.live_at_response && cause != Cause::Completed).then_some(cause)
-    }
-
-    /// The handler answered: the context lives on in the body, unless there is none to send.
-    pub(crate) fn into_response<B: Body>(mut self, res: Response<B>) -> Response<ContextBody<B>> {
-        let status = res.status();
-        if status == StatusCode::SWITCHING_PROTOCOLS {
-            if let Some(conn) = self.upgrade.take() {
-                // The context lives as long as the upgraded connection, with no deadline:
-                // the request's timeouts do not cut a WebSocket short.
-                self.driver.set_deadline(None);
-                conn.hold(Box::new(Parked(self)));
-                return res.map(ContextBody::plain);
-            }
-        }
-        self.upgrade = None; // no cycle through the connection's slot
-        let bodyless = self.head
-            || status.is_informational()
-            || status == StatusCode::NO_CONTENT
-            || status == StatusCode::NOT_MODIFIED
-            || res.body().is_end_stream();
-        if bodyless {
-            // hyper will not poll this body: the response is over once sent.
-            self.end(Cause::Completed);
-            return res.map(ContextBody::plain);
-        }
-        self.live_at_response = !self.driver.is_cancelled();
-        res.map(|body| ContextBody {
-            kind: Kind::Owned {
-                body,
-                guard: Some(self),
-                timer: None,
-                wait: None,
-            },
-        })
-    }
-}
-
-/// A guard held by an upgraded connection: the tunnel ended when the connection drops it.
-struct Parked(Guard);
-
-impl Drop for Parked {
-    fn drop(&mut self) {
-        // A client that closed first was recorded as ClientDisconnected through the
-        // connection's context.
-        self.0.end(Cause::Completed);
-    }
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if self.reported.get() {
-            return; // the context already ended (and was reported): nothing to record
-        }
-        let cause = if std::thread::panicking() {
-            Cause::custom(HandlerPanicked)
-        } else {
-            Cause::ClientDisconnected
-        };
-        self.end(cause);
-    }
-}
-
-/// The cause of a request whose handler (or response body) panicked: it is not the
-/// client's doing. Check for it with [`Cause::downcast_ref`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct HandlerPanicked;
-
-impl fmt::Display for HandlerPanicked {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("the handler panicked")
-    }
-}
-
-impl StdError for HandlerPanicked {}
-
-/// The error of a response body cut short by its context: the client sees a truncated
-/// response, never a clean end.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct ResponseBodyFailed;
-
-impl fmt::Display for ResponseBodyFailed {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("the response body failed")
-    }
-}
-
-impl StdError for ResponseBodyFailed {}
 
 pin_project! {
     /// The response body of [`ContextService`](crate::ContextService).
@@ -216,13 +42,19 @@ pin_project! {
         Owned {
             // Before `body`, so it is dropped first: a body's own Drop (a stream logging
             // why it stopped) can read the cause.
-            guard: Option<Guard>, // taken when the context ends
+            owner: Option<Owner>, // taken when the context ends
             #[pin]
             body: B,
-            // The driven deadline and the other causes, armed once the body is pending (a
-            // streaming body); boxed so that the body stays small to move.
-            timer: Option<Pin<Box<Sleep>>>,
+            remaining: Option<u64>, // bytes the response announced and has not yet yielded
+            grpc: bool, // a gRPC response: a deadline ends it with trailers, not an error
+            // The handler answered before the context was cancelled: a cancellation now
+            // cuts the body short, while an answer written after a cancellation (its own
+            // 504) is whole.
+            live: bool,
+            // Armed once the body is pending (a streaming body); boxed so that the body
+            // stays small to move.
             wait: Option<Pin<Box<WaitForCancel>>>,
+            ended: bool, // gRPC trailers of our own were yielded: the body is over
         },
         Message {
             data: Option<Bytes>,
@@ -234,6 +66,26 @@ impl<B> ContextBody<B> {
     pub(crate) fn plain(body: B) -> ContextBody<B> {
         ContextBody {
             kind: Kind::Plain { body },
+        }
+    }
+
+    pub(crate) fn owned(
+        body: B,
+        owner: Owner,
+        length: Option<u64>,
+        grpc: bool,
+        live: bool,
+    ) -> ContextBody<B> {
+        ContextBody {
+            kind: Kind::Owned {
+                owner: Some(owner),
+                body,
+                remaining: length,
+                grpc,
+                live,
+                wait: None,
+                ended: false,
+            },
         }
     }
 
@@ -301,55 +153,85 @@ where
                 Poll::Ready(data.take().map(|d| Ok(Frame::data(B::Data::from(d)))))
             }
             KindProj::Owned {
-                body,
-                guard,
-                timer,
+                owner,
+                mut body,
+                remaining,
+                grpc,
+                live,
                 wait,
+                ended,
             } => {
-                let Some(g) = guard.as_ref() else {
+                let Some(o) = owner.as_ref() else {
+                    if *ended {
+                        return Poll::Ready(None);
+                    }
                     return body.poll_frame(cx).map_err(Into::into);
                 };
-                let polled = body.poll_frame(cx);
+                // Once the body has waited, cancellation is looked at before the body: a
+                // client that stopped reading while the deadline passed gets an error at
+                // the next poll, not more data.
+                if let Some(w) = wait.as_mut() {
+                    if w.as_mut().poll(cx).is_ready() {
+                        let cause = o.cause().unwrap_or(Cause::Cancelled);
+                        *owner = None;
+                        return cut_short(cause, *grpc, ended);
+                    }
+                }
+                let polled = match catch_unwind(AssertUnwindSafe(|| body.as_mut().poll_frame(cx))) {
+                    Ok(polled) => polled,
+                    Err(panic) => {
+                        o.panicked();
+                        resume_unwind(panic)
+                    }
+                };
                 match polled {
                     Poll::Ready(None) => {
-                        let cause = g.complete();
-                        *guard = None;
-                        // A stream that stopped because its context was cancelled did not
-                        // complete: the client must see a truncated response, not an end.
-                        return match cause {
-                            None => Poll::Ready(None),
-                            Some(cause) => Poll::Ready(Some(Err(Box::new(Cancelled::new(cause))))),
-                        };
+                        let done = owner.take().map_or(Ok(()), Owner::complete);
+                        match done {
+                            Err(cause) if *live => cut_short(cause, *grpc, ended),
+                            _ => Poll::Ready(None),
+                        }
                     }
                     Poll::Ready(Some(Err(e))) => {
-                        g.end(Cause::custom(ResponseBodyFailed));
-                        *guard = None;
-                        return Poll::Ready(Some(Err(e.into())));
+                        o.end(Cause::custom(ResponseBodyFailed));
+                        *owner = None;
+                        Poll::Ready(Some(Err(e.into())))
                     }
                     Poll::Ready(Some(Ok(frame))) => {
-                        return Poll::Ready(Some(Ok(frame)));
+                        // The last byte announced, or the trailers (always last), end it:
+                        // hyper may not poll the body again.
+                        let last = match (frame.data_ref(), remaining.as_mut()) {
+                            (Some(data), Some(left)) => {
+                                *left = left.saturating_sub(data.remaining() as u64);
+                                *left == 0
+                            }
+                            (Some(_), None) => false,
+                            (None, _) => frame.is_trailers(),
+                        };
+                        if last {
+                            let done = owner.take().map_or(Ok(()), Owner::complete);
+                            if let Err(cause) = done {
+                                if *live {
+                                    return cut_short(cause, *grpc, ended);
+                                }
+                            }
+                        }
+                        Poll::Ready(Some(Ok(frame)))
                     }
-                    Poll::Pending => {}
-                }
-                // The body waits: the deadline (ours to time) and any other cause end it.
-                if timer.is_none() {
-                    if let Some((at, _)) = g.driver().deadline() {
-                        *timer = Some(Box::pin(sleep_until(at)));
+                    Poll::Pending => {
+                        // The body waits: any cause (the deadline included, whoever times
+                        // it) ends it.
+                        if wait.is_none() {
+                            let w = wait.insert(Box::pin(o.driver().context().cancelled()));
+                            if w.as_mut().poll(cx).is_ready() {
+                                let cause = o.cause().unwrap_or(Cause::Cancelled);
+                                *owner = None;
+                                return cut_short(cause, *grpc, ended);
+                            }
+                        }
+                        Poll::Pending
                     }
                 }
-                if let Some(t) = timer {
-                    if t.as_mut().poll(cx).is_ready() {
-                        g.expire();
-                    }
-                }
-                let wait = wait.get_or_insert_with(|| Box::pin(g.driver().context().cancelled()));
-                let cancelled = wait.as_mut().poll(cx).is_ready();
-                if !cancelled && !g.driver().is_cancelled() {
-                    return Poll::Pending;
-                }
-                let cause = g.driver().context().cause().unwrap_or(Cause::Cancelled);
-                *guard = None;
-                Poll::Ready(Some(Err(Box::new(Cancelled::new(cause)))))
             }
         }
     }
@@ -357,12 +239,17 @@ where
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Plain { body } => body.is_end_stream(),
-            Kind::Owned { body, guard, .. } => {
+            Kind::Owned {
+                body, owner, ended, ..
+            } => {
+                if *ended {
+                    return true;
+                }
                 let end = body.is_end_stream();
                 if end {
                     // hyper may drop the body without polling it again.
-                    if let Some(g) = guard {
-                        g.end(Cause::Completed);
+                    if let Some(o) = owner {
+                        o.end(Cause::Completed);
                     }
                 }
                 end
@@ -380,3 +267,36 @@ where
         }
     }
 }
+
+/// How a body whose context ended while it streamed ends: with an error, so the client
+/// sees a truncated response, or, for gRPC, with trailers carrying the status of the
+/// cause (`DEADLINE_EXCEEDED` for a deadline), which a gRPC client reads as the call's
+/// outcome.
+fn cut_short<D>(
+    cause: Cause,
+    grpc: bool,
+    ended: &mut bool,
+) -> Poll<Option<Result<Frame<D>, BoxError>>> {
+    if grpc {
+        if let Some((code, message)) = grpc_status(&cause) {
+            *ended = true;
+            let mut trailers = HeaderMap::with_capacity(2);
+            trailers.insert("grpc-status", HeaderValue::from(u16::from(code)));
+            trailers.insert("grpc-message", HeaderValue::from_static(message));
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        }
+    }
+    Poll::Ready(Some(Err(Box::new(Cancelled::new(cause)))))
+}
+
+/// The gRPC status of a cause the client can still be told about.
+pub(crate) fn grpc_status(cause: &Cause) -> Option<(u8, &'static str)> {
+    match cause {
+        Cause::DeadlineExceeded { .. } => Some((GRPC_DEADLINE_EXCEEDED, "deadline exceeded")),
+        Cause::Shutdown => Some((GRPC_UNAVAILABLE, "server shutting down")),
+        _ => None,
+    }
+}
+
+pub(crate) const GRPC_DEADLINE_EXCEEDED: u8 = 4;
+const GRPC_UNAVAILABLE: u8 = 14;

@@ -138,6 +138,7 @@ pub mod duration;
 #[cfg(feature = "axum")]
 mod extract;
 mod layer;
+mod lifecycle;
 mod listener;
 mod metrics;
 pub mod propagate;
@@ -148,11 +149,14 @@ mod sse;
 #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 mod watch;
 
-pub use crate::body::{BoxError, ContextBody, HandlerPanicked, ResponseBodyFailed};
+pub use crate::body::{BoxError, ContextBody};
 pub use crate::conn::ConnectionContext;
 #[cfg(feature = "axum")]
 pub use crate::extract::{MissingContextLayer, ReqCtx};
 pub use crate::layer::{ClampPolicy, ContextLayer};
+#[cfg(feature = "catch-panic")]
+pub use crate::lifecycle::PanicResponse;
+pub use crate::lifecycle::{HandlerPanicked, ResponseBodyFailed, ServiceFailed};
 pub use crate::listener::Listener;
 #[cfg(feature = "axum")]
 pub use crate::listener::WatchedListener;

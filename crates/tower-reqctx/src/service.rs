@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
@@ -9,14 +10,15 @@ use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
 use pin_project_lite::pin_project;
-use reqctx::{Cause, Context, DeadlineHandle, DeadlineOrigin};
+use reqctx::{Cancelled, Cause, Context, DeadlineHandle, DeadlineOrigin};
 use tokio::time::{Instant, Sleep, sleep_until};
 use tower_service::Service;
 
-use crate::body::{ContextBody, Guard};
+use crate::body::{ContextBody, GRPC_DEADLINE_EXCEEDED, grpc_status};
 use crate::conn::ConnectionContext;
 use crate::duration::{MAX_INPUT_LEN, ParseDurationError, parse_duration_bytes};
 use crate::layer::{ClampPolicy, Config, TimeoutSetting};
+use crate::lifecycle::{Owner, RequestKind, is_grpc};
 use crate::propagate::X_REQCTX_DEADLINE;
 use crate::propagate::header::DeadlineHeader;
 
@@ -74,10 +76,24 @@ fn earliest(
     }
 }
 
-/// The context a [`ContextLayer`](crate::ContextLayer) gave this request, for code that is
-/// not an axum handler (tonic, plain hyper, other middleware).
-pub fn request_context<B>(req: &Request<B>) -> Option<&Context> {
-    req.extensions().get::<RequestScope>().map(|s| &s.ctx)
+/// The context a [`ContextLayer`](crate::ContextLayer) gave this request, from the
+/// request's extensions, for code that is not an axum handler: a tonic service
+/// (`request.extensions()` of a `tonic::Request`), plain hyper, other middleware.
+///
+/// ```
+/// use tower_reqctx::request_context;
+///
+/// fn handle(req: &http::Request<()>) -> &'static str {
+///     match request_context(req.extensions()) {
+///         Some(ctx) if ctx.is_cancelled() => "too late",
+///         Some(_) => "working",
+///         None => "no ContextLayer in front of this service",
+///     }
+/// }
+/// assert_eq!(handle(&http::Request::new(())), "no ContextLayer in front of this service");
+/// ```
+pub fn request_context(extensions: &http::Extensions) -> Option<&Context> {
+    extensions.get::<RequestScope>().map(|s| &s.ctx)
 }
 
 /// Adds `value` to the context of this request, as Go's
@@ -157,8 +173,8 @@ where
         }
 
         // A gRPC service enables grpc-timeout; only then is the content type looked at.
-        let grpc =
-            matches!(config.deadline_header, Some(DeadlineHeader::GrpcTimeout)) && is_grpc(&req);
+        let grpc = matches!(config.deadline_header, Some(DeadlineHeader::GrpcTimeout))
+            && is_grpc(req.headers().get(http::header::CONTENT_TYPE));
         let query = match config.query_param {
             Some(name) => match client_timeout(req.uri().query(), name, config) {
                 Ok(t) => t,
@@ -204,44 +220,44 @@ where
         let (ctx, driver) = parent.with_driven_deadline(deadline);
         let ctx = with_request_values(ctx, &req, conn, config);
         record_route(&req);
-        let head = req.method() == Method::HEAD;
+        let kind = match *req.method() {
+            Method::HEAD => RequestKind::Head,
+            Method::CONNECT => RequestKind::Connect,
+            _ => RequestKind::Other,
+        };
         req.extensions_mut().insert(RequestScope {
             ctx,
             handle: driver.handle(),
             start,
             client,
         });
-        let mut guard = Guard::new(driver, head);
+        let mut owner = Owner::new(driver, kind);
         if let Some(conn) = upgrade {
-            guard.upgrades_on(conn);
+            owner.upgrades_on(conn);
         }
         ResponseFuture::owner(
             self.inner.call(req),
-            guard,
+            owner,
             config.grace,
             match grpc {
                 true => Answer::Grpc(GRPC_DEADLINE_EXCEEDED, "deadline exceeded"),
-                false => Answer::Text(config.timeout_status, None),
+                false => Answer::Timeout(config.timeout_status),
             },
         )
     }
 }
 
-/// `content-type: application/grpc` (or `application/grpc+proto`, ...).
-fn is_grpc<B>(req: &Request<B>) -> bool {
-    req.headers()
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
-}
-
 const GRPC_INVALID_ARGUMENT: u8 = 3;
-const GRPC_DEADLINE_EXCEEDED: u8 = 4;
 
 /// What the layer answers by itself.
 #[derive(Clone, Debug)]
 enum Answer {
-    /// An HTTP status with a one-line plain-text body (`None`: "request timed out").
-    Text(StatusCode, Option<String>),
+    /// An HTTP status with a one-line plain-text body.
+    Text(StatusCode, String),
+    /// The handler did not answer by the deadline: this status, and the body a
+    /// [`Cancelled`] for the cause answers with, so one cause reads the same whoever
+    /// answers.
+    Timeout(StatusCode),
     /// A gRPC trailers-only answer: HTTP 200 with `grpc-status` and `grpc-message`.
     Grpc(u8, &'static str),
 }
@@ -250,23 +266,34 @@ impl Answer {
     fn bad_request(grpc: bool, message: String) -> Answer {
         match grpc {
             true => Answer::Grpc(GRPC_INVALID_ARGUMENT, "invalid grpc-timeout"),
-            false => Answer::Text(StatusCode::BAD_REQUEST, Some(message)),
+            false => Answer::Text(StatusCode::BAD_REQUEST, message),
         }
     }
 
-    fn into_response<B>(self) -> Response<ContextBody<B>> {
+    /// The response; `cause` is the context's, for a timeout's answer.
+    fn into_response<B>(self, cause: Option<Cause>) -> Response<ContextBody<B>> {
         match self {
-            Answer::Text(status, Some(message)) => ContextBody::message_response(status, message),
-            Answer::Text(status, None) => {
-                let mut res = ContextBody::message_response(status, "request timed out".to_owned());
-                // Tells an upstream reqctx client that the budget ran out here.
-                res.headers_mut().insert(
-                    X_REQCTX_DEADLINE,
-                    http::HeaderValue::from_static("exceeded"),
-                );
+            Answer::Text(status, message) => ContextBody::message_response(status, message),
+            Answer::Timeout(status) => {
+                let cause = cause.unwrap_or(Cause::DeadlineExceeded {
+                    origin: DeadlineOrigin::Layer,
+                });
+                let deadline = cause.is_deadline_exceeded();
+                let text = Cancelled::new(cause).answer_text();
+                let mut res = ContextBody::message_response(status, text);
+                if deadline {
+                    // Tells an upstream reqctx client that the budget ran out here.
+                    res.headers_mut().insert(
+                        X_REQCTX_DEADLINE,
+                        http::HeaderValue::from_static("exceeded"),
+                    );
+                }
                 res
             }
-            Answer::Grpc(code, message) => ContextBody::grpc_response(code, message),
+            Answer::Grpc(code, message) => match cause.as_ref().and_then(grpc_status) {
+                Some((code, message)) => ContextBody::grpc_response(code, message),
+                None => ContextBody::grpc_response(code, message),
+            },
         }
     }
 }
@@ -461,18 +488,18 @@ pin_project! {
     enum Kind<F> {
         // The layer answers without calling the handler (a bad timeout, or the deadline).
         Early {
-            answer: Option<Answer>,
+            answer: Option<(Answer, Option<Cause>)>,
         },
         // An inner layer: the outer one does the work.
         Passthrough {
             #[pin]
             inner: F,
         },
-        // The outer layer: owns the context (through the guard) and its timer.
+        // The outer layer: the request's owner, while the handler runs.
         Owner {
             #[pin]
             inner: F,
-            guard: Option<Guard>,
+            owner: Option<Owner>,
             // Armed only once the handler is pending and a deadline applies; boxed so that
             // the future stays small to move (tokio's Sleep is large).
             timer: Option<Pin<Box<Sleep>>>,
@@ -487,7 +514,7 @@ impl<F> ResponseFuture<F> {
     fn early(answer: Answer) -> ResponseFuture<F> {
         ResponseFuture {
             kind: Kind::Early {
-                answer: Some(answer),
+                answer: Some((answer, None)),
             },
         }
     }
@@ -498,11 +525,11 @@ impl<F> ResponseFuture<F> {
         }
     }
 
-    fn owner(inner: F, guard: Guard, grace: Duration, on_timeout: Answer) -> ResponseFuture<F> {
+    fn owner(inner: F, owner: Owner, grace: Duration, on_timeout: Answer) -> ResponseFuture<F> {
         ResponseFuture {
             kind: Kind::Owner {
                 inner,
-                guard: Some(guard),
+                owner: Some(owner),
                 timer: None,
                 expired: false,
                 grace,
@@ -529,10 +556,10 @@ where
         let mut kind = self.project().kind;
         let timed_out = match kind.as_mut().project() {
             KindProj::Early { answer } => {
-                let Some(answer) = answer.take() else {
+                let Some((answer, cause)) = answer.take() else {
                     panic!("ResponseFuture polled after completion");
                 };
-                return Poll::Ready(Ok(answer.into_response()));
+                return Poll::Ready(Ok(answer.into_response(cause)));
             }
             KindProj::Passthrough { inner } => {
                 return inner
@@ -540,27 +567,44 @@ where
                     .map(|r| r.map(|res| res.map(ContextBody::plain)));
             }
             KindProj::Owner {
-                inner,
-                guard,
+                mut inner,
+                owner,
                 timer,
                 expired,
                 grace,
                 on_timeout,
             } => {
-                if let Poll::Ready(result) = inner.poll(cx) {
-                    let Some(guard) = guard.take() else {
+                // A panic that unwinds through here is the handler's, whatever catches it
+                // further out (tower-http's CatchPanicLayer drops us only after catching).
+                let polled = match catch_unwind(AssertUnwindSafe(|| inner.as_mut().poll(cx))) {
+                    Ok(polled) => polled,
+                    Err(panic) => {
+                        if let Some(o) = owner.as_ref() {
+                            o.panicked();
+                        }
+                        resume_unwind(panic)
+                    }
+                };
+                if let Poll::Ready(result) = polled {
+                    let Some(o) = owner.take() else {
                         panic!("ResponseFuture polled after completion");
                     };
-                    return Poll::Ready(result.map(|res| guard.into_response(res)));
+                    return Poll::Ready(match result {
+                        Ok(res) => Ok(o.answered(res)),
+                        Err(e) => {
+                            o.failed();
+                            Err(e)
+                        }
+                    });
                 }
-                let Some(g) = guard.as_ref() else {
+                let Some(o) = owner.as_ref() else {
                     return Poll::Pending;
                 };
                 if !*expired {
                     // The deadline may have been moved by an inner layer since the last poll.
-                    match g.deadline() {
+                    match o.driver().deadline() {
                         None => *timer = None,
-                        Some(at) => match timer {
+                        Some((at, _)) => match timer {
                             Some(t) if t.deadline() == at => {}
                             Some(t) => t.as_mut().reset(at),
                             None => *timer = Some(Box::pin(sleep_until(at))),
@@ -572,48 +616,42 @@ where
                     .is_some_and(|t| t.as_mut().poll(cx).is_ready());
                 if !fired {
                     None
-                } else if *expired || grace.is_zero() {
-                    g.expire();
-                    Some(on_timeout.clone())
                 } else {
-                    // Cancel now; the handler may still answer during the grace.
-                    g.expire();
-                    *expired = true;
-                    match timer {
-                        Some(t) => {
-                            t.as_mut().reset(Instant::now() + *grace);
-                            // Registers the new instant with the waker.
-                            t.as_mut().poll(cx).is_ready().then(|| on_timeout.clone())
+                    o.expire();
+                    if *expired || grace.is_zero() {
+                        Some(on_timeout.clone())
+                    } else {
+                        // Cancelled now; the handler may still answer during the grace. A
+                        // grace too long to represent means the handler always may.
+                        *expired = true;
+                        match (timer.as_mut(), Instant::now().checked_add(*grace)) {
+                            (Some(t), Some(end)) => {
+                                t.as_mut().reset(end);
+                                // Registers the new instant with the waker.
+                                t.as_mut().poll(cx).is_ready().then(|| on_timeout.clone())
+                            }
+                            (_, None) => {
+                                *timer = None;
+                                None
+                            }
+                            (None, Some(_)) => Some(on_timeout.clone()),
                         }
-                        None => Some(on_timeout.clone()),
                     }
                 }
             }
         };
         match timed_out {
             Some(answer) => {
+                let cause = match kind.as_mut().project() {
+                    KindProj::Owner { owner, .. } => owner.as_ref().and_then(Owner::cause),
+                    _ => None,
+                };
                 // Drops the handler's future; the context's cause is already recorded.
                 kind.set(Kind::Early { answer: None });
-                Poll::Ready(Ok(answer.into_response()))
+                Poll::Ready(Ok(answer.into_response(cause)))
             }
             None => Poll::Pending,
         }
-    }
-}
-
-impl Guard {
-    fn deadline(&self) -> Option<Instant> {
-        self.driver().deadline().map(|(at, _)| at)
-    }
-
-    /// The deadline's timer fired: the context ends with `DeadlineExceeded`, unless it
-    /// already had a cause.
-    pub(crate) fn expire(&self) {
-        let origin = self
-            .driver()
-            .deadline()
-            .map_or(DeadlineOrigin::Layer, |(_, origin)| origin);
-        self.end(Cause::DeadlineExceeded { origin });
     }
 }
 

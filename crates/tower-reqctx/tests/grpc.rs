@@ -123,7 +123,7 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let ctx = request_context(&req)
+        let ctx = request_context(req.extensions())
             .expect("no request context: is ContextLayer in front?")
             .clone();
         let method = Wait {

@@ -431,7 +431,11 @@ async fn grace_lets_the_handler_answer_for_itself() {
     let res = app.oneshot(get_req("/")).await.unwrap();
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(start.elapsed(), Duration::from_millis(30));
-    assert_eq!(body_text(res).await, "request timed out");
+    assert_eq!(
+        body_text(res).await,
+        "request cancelled: deadline exceeded (set by the server's timeout)",
+        "the same answer a handler's `Cancelled` gives"
+    );
 }
 
 #[tokio::test]

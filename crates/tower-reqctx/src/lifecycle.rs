@@ -1,0 +1,365 @@
+//! The owner of a request's context, from the moment the outer layer made it to its
+//! final cause.
+//!
+//! One [`Owner`] exists per request. It is made by the outer
+//! [`ContextLayer`](crate::ContextLayer)'s service, lives in the response future while the
+//! handler runs, moves into the response body when the handler answers, and is either
+//! ended there or handed to the connection (an upgrade). Every event of the request's
+//! life is one method of the owner, and every method records its cause through
+//! [`Owner::end`]: the first cause recorded wins, in one place, and is never replaced.
+//!
+//! # The lifecycle
+//!
+//! ```text
+//!                answer (a body to stream)              body's end
+//!   Running ─────────────────────────────► Streaming ──────────────────► Ended(cause)
+//!      │  answer (nothing to stream)                                        ▲
+//!      ├────────────────────────────────────────────────────────────────────┤
+//!      │  upgrade (101, CONNECT 2xx; with a connection)    tunnel ends      │
+//!      └─────────────────────────────────────► Held ────────────────────────┘
+//! ```
+//!
+//! | event | in state | cause recorded |
+//! |---|---|---|
+//! | the deadline passes (the layer's timer, or any waiter's) | any | `DeadlineExceeded { origin }` |
+//! | the connection's context or the server's root is cancelled | any | the parent's cause (`ClientDisconnected`, `Shutdown`, ...) |
+//! | the inner service returns `Err` | Running | [`ServiceFailed`] (the error passes through unchanged) |
+//! | a panic unwinds through the layer's future or body | Running, Streaming | [`HandlerPanicked`] |
+//! | the response carries a [`Cancelled`] (a handler's `?`) | Running | that `Cancelled`'s cause |
+//! | the response carries [`PanicResponse`]'s mark (`CatchPanicLayer` inside) | Running | [`HandlerPanicked`] |
+//! | the response has no body to send (HEAD, 1xx, 204, 304, an empty body) | Running | `Completed` |
+//! | the body reached its end: `None`, `is_end_stream()`, all of its `Content-Length` (or exact size) yielded, or its trailers yielded | Streaming | `Completed` |
+//! | the body yields an error | Streaming | [`ResponseBodyFailed`] |
+//! | the response future or the body is dropped before its end | Running, Streaming | `ClientDisconnected` ([`HandlerPanicked`] while unwinding) |
+//! | the upgraded connection ends (the server dropped its IO) | Held | `Completed` |
+//!
+//! **Races:** the cause recorded first wins and every reader sees it. A deadline counts from
+//! the instant it passed, even if it is noticed later (the clock is compared whenever a
+//! cause is read), so a deadline that passed before a body's end wins over `Completed`. A
+//! body that reached its end is `Completed` even if the client closes a moment later.
+//!
+//! Where the deadline is timed: the context itself wakes every waiter at its deadline,
+//! whoever polls what; the owner's timer (in the response future) only decides when the
+//! layer answers `504` in the handler's place.
+//!
+//! # The seam with the connection
+//!
+//! An upgraded request outlives its response: the owner hands itself to its connection
+//! ([`ConnectionContext::hold`]) as an opaque item, which the connection drops when it
+//! ends; the drop records `Completed` unless the client's close (the connection's
+//! context) came first. Under plain `axum::serve` there is no connection to hold it, so
+//! an upgrade ends the context at the 101 (or 2xx) with `Completed`.
+
+use std::cell::Cell;
+use std::error::Error as StdError;
+use std::fmt;
+
+use http::header::HeaderValue;
+use http::{Response, StatusCode};
+use http_body::Body;
+use reqctx::{Cancelled, Cause, DeadlineDriver, DeadlineOrigin};
+
+use crate::body::ContextBody;
+use crate::conn::ConnectionContext;
+
+/// The owner of one request's context: see the [module docs](self).
+pub(crate) struct Owner {
+    driver: DeadlineDriver,
+    kind: RequestKind,
+    reported: Cell<bool>, // the cause went to tracing and metrics (once, by the first `end`)
+    // An upgrade request's connection: on an upgrade the owner is held there.
+    upgrade: Option<ConnectionContext>,
+}
+
+/// What of the request decides the shape of its response.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RequestKind {
+    Other,
+    /// hyper sends no body and never polls it.
+    Head,
+    /// A 2xx opens a tunnel (HTTP/1 CONNECT, HTTP/2 extended CONNECT).
+    Connect,
+}
+
+impl Owner {
+    pub(crate) fn new(driver: DeadlineDriver, kind: RequestKind) -> Owner {
+        Owner {
+            driver,
+            kind,
+            reported: Cell::new(false),
+            upgrade: None,
+        }
+    }
+
+    /// On an upgrade, hand the owner to `conn` instead of ending the context.
+    pub(crate) fn upgrades_on(&mut self, conn: ConnectionContext) {
+        self.upgrade = Some(conn);
+    }
+
+    pub(crate) fn driver(&self) -> &DeadlineDriver {
+        &self.driver
+    }
+
+    /// Whether the context has a cause (recorded, or a deadline that has passed).
+    pub(crate) fn is_cancelled(&self) -> bool {
+        self.driver.is_cancelled()
+    }
+
+    /// The context's cause, if it has one.
+    pub(crate) fn cause(&self) -> Option<Cause> {
+        self.driver.expire()
+    }
+
+    /// Records `cause` unless the context already has one, and reports the cause it ends
+    /// with. Returns whether `cause` is the one recorded.
+    pub(crate) fn end(&self, cause: Cause) -> bool {
+        let recorded = self.driver.cancel_with(cause.clone());
+        if !self.reported.get() {
+            if recorded {
+                self.report(cause);
+            } else if let Some(actual) = self.driver.expire() {
+                self.report(actual);
+            }
+        }
+        recorded
+    }
+
+    /// The deadline passed (the layer's timer fired): `DeadlineExceeded` with the origin of
+    /// the deadline that fired, unless the context already had a cause.
+    pub(crate) fn expire(&self) {
+        let origin = self
+            .driver
+            .deadline()
+            .map_or(DeadlineOrigin::Layer, |(_, origin)| origin);
+        self.end(Cause::DeadlineExceeded { origin });
+    }
+
+    /// The body reached its end. `Ok` if the context ends `Completed`; `Err(cause)` if it
+    /// had another cause first, recorded while the body was still streaming: the body must
+    /// then end with an error, since what the client got is not the whole response.
+    pub(crate) fn complete(self) -> Result<(), Cause> {
+        if self.end(Cause::Completed) {
+            return Ok(());
+        }
+        match self.driver.expire() {
+            None | Some(Cause::Completed) => Ok(()),
+            Some(cause) => Err(cause),
+        }
+    }
+
+    /// Sends the cause to tracing and metrics, the first time only.
+    fn report(&self, cause: Cause) {
+        if self.reported.replace(true) {
+            return;
+        }
+        crate::metrics::cause(cause.kind());
+        if !tracing::dispatcher::has_been_set() {
+            return; // no subscriber was ever installed: nothing would see the rest
+        }
+        // Fills `cause` on the request's span, if it declares one (see the crate docs):
+        // the span is current while a tracing layer outside ours polls us.
+        tracing::Span::current().record("cause", cause.kind());
+        match cause {
+            Cause::Completed => {
+                tracing::trace!(target: "tower_reqctx", "request context completed");
+            }
+            cause => {
+                tracing::debug!(target: "tower_reqctx", cause = %cause, kind = cause.kind(), "request context cancelled");
+            }
+        }
+    }
+
+    /// The inner service answered `Ok(res)`: the response decides what happens next.
+    pub(crate) fn answered<B: Body>(mut self, mut res: Response<B>) -> Response<ContextBody<B>> {
+        let status = res.status();
+        if status.as_u16() == CLIENT_CLOSED_REQUEST {
+            // nginx's reason phrase; hyper would send none for a status it does not know.
+            res.extensions_mut()
+                .insert(hyper::ext::ReasonPhrase::from_static(
+                    b"Client Closed Request",
+                ));
+        }
+        // A handler that answered with a cause (`?` on a `Cancelled`), or a caught panic.
+        if let Some(cancelled) = res.extensions().get::<Cancelled>() {
+            self.end(cancelled.cause().clone());
+        } else if res.extensions().get::<PanicMark>().is_some() {
+            self.end(Cause::custom(HandlerPanicked));
+        }
+        let upgrade = status == StatusCode::SWITCHING_PROTOCOLS
+            || (self.kind == RequestKind::Connect && status.is_success());
+        if upgrade {
+            if let Some(conn) = self.upgrade.take() {
+                // The context lives as long as the tunnel, with no deadline: the request's
+                // timeouts do not cut a WebSocket short.
+                self.driver.set_deadline(None);
+                conn.hold(Box::new(Held(self)));
+                return res.map(ContextBody::plain);
+            }
+        }
+        self.upgrade = None; // no cycle through the connection's slot
+        let bodyless = self.kind == RequestKind::Head
+            || status.is_informational()
+            || upgrade
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+            || res.body().is_end_stream();
+        if bodyless {
+            // hyper will not poll this body: the response is over once sent.
+            self.end(Cause::Completed);
+            return res.map(ContextBody::plain);
+        }
+        // hyper drops a body whose announced length it has written without polling it
+        // again: count the bytes, so that the last one ends the context.
+        let length = res
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(parse_length)
+            .or_else(|| res.body().size_hint().exact());
+        let grpc = length.is_none() && is_grpc(res.headers().get(http::header::CONTENT_TYPE));
+        let live = !self.is_cancelled();
+        res.map(|body| ContextBody::owned(body, self, length, grpc, live))
+    }
+
+    /// The inner service returned an error: it passes through, the context ends with
+    /// [`ServiceFailed`].
+    pub(crate) fn failed(self) {
+        self.end(Cause::custom(ServiceFailed));
+    }
+
+    /// A panic is unwinding through the layer.
+    pub(crate) fn panicked(&self) {
+        self.end(Cause::custom(HandlerPanicked));
+    }
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        if self.reported.get() {
+            return; // the context already ended (and was reported): nothing to record
+        }
+        let cause = if std::thread::panicking() {
+            Cause::custom(HandlerPanicked)
+        } else {
+            Cause::ClientDisconnected
+        };
+        self.end(cause);
+    }
+}
+
+/// An owner held by an upgraded connection: the tunnel ended when the connection drops it.
+struct Held(Owner);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        // A client that closed first was recorded as ClientDisconnected through the
+        // connection's context.
+        self.0.end(Cause::Completed);
+    }
+}
+
+/// nginx's "client closed request", the status of a `Cancelled` for a client that left.
+const CLIENT_CLOSED_REQUEST: u16 = 499;
+
+fn parse_length(v: &HeaderValue) -> Option<u64> {
+    std::str::from_utf8(v.as_bytes()).ok()?.parse().ok()
+}
+
+/// `content-type: application/grpc` (or `application/grpc+proto`, ...).
+pub(crate) fn is_grpc(content_type: Option<&HeaderValue>) -> bool {
+    content_type.is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// The cause of a request whose handler (or response body) panicked: it is not the
+/// client's doing. Check for it with [`Cause::downcast_ref`].
+///
+/// Recorded when the panic unwinds through the [`ContextLayer`](crate::ContextLayer)'s
+/// future or body, whatever catches it further out (tower-http's `CatchPanicLayer`
+/// outside the layer, as usual, or hyper). With `CatchPanicLayer` *inside* the layer,
+/// the panic becomes an ordinary `500` before the layer sees it: give `CatchPanicLayer`
+/// [`PanicResponse`] (feature `catch-panic`) and the cause still reads
+/// `HandlerPanicked`; with tower-http's default handler it reads `Completed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HandlerPanicked;
+
+impl fmt::Display for HandlerPanicked {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the handler panicked")
+    }
+}
+
+impl StdError for HandlerPanicked {}
+
+/// The cause of a request whose inner service returned an error instead of a response
+/// (tower's `Timeout` elapsed, `LoadShed` shed it, ...): the error passes through the
+/// layer unchanged (to axum's `HandleErrorLayer`, say), and the context ends with this
+/// cause, not `ClientDisconnected`. Check for it with [`Cause::downcast_ref`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ServiceFailed;
+
+impl fmt::Display for ServiceFailed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the inner service returned an error")
+    }
+}
+
+impl StdError for ServiceFailed {}
+
+/// The error of a response body cut short by its context: the client sees a truncated
+/// response, never a clean end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ResponseBodyFailed;
+
+impl fmt::Display for ResponseBodyFailed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the response body failed")
+    }
+}
+
+impl StdError for ResponseBodyFailed {}
+
+/// The mark [`PanicResponse`] leaves in a response's extensions.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PanicMark;
+
+/// A [`ResponseForPanic`](tower_http::catch_panic::ResponseForPanic) for tower-http's
+/// `CatchPanicLayer` placed *inside* the [`ContextLayer`](crate::ContextLayer): it answers
+/// as tower-http's default does (`500`, a plain-text body) and marks the response, so
+/// that the request's context ends with [`HandlerPanicked`] rather than `Completed`.
+/// (With `CatchPanicLayer` outside the layer, the usual order, nothing is needed.)
+///
+/// ```
+/// use axum::{Router, routing::get};
+/// use tower_http::catch_panic::CatchPanicLayer;
+/// use tower_reqctx::{ContextLayer, PanicResponse};
+///
+/// let app: Router = Router::new()
+///     .route("/", get(|| async { "ok" }))
+///     .layer(CatchPanicLayer::custom(PanicResponse))
+///     .layer(ContextLayer::new());
+/// # let _ = app;
+/// ```
+#[cfg(feature = "catch-panic")]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PanicResponse;
+
+#[cfg(feature = "catch-panic")]
+impl tower_http::catch_panic::ResponseForPanic for PanicResponse {
+    type ResponseBody = http_body_util::Full<bytes::Bytes>;
+
+    fn response_for_panic(
+        &mut self,
+        _err: Box<dyn std::any::Any + Send + 'static>,
+    ) -> Response<Self::ResponseBody> {
+        let mut res = Response::new(http_body_util::Full::from("the handler panicked"));
+        *res.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        res.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        res.extensions_mut().insert(PanicMark);
+        res
+    }
+}

@@ -44,15 +44,20 @@
 //!
 //! | event | cause |
 //! |---|---|
-//! | the deadline passed | `DeadlineExceeded { origin: Query }` (the client's `?timeout=`) or `{ origin: Layer }` (the server's) |
+//! | the deadline passed | `DeadlineExceeded { origin: Query }` (the client's `?timeout=`), `{ origin: Header }` (a caller's deadline header) or `{ origin: Layer }` (the server's) |
 //! | the client closed or reset the connection, reset its HTTP/2 stream, or a write to it failed | `ClientDisconnected` |
-//! | the response body reached its end (a plain body: as soon as it is sent; HEAD, 204, 304 and empty bodies: when the response is returned) | `Completed` |
+//! | the response body reached its end: `None`, `is_end_stream()`, all of its `Content-Length` yielded, or its trailers (HEAD, 204, 304 and empty bodies: when the response is returned) | `Completed` |
+//! | the handler answered with a [`Cancelled`](reqctx::Cancelled) (a `?` on `ctx.run(..)`) | that `Cancelled`'s cause |
 //! | the server's root was cancelled ([`serve`]'s graceful shutdown) | `Shutdown` |
-//! | the handler panicked | a custom cause, [`HandlerPanicked`] (never `ClientDisconnected`) |
+//! | the inner service returned an error (it passes through unchanged) | a custom cause, [`ServiceFailed`] |
+//! | the handler or its body panicked | a custom cause, [`HandlerPanicked`] (never `ClientDisconnected`) |
+//! | an upgrade (101, CONNECT 2xx) ended: under [`serve`] and `WatchedListener`, when the tunnel does; under plain `axum::serve`, at the 101 | `Completed` (`ClientDisconnected` if the client closed it) |
 //!
 //! Work spawned with [`Context::spawn`](reqctx::Context::spawn) stops at any of them. When
 //! the deadline passes while a response is streaming, the body ends with an error, so the
-//! client sees a truncated response, never a clean end; the same happens at shutdown.
+//! client sees a truncated response, never a clean end (a gRPC response ends with
+//! `grpc-status: 4` trailers instead); the same happens at shutdown. The whole lifecycle,
+//! as a state machine, is in the docs of the `lifecycle` module (see the repository).
 //!
 //! **Which cause wins a race:** the first one recorded, and it never changes. A body that
 //! reached its end is `Completed` even if the client closes a moment later; a deadline that

@@ -1,0 +1,507 @@
+//! The request's cause inside the stacks users really build, over real sockets: static
+//! files (tower-http's `ServeDir`), compression, caught panics (both orders), tracing,
+//! a fallible tower middleware inside axum's `HandleErrorLayer`, bodies that end with a
+//! `Content-Length` or with trailers, a handler that answers with a `Cancelled`, and
+//! upgrades. Each case read `ClientDisconnected` (or `Completed` where a cause was due)
+//! before the lifecycle had one owner.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::error_handling::HandleErrorLayer;
+use axum::handler::HandlerWithoutStateExt;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{any, get};
+use bytes::Bytes;
+use http_body::Frame;
+use reqctx::{Cancelled, Cause, DeadlineOrigin};
+use reqctx_tests::{
+    BOUND, ProbeTx, Running, Server, cause_of, connect, h2_client, http_get, http1,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::compression::CompressionLayer;
+use tower_http::services::ServeDir;
+use tower_http::trace::TraceLayer;
+use tower_reqctx::{ContextLayer, HandlerPanicked, PanicResponse, ReqCtx, ServiceFailed};
+
+const SERVERS: [Server; 3] = [Server::Serve, Server::AxumWatched, Server::AxumPlain];
+
+/// A directory with one file of `len` bytes, unique to the test.
+fn static_dir(name: &str, len: usize) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("reqctx-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let body: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+    std::fs::write(dir.join("file.txt"), body).unwrap();
+    dir
+}
+
+/// A middleware that hands the request's context to the test, then calls the rest.
+fn probed<S>(router: Router<S>, tx: ProbeTx) -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    router.layer(axum::middleware::from_fn(
+        move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let tx = tx.clone();
+            async move {
+                if let Some(ctx) = tower_reqctx::request_context(req.extensions()) {
+                    tx.send(ctx.clone()).unwrap();
+                }
+                next.run(req).await
+            }
+        },
+    ))
+}
+
+#[tokio::test]
+async fn a_static_file_is_completed_whole_and_by_range() {
+    for server in SERVERS {
+        let dir = static_dir("servedir", 200_000);
+        let (tx, mut probe) = reqctx_tests::probe();
+        let app = probed(Router::new().fallback_service(ServeDir::new(&dir)), tx)
+            .layer(ContextLayer::new());
+        let running = Running::start(server, app, BOUND).await;
+
+        let (status, body) = http_get(running.addr, "/file.txt").await;
+        assert_eq!(status, 200, "{server:?}");
+        assert_eq!(body.len(), 200_000, "{server:?}");
+        let ctx = probe.started().await;
+        assert_eq!(
+            cause_of(&ctx).await,
+            Cause::Completed,
+            "{server:?}: whole file"
+        );
+
+        // A keep-alive connection: the body is dropped after its last byte, and the
+        // connection stays open, so nothing but the length can say it ended.
+        let mut s = connect(running.addr).await;
+        s.write_all(b"GET /file.txt HTTP/1.1\r\nHost: x\r\nRange: bytes=10-1009\r\n\r\n")
+            .await
+            .unwrap();
+        let ctx = probe.started().await;
+        assert_eq!(cause_of(&ctx).await, Cause::Completed, "{server:?}: range");
+        let mut head = vec![0; 64];
+        let n = s.read(&mut head).await.unwrap();
+        assert!(head[..n].starts_with(b"HTTP/1.1 206"), "{server:?}");
+
+        // HEAD: no body at all.
+        let (status, _) = http1(
+            running.addr,
+            "HEAD /file.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert_eq!(status, 200);
+        let ctx = probe.started().await;
+        assert_eq!(cause_of(&ctx).await, Cause::Completed, "{server:?}: HEAD");
+        drop(s);
+        running.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_stream_with_a_content_length_is_completed_on_a_kept_connection() {
+    let (tx, mut probe) = reqctx_tests::probe();
+    let app = Router::new()
+        .route(
+            "/",
+            get(move |ctx: ReqCtx| async move {
+                tx.send(ctx.0.clone()).unwrap();
+                let chunks = futures_util::stream::iter(
+                    [&b"hello "[..], b"world"].map(|c| Ok::<_, Infallible>(Bytes::from_static(c))),
+                );
+                ([("content-length", "11")], Body::from_stream(chunks))
+            }),
+        )
+        .layer(ContextLayer::new());
+    for server in SERVERS {
+        let running = Running::start(server, app.clone(), BOUND).await;
+        let mut s = connect(running.addr).await;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let ctx = probe.started().await;
+        // The connection stays open: only the length says the body is over.
+        assert_eq!(cause_of(&ctx).await, Cause::Completed, "{server:?}");
+        drop(s);
+        running.abort();
+    }
+}
+
+#[tokio::test]
+async fn compression_and_tracing_outside_the_layer() {
+    let (tx, mut probe) = reqctx_tests::probe();
+    let app = Router::new()
+        .route(
+            "/",
+            get(move |ctx: ReqCtx| async move {
+                tx.send(ctx.0.clone()).unwrap();
+                "compress me ".repeat(1000)
+            }),
+        )
+        .layer(ContextLayer::new())
+        .layer(CompressionLayer::new())
+        .layer(TraceLayer::new_for_http());
+    for server in SERVERS {
+        let running = Running::start(server, app.clone(), BOUND).await;
+        let mut s = connect(running.addr).await;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\n\r\n")
+            .await
+            .unwrap();
+        let ctx = probe.started().await;
+        assert_eq!(cause_of(&ctx).await, Cause::Completed, "{server:?}");
+        let mut head = vec![0; 512];
+        let n = s.read(&mut head).await.unwrap();
+        let head = String::from_utf8_lossy(&head[..n]).to_lowercase();
+        assert!(head.contains("content-encoding: gzip"), "{head}");
+        drop(s);
+        running.abort();
+    }
+}
+
+fn panicking(tx: ProbeTx) -> Router {
+    Router::new().route(
+        "/",
+        get(move |ctx: ReqCtx| async move {
+            tx.send(ctx.0.clone()).unwrap();
+            tokio::task::yield_now().await;
+            if ctx.deadline().is_none() {
+                panic!("the handler panics");
+            }
+            "unreachable"
+        }),
+    )
+}
+
+fn panicked(cause: &Cause) -> bool {
+    cause.downcast_ref::<HandlerPanicked>().is_some()
+}
+
+#[tokio::test]
+async fn a_panic_caught_outside_the_layer_is_handler_panicked() {
+    let (tx, mut probe) = reqctx_tests::probe();
+    let app = panicking(tx)
+        .layer(ContextLayer::new())
+        .layer(CatchPanicLayer::new());
+    for server in SERVERS {
+        let running = Running::start(server, app.clone(), BOUND).await;
+        let (status, _) = http_get(running.addr, "/").await;
+        assert_eq!(status, 500);
+        let cause = cause_of(&probe.started().await).await;
+        assert!(panicked(&cause), "{server:?}: {cause:?}");
+        running.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_panic_caught_inside_the_layer() {
+    // With PanicResponse, the cause says so.
+    let (tx, mut probe) = reqctx_tests::probe();
+    let app = panicking(tx)
+        .layer(CatchPanicLayer::custom(PanicResponse))
+        .layer(ContextLayer::new());
+    let running = Running::start(Server::Serve, app, BOUND).await;
+    let (status, _) = http_get(running.addr, "/").await;
+    assert_eq!(status, 500);
+    let cause = cause_of(&probe.started().await).await;
+    assert!(panicked(&cause), "{cause:?}");
+    running.abort();
+
+    // With tower-http's default, it is an ordinary 500 before the layer sees it.
+    let (tx, mut probe) = reqctx_tests::probe();
+    let app = panicking(tx)
+        .layer(CatchPanicLayer::new())
+        .layer(ContextLayer::new());
+    let running = Running::start(Server::Serve, app, BOUND).await;
+    let (status, _) = http_get(running.addr, "/").await;
+    assert_eq!(status, 500);
+    assert_eq!(cause_of(&probe.started().await).await, Cause::Completed);
+    running.abort();
+}
+
+#[tokio::test]
+async fn an_inner_error_is_service_failed_not_a_disconnect() {
+    // tower's Timeout inside the ContextLayer, axum's HandleErrorLayer outside it.
+    let (tx, mut probe) = reqctx_tests::probe();
+    let slow = Router::new().route(
+        "/",
+        get(|| async {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            "late"
+        }),
+    );
+    let stack = ServiceBuilder::new()
+        .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
+            StatusCode::REQUEST_TIMEOUT
+        }))
+        .layer(ContextLayer::new())
+        .map_request(move |req: axum::extract::Request| {
+            let ctx = tower_reqctx::request_context(req.extensions()).unwrap();
+            tx.send(ctx.clone()).unwrap();
+            req
+        })
+        .layer(tower::timeout::TimeoutLayer::new(Duration::from_millis(50)));
+    let app = Router::new().fallback_service(slow.layer(stack));
+    for server in SERVERS {
+        let running = Running::start(server, app.clone(), BOUND).await;
+        let (status, _) = http_get(running.addr, "/").await;
+        assert_eq!(status, 408, "{server:?}");
+        let cause = cause_of(&probe.started().await).await;
+        assert!(
+            cause.downcast_ref::<ServiceFailed>().is_some(),
+            "{server:?}: {cause:?}"
+        );
+        running.abort();
+    }
+
+    // LoadShed over a ConcurrencyLimit of one: the second request is shed.
+    let (tx, mut probe) = reqctx_tests::probe();
+    let (release, wait) = tokio::sync::watch::channel(false);
+    // One service, not a Router's handler: a Router converts a handler per request, which
+    // would give every request a ConcurrencyLimit of its own.
+    let busy = HandlerWithoutStateExt::into_service(move || {
+        let mut wait = wait.clone();
+        async move {
+            let _ = wait.wait_for(|go| *go).await;
+            "done"
+        }
+    });
+    let stack = ServiceBuilder::new()
+        .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
+            StatusCode::SERVICE_UNAVAILABLE
+        }))
+        .layer(ContextLayer::new())
+        .map_request(move |req: axum::extract::Request| {
+            let ctx = tower_reqctx::request_context(req.extensions()).unwrap();
+            tx.send(ctx.clone()).unwrap();
+            req
+        })
+        .load_shed()
+        .concurrency_limit(1);
+    let app = Router::new().fallback_service(stack.service(busy));
+    let running = Running::start(Server::Serve, app, BOUND).await;
+    let addr = running.addr;
+    let first = tokio::spawn(async move { http_get(addr, "/").await });
+    let first_ctx = probe.started().await;
+    let (status, _) = http_get(addr, "/").await;
+    assert_eq!(status, 503);
+    let shed = cause_of(&probe.started().await).await;
+    assert!(shed.downcast_ref::<ServiceFailed>().is_some(), "{shed:?}");
+    release.send(true).unwrap();
+    assert_eq!(first.await.unwrap().0, 200);
+    assert_eq!(cause_of(&first_ctx).await, Cause::Completed);
+    running.abort();
+}
+
+#[tokio::test]
+async fn a_handler_that_answers_with_its_cancelled_ends_with_that_cause() {
+    let (tx, mut probe) = reqctx_tests::probe();
+    let app = Router::new()
+        .route(
+            "/",
+            get(move |ctx: ReqCtx| async move {
+                tx.send(ctx.0.clone()).unwrap();
+                // A downstream call failed for a reason of its own (here: made up).
+                Err::<(), _>(Cancelled::new(Cause::DeadlineExceeded {
+                    origin: DeadlineOrigin::Code,
+                }))
+            }),
+        )
+        .layer(ContextLayer::new());
+    let running = Running::start(Server::Serve, app, BOUND).await;
+    let (status, body) = http_get(running.addr, "/").await;
+    assert_eq!(status, 504);
+    assert_eq!(
+        body,
+        "request cancelled: deadline exceeded (set by application code)"
+    );
+    assert_eq!(
+        cause_of(&probe.started().await).await,
+        Cause::DeadlineExceeded {
+            origin: DeadlineOrigin::Code
+        }
+    );
+    running.abort();
+}
+
+/// A body of one data frame and then trailers: the shape of every gRPC response.
+struct WithTrailers(Option<Frame<Bytes>>, Option<Frame<Bytes>>);
+
+impl http_body::Body for WithTrailers {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let frame = self.0.take().or_else(|| self.1.take());
+        std::task::Poll::Ready(frame.map(Ok))
+    }
+}
+
+#[tokio::test]
+async fn a_response_that_ends_with_trailers_is_completed_over_http2() {
+    let (tx, mut probe) = reqctx_tests::probe();
+    let app = Router::new()
+        .route(
+            "/",
+            get(move |ctx: ReqCtx| async move {
+                tx.send(ctx.0.clone()).unwrap();
+                let mut trailers = HeaderMap::new();
+                trailers.insert("grpc-status", HeaderValue::from_static("0"));
+                Body::new(WithTrailers(
+                    Some(Frame::data(Bytes::from_static(b"payload"))),
+                    Some(Frame::trailers(trailers)),
+                ))
+            }),
+        )
+        .layer(ContextLayer::new());
+    for server in [Server::Serve, Server::AxumPlain] {
+        let running = Running::start(server, app.clone(), BOUND).await;
+        let (mut h2, conn) = h2_client(running.addr).await;
+        for _ in 0..20 {
+            let req = http::Request::get(format!("http://{}/", running.addr))
+                .body(())
+                .unwrap();
+            let (res, _) = h2.send_request(req, true).unwrap();
+            let res = res.await.unwrap();
+            let mut body = res.into_body();
+            while let Some(chunk) = body.data().await {
+                let chunk = chunk.unwrap();
+                body.flow_control().release_capacity(chunk.len()).unwrap();
+            }
+            let trailers = body.trailers().await.unwrap().unwrap();
+            assert_eq!(trailers["grpc-status"], "0");
+            let ctx = probe.started().await;
+            assert_eq!(cause_of(&ctx).await, Cause::Completed, "{server:?}");
+        }
+        drop(h2);
+        conn.abort();
+        running.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_long_grace_does_not_overflow() {
+    let (tx, mut probe) = reqctx_tests::probe();
+    let app = Router::new()
+        .route(
+            "/",
+            get(move |ctx: ReqCtx| async move {
+                tx.send(ctx.0.clone()).unwrap();
+                ctx.cancelled().await;
+                (StatusCode::SERVICE_UNAVAILABLE, "answered in the grace")
+            }),
+        )
+        .layer(
+            ContextLayer::new()
+                .timeout(Duration::from_millis(20))
+                .grace(Duration::MAX),
+        );
+    let running = Running::start(Server::Serve, app, BOUND).await;
+    let (status, body) = http_get(running.addr, "/").await;
+    assert_eq!((status, body.as_str()), (503, "answered in the grace"));
+    assert_eq!(
+        cause_of(&probe.started().await).await,
+        Cause::DeadlineExceeded {
+            origin: DeadlineOrigin::Layer
+        }
+    );
+    running.abort();
+}
+
+#[tokio::test]
+async fn a_client_closed_request_has_a_reason_phrase() {
+    let app = Router::new()
+        .route(
+            "/",
+            get(|| async { Cancelled::new(Cause::ClientDisconnected).into_response() }),
+        )
+        .layer(ContextLayer::new());
+    let running = Running::start(Server::Serve, app, BOUND).await;
+    let mut s = connect(running.addr).await;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.unwrap();
+    assert!(
+        raw.starts_with(b"HTTP/1.1 499 Client Closed Request\r\n"),
+        "{}",
+        String::from_utf8_lossy(&raw)
+    );
+    running.abort();
+}
+
+/// `any` route: an HTTP/2 WebSocket is an extended CONNECT, HTTP/1's a GET.
+fn tunnel_app(tx: ProbeTx) -> Router {
+    Router::new()
+        .route(
+            "/ws",
+            any(
+                move |ctx: ReqCtx, ws: axum::extract::ws::WebSocketUpgrade| async move {
+                    tx.send(ctx.0.clone()).unwrap();
+                    ws.on_upgrade(|mut socket| async move {
+                        while let Some(Ok(msg)) = socket.recv().await {
+                            if socket.send(msg).await.is_err() {
+                                break;
+                            }
+                        }
+                    })
+                },
+            ),
+        )
+        .layer(ContextLayer::new().timeout(Duration::from_millis(50)))
+}
+
+#[tokio::test]
+async fn an_http2_websocket_keeps_its_context_until_the_tunnel_ends() {
+    let (tx, mut probe) = reqctx_tests::probe();
+    let running = Running::start(Server::Serve, tunnel_app(tx), BOUND).await;
+    let tcp = connect(running.addr).await;
+    let (mut h2, conn) = h2::client::handshake(tcp).await.unwrap();
+    let conn = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut req = http::Request::connect(format!("http://{}/ws", running.addr))
+        .header("sec-websocket-version", "13")
+        .body(())
+        .unwrap();
+    req.extensions_mut()
+        .insert(h2::ext::Protocol::from_static("websocket"));
+    h2 = h2.ready().await.unwrap();
+    let (res, mut send) = h2.send_request(req, false).unwrap();
+    let res = res.await.unwrap();
+    assert_eq!(res.status(), 200);
+    let ctx = probe.started().await;
+    // One WebSocket frame each way: a masked text frame "hi", echoed unmasked.
+    send.send_data(
+        Bytes::from_static(&[0x81, 0x82, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2]),
+        false,
+    )
+    .unwrap();
+    let mut body = res.into_body();
+    let echo = tokio::time::timeout(BOUND, body.data())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(&echo[..], &[0x81, 2, b'h', b'i']);
+    // Past the route's 50 ms timeout and the 200: the tunnel is open, the context too.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        ctx.cause(),
+        None,
+        "the context outlives the 200 and the timeout"
+    );
+    // The client goes away: the connection closes.
+    drop((send, body, h2));
+    conn.abort();
+    assert_eq!(cause_of(&ctx).await, Cause::ClientDisconnected);
+    running.abort();
+}

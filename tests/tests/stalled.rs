@@ -1,0 +1,110 @@
+//! A deadline reaches parked work while the client does not read: hyper stops polling
+//! the response body (its write buffer or the HTTP/2 window is full), so nothing of the
+//! layer's runs, yet every waiter on the request's context (a `cancelled()` future, a
+//! `ctx.spawn` task, a `token()`, an `on_cancel` callback) must wake at the deadline.
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::routing::get;
+use reqctx::{Cause, DeadlineOrigin};
+use reqctx_tests::{BOUND, Running, Server, connect, endless};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tower_reqctx::{ContextLayer, ReqCtx};
+
+/// What each waiter saw, sent when it woke.
+type Woke = mpsc::UnboundedSender<(&'static str, Option<Cause>)>;
+
+/// A handler that parks four kinds of work on its context, then streams without end
+/// (64 KiB every millisecond: far more than a socket buffer holds).
+fn app(woke: Woke) -> Router {
+    Router::new()
+        .route(
+            "/",
+            get(move |ctx: ReqCtx| {
+                let woke = woke.clone();
+                async move {
+                    let (w1, w2, w3, w4) = (woke.clone(), woke.clone(), woke.clone(), woke);
+                    let waiter = ctx.0.clone();
+                    tokio::spawn(async move {
+                        waiter.cancelled().await;
+                        let _ = w1.send(("cancelled()", waiter.cause()));
+                    });
+                    let task = ctx.spawn(std::future::pending::<()>());
+                    tokio::spawn(async move {
+                        let cause = task.await.unwrap().unwrap_err().into_cause();
+                        let _ = w2.send(("spawn", Some(cause)));
+                    });
+                    let token = ctx.token();
+                    let holder = ctx.0.clone();
+                    tokio::spawn(async move {
+                        token.cancelled().await;
+                        let _ = w3.send(("token()", holder.cause()));
+                    });
+                    ctx.on_cancel(move |cause| {
+                        let _ = w4.send(("on_cancel", Some(cause.clone())));
+                    });
+                    static CHUNK: [u8; 65536] = [b'x'; 65536];
+                    Body::from_stream(endless(&CHUNK, Duration::from_millis(1)))
+                }
+            }),
+        )
+        .layer(ContextLayer::new().timeout(Duration::from_millis(300)))
+}
+
+async fn all_woke(rx: &mut mpsc::UnboundedReceiver<(&'static str, Option<Cause>)>, what: &str) {
+    let layer = Some(Cause::DeadlineExceeded {
+        origin: DeadlineOrigin::Layer,
+    });
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let (who, cause) = tokio::time::timeout(BOUND, rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{what}: only {seen:?} woke at the deadline"))
+            .unwrap();
+        assert_eq!(cause, layer, "{what}: {who}");
+        seen.push(who);
+    }
+}
+
+#[tokio::test]
+async fn an_http1_client_that_never_reads() {
+    for server in [Server::Serve, Server::AxumPlain] {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let running = Running::start(server, app(tx), BOUND).await;
+        let mut s = connect(running.addr).await;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        // The client keeps the socket open and reads nothing.
+        all_woke(&mut rx, &format!("{server:?}")).await;
+        drop(s);
+        running.abort();
+    }
+}
+
+#[tokio::test]
+async fn an_http2_stream_with_no_window() {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let running = Running::start(Server::Serve, app(tx), BOUND).await;
+    let tcp = connect(running.addr).await;
+    let (mut h2, conn) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    let conn = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = http::Request::get(format!("http://{}/", running.addr))
+        .body(())
+        .unwrap();
+    let (res, _) = h2.send_request(req, true).unwrap();
+    let res = res.await.unwrap();
+    assert_eq!(res.status(), 200);
+    // The stream's window is zero and the client never releases capacity.
+    all_woke(&mut rx, "HTTP/2").await;
+    drop((res, h2));
+    conn.abort();
+    running.abort();
+}

@@ -75,7 +75,9 @@ async fn an_http1_client_that_never_reads() {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let running = Running::start(server, app(tx), BOUND).await;
         let mut s = connect(running.addr).await;
-        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
         // The client keeps the socket open and reads nothing.
         all_woke(&mut rx, &format!("{server:?}")).await;
         drop(s);

@@ -210,11 +210,11 @@ impl Owner {
         }
         // hyper drops a body whose announced length it has written without polling it
         // again: count the bytes, so that the last one ends the context.
-        let length = res
-            .headers()
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(parse_length)
-            .or_else(|| res.body().size_hint().exact());
+        let length = res.body().size_hint().exact().or_else(|| {
+            res.headers()
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(parse_length)
+        });
         let grpc = length.is_none() && is_grpc(res.headers().get(http::header::CONTENT_TYPE));
         let live = !self.is_cancelled();
         res.map(|body| ContextBody::owned(body, self, length, grpc, live))

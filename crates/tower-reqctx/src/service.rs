@@ -240,14 +240,31 @@ where
             owner,
             config.grace,
             match grpc {
-                true => Answer::Grpc(GRPC_DEADLINE_EXCEEDED, "deadline exceeded"),
-                false => Answer::Timeout(config.timeout_status),
+                true => OnTimeout::Grpc,
+                false => OnTimeout::Status(config.timeout_status),
             },
         )
     }
 }
 
 const GRPC_INVALID_ARGUMENT: u8 = 3;
+
+/// How the layer answers when the handler has not by the deadline (small: it rides in
+/// every response future).
+#[derive(Clone, Copy, Debug)]
+enum OnTimeout {
+    Status(StatusCode),
+    Grpc,
+}
+
+impl From<OnTimeout> for Answer {
+    fn from(on_timeout: OnTimeout) -> Answer {
+        match on_timeout {
+            OnTimeout::Status(status) => Answer::Timeout(status),
+            OnTimeout::Grpc => Answer::Grpc(GRPC_DEADLINE_EXCEEDED, "deadline exceeded"),
+        }
+    }
+}
 
 /// What the layer answers by itself.
 #[derive(Clone, Debug)]
@@ -505,7 +522,7 @@ pin_project! {
             timer: Option<Pin<Box<Sleep>>>,
             expired: bool, // the deadline fired; the timer now counts the grace
             grace: Duration,
-            on_timeout: Answer,
+            on_timeout: OnTimeout,
         },
     }
 }
@@ -525,7 +542,7 @@ impl<F> ResponseFuture<F> {
         }
     }
 
-    fn owner(inner: F, owner: Owner, grace: Duration, on_timeout: Answer) -> ResponseFuture<F> {
+    fn owner(inner: F, owner: Owner, grace: Duration, on_timeout: OnTimeout) -> ResponseFuture<F> {
         ResponseFuture {
             kind: Kind::Owner {
                 inner,
@@ -619,7 +636,7 @@ where
                 } else {
                     o.expire();
                     if *expired || grace.is_zero() {
-                        Some(on_timeout.clone())
+                        Some(Answer::from(*on_timeout))
                     } else {
                         // Cancelled now; the handler may still answer during the grace. A
                         // grace too long to represent means the handler always may.
@@ -628,13 +645,16 @@ where
                             (Some(t), Some(end)) => {
                                 t.as_mut().reset(end);
                                 // Registers the new instant with the waker.
-                                t.as_mut().poll(cx).is_ready().then(|| on_timeout.clone())
+                                t.as_mut()
+                                    .poll(cx)
+                                    .is_ready()
+                                    .then(|| Answer::from(*on_timeout))
                             }
                             (_, None) => {
                                 *timer = None;
                                 None
                             }
-                            (None, Some(_)) => Some(on_timeout.clone()),
+                            (None, Some(_)) => Some(Answer::from(*on_timeout)),
                         }
                     }
                 }

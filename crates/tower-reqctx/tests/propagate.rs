@@ -9,8 +9,10 @@ use std::time::Duration;
 
 use http::HeaderValue;
 use proptest::prelude::*;
+use tower_reqctx::propagate::DeadlineHeader;
 use tower_reqctx::propagate::header::{
-    GRPC_MAX_DIGITS, decode_grpc_timeout, decode_millis, encode_grpc_timeout, encode_millis,
+    ENVOY_EXPECTED_RQ_TIMEOUT_MS, GRPC_MAX_DIGITS, decode_grpc_timeout, decode_millis,
+    earliest_budget, encode_grpc_timeout, encode_millis,
 };
 
 /// Any `Duration`, up to `Duration::MAX`, with a bias to the edges of the units.
@@ -92,6 +94,47 @@ proptest! {
             prop_assert!(decode_grpc_timeout(&encode_grpc_timeout(d)).unwrap() <= d);
         }
         let _ = decode_millis(&value);
+    }
+
+    /// Several deadline headers, each with several values: the result is the least of what
+    /// each value decodes to, or the error of one that does not decode, never a panic.
+    #[test]
+    fn the_earliest_of_several_headers_is_the_least_budget(
+        values in proptest::collection::vec(
+            (any::<bool>(), prop_oneof![
+                durations().prop_map(|d| (true, d)),
+                "[0-9a-zA-Z.]{0,10}".prop_map(|_| (false, Duration::ZERO)),
+            ], "[0-9a-zA-Z.]{0,10}"),
+            0..6,
+        )
+    ) {
+        let readers = [DeadlineHeader::grpc(), DeadlineHeader::millis(ENVOY_EXPECTED_RQ_TIMEOUT_MS)];
+        let mut headers = http::HeaderMap::new();
+        let mut least: Option<Duration> = None;
+        let mut bad = false;
+        for (grpc, (valid, d), junk) in values {
+            let reader = &readers[usize::from(!grpc)];
+            let value = if valid {
+                reader.encode(d)
+            } else {
+                HeaderValue::from_str(&junk).unwrap()
+            };
+            match reader.decode(&value) {
+                Ok(d) => least = Some(least.map_or(d, |l| l.min(d))),
+                Err(_) => bad = true,
+            }
+            headers.append(reader.name(), value);
+        }
+        match earliest_budget(&headers, &readers) {
+            Ok(found) => {
+                prop_assert!(!bad);
+                prop_assert_eq!(found.map(|(d, _)| d), least);
+            }
+            Err(err) => {
+                prop_assert!(bad);
+                prop_assert!(readers.iter().any(|r| r.name() == err.name()));
+            }
+        }
     }
 }
 

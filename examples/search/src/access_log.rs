@@ -47,7 +47,7 @@ impl Line {
         if done && !s.printed {
             s.printed = true;
             println!(
-                "{:<6} {:<48} {:>3}  {:<28} {:>8}",
+                "{:<6} {:<48} {:>6}  {:<28} {:>8}",
                 self.method,
                 self.path,
                 s.status.as_deref().unwrap_or("-"),

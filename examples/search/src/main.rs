@@ -289,7 +289,10 @@ fn server(app: App, log: bool) -> Router {
     let router = router.layer(
         ContextLayer::new()
             .timeout(SERVER_TIMEOUT)
-            .max_timeout(MAX_TIMEOUT),
+            .max_timeout(MAX_TIMEOUT)
+            // At the deadline the handler's backend call fails at once with the cause; a
+            // short grace lets the handler answer with it, whoever saw the deadline first.
+            .grace(Duration::from_millis(100)),
     );
     match log {
         // Outside it: every answer passes here, the layer's own 400 and 504 too.
@@ -386,30 +389,29 @@ struct Expect {
     context: Option<Cause>, // how the server's own request context ends (None: never made)
     call: Option<Cause>,    // why the server's call to the backend fails (None: it does not)
     backend: Option<bool>,  // the backend call: Some(true) stopped early, Some(false) finished
-    body: &'static str,     // in the answer
+    body: String,           // in the answer
 }
 
 async fn demo(addr: SocketAddr, seen: Arc<Seen>) -> bool {
-    use tower_reqctx::reqctx::DeadlineOrigin::{Layer, Query};
-    const QUERY: Cause = Cause::DeadlineExceeded { origin: Query };
-    const LAYER: Cause = Cause::DeadlineExceeded { origin: Layer };
-    let done = |body| Expect {
+    use tower_reqctx::reqctx::DeadlineOrigin;
+    let done = |body: &str| Expect {
         status: "200",
         context: Some(Cause::Completed),
         call: None,
         backend: Some(false),
-        body,
+        body: body.to_owned(),
     };
     // The deadline rows: the backend gets this request's budget minus a 5 ms margin, so
     // its deadline passes first and its 504 comes back; the server reads it as its own
     // deadline with its own origin, answers 504, and its context ends with that cause. If
     // the server's own deadline fires first instead, the cause is the same.
-    let deadline = |cause: Cause| Expect {
+    // The 504's body names who set the deadline: "the client's query parameter", ...
+    let deadline = |origin: DeadlineOrigin| Expect {
         status: "504",
-        context: Some(cause.clone()),
-        call: Some(cause),
+        context: Some(Cause::DeadlineExceeded { origin }),
+        call: Some(Cause::DeadlineExceeded { origin }),
         backend: Some(true),
-        body: "deadline exceeded",
+        body: origin.to_string(),
     };
     let script = [
         (
@@ -440,19 +442,19 @@ async fn demo(addr: SocketAddr, seen: Arc<Seen>) -> bool {
             "timeout=50ms, slow backend",
             "/search?q=golang&timeout=50ms&latency_ms=2000",
             false,
-            deadline(QUERY),
+            deadline(DeadlineOrigin::Query),
         ),
         (
             "/lucky: route timeout 100ms",
             "/lucky?q=rust&latency_ms=2000",
             false,
-            deadline(LAYER),
+            deadline(DeadlineOrigin::Layer),
         ),
         (
             "server default 2s, slow backend",
             "/search?q=golang&latency_ms=5000",
             false,
-            deadline(LAYER),
+            deadline(DeadlineOrigin::Layer),
         ),
         (
             "client hangs up mid-request",
@@ -463,7 +465,7 @@ async fn demo(addr: SocketAddr, seen: Arc<Seen>) -> bool {
                 context: Some(Cause::ClientDisconnected),
                 call: None, // ClientDisconnected, unless hyper dropped the handler first
                 backend: Some(true),
-                body: "",
+                body: String::new(),
             },
         ),
         (
@@ -475,7 +477,7 @@ async fn demo(addr: SocketAddr, seen: Arc<Seen>) -> bool {
                 context: None,
                 call: None,
                 backend: None,
-                body: "invalid `timeout` query parameter",
+                body: "invalid `timeout` query parameter".to_owned(),
             },
         ),
     ];
@@ -508,7 +510,7 @@ async fn demo(addr: SocketAddr, seen: Arc<Seen>) -> bool {
             && context == want.context
             && call_ok
             && backend_ok
-            && answer.contains(want.body);
+            && answer.contains(&want.body);
         rows.push(Row {
             request: label,
             status,
@@ -585,7 +587,7 @@ async fn main() {
         println!("serving on http://{addr}/search?q=golang");
         println!("  try &timeout=50ms&latency_ms=500, /lucky?q=rust&latency_ms=500, &format=json");
         println!(
-            "\n{:<6} {:<48} {:>3}  {:<28} {:>8}",
+            "\n{:<6} {:<48} {:>6}  {:<28} {:>8}",
             "method", "path", "status", "cause", "latency"
         );
         let _ = tokio::signal::ctrl_c().await;

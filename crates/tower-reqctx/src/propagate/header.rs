@@ -7,6 +7,10 @@
 //! Encoding rounds down, never up: a budget is never lengthened on its way downstream.
 //! Decoding is strict, bounded in length, and never panics or overflows, whatever the input.
 //!
+//! A server that hears from more than one kind of caller (gRPC clients sending
+//! `grpc-timeout`, Envoy sending [`x-envoy-expected-rq-timeout-ms`](ENVOY_EXPECTED_RQ_TIMEOUT_MS))
+//! reads them all with [`earliest_budget`]: the earliest budget wins.
+//!
 //! ```
 //! use std::time::Duration;
 //! use http::HeaderValue;

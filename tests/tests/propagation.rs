@@ -1,5 +1,7 @@
 //! Three services A → B → C over real sockets: a client hanging up on A stops C; a budget
-//! set at A runs out at C first and comes back as `DeadlineExceeded { origin: Header }`.
+//! set at A runs out at C first and comes back to each caller as its own deadline:
+//! `DeadlineExceeded { origin: Header }` at B (A sent B its budget), `Query` at A (A's
+//! client set it with `?timeout=`).
 
 use std::time::{Duration, Instant};
 
@@ -62,13 +64,19 @@ async fn a_budget_set_at_a_runs_out_at_c_first() {
         db - dc
     );
 
+    let query = Cause::DeadlineExceeded {
+        origin: DeadlineOrigin::Query,
+    };
+
     // C's deadline is the earliest, so C ends first, by its own (header) deadline.
     assert_eq!(c.cause(), Some(header.clone()));
-    // B's call to C fails with the downstream deadline, and B answers 504 at once.
+    // B's call to C fails because the budget B sent ran out: B's own deadline, which came
+    // from A's header. B answers 504 at once.
     let [a_out, b_out] = &mut chain.outbound;
     assert_eq!(b_out.recv().await, Some(header.clone()));
-    // A's call to B fails the same way, before A's own deadline: A answers B's 504.
-    assert_eq!(a_out.recv().await, Some(header.clone()));
+    // A's call to B fails the same way, before A's own deadline, and A reads it as its own
+    // deadline, set by its client's `?timeout=`: `Query`, not B's view (`Header`).
+    assert_eq!(a_out.recv().await, Some(query.clone()));
     assert_eq!(status, 504);
     assert!(
         took < Duration::from_millis(300),
@@ -78,12 +86,7 @@ async fn a_budget_set_at_a_runs_out_at_c_first() {
     // A and B answered with the cause (a handler's `Cancelled`): their own contexts end
     // with it, each with the origin of its own deadline.
     assert_eq!(cause_of(&b).await, header);
-    assert_eq!(
-        cause_of(&a).await,
-        Cause::DeadlineExceeded {
-            origin: DeadlineOrigin::Query
-        }
-    );
+    assert_eq!(cause_of(&a).await, query);
     chain.shutdown().await;
 }
 

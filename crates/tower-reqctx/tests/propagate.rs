@@ -9,8 +9,10 @@ use std::time::Duration;
 
 use http::HeaderValue;
 use proptest::prelude::*;
+use tower_reqctx::propagate::DeadlineHeader;
 use tower_reqctx::propagate::header::{
-    GRPC_MAX_DIGITS, decode_grpc_timeout, decode_millis, encode_grpc_timeout, encode_millis,
+    ENVOY_EXPECTED_RQ_TIMEOUT_MS, GRPC_MAX_DIGITS, decode_grpc_timeout, decode_millis,
+    earliest_budget, encode_grpc_timeout, encode_millis,
 };
 
 /// Any `Duration`, up to `Duration::MAX`, with a bias to the edges of the units.
@@ -92,6 +94,47 @@ proptest! {
             prop_assert!(decode_grpc_timeout(&encode_grpc_timeout(d)).unwrap() <= d);
         }
         let _ = decode_millis(&value);
+    }
+
+    /// Several deadline headers, each with several values: the result is the least of what
+    /// each value decodes to, or the error of one that does not decode, never a panic.
+    #[test]
+    fn the_earliest_of_several_headers_is_the_least_budget(
+        values in proptest::collection::vec(
+            (any::<bool>(), prop_oneof![
+                durations().prop_map(|d| (true, d)),
+                "[0-9a-zA-Z.]{0,10}".prop_map(|_| (false, Duration::ZERO)),
+            ], "[0-9a-zA-Z.]{0,10}"),
+            0..6,
+        )
+    ) {
+        let readers = [DeadlineHeader::grpc(), DeadlineHeader::millis(ENVOY_EXPECTED_RQ_TIMEOUT_MS)];
+        let mut headers = http::HeaderMap::new();
+        let mut least: Option<Duration> = None;
+        let mut bad = false;
+        for (grpc, (valid, d), junk) in values {
+            let reader = &readers[usize::from(!grpc)];
+            let value = if valid {
+                reader.encode(d)
+            } else {
+                HeaderValue::from_str(&junk).unwrap()
+            };
+            match reader.decode(&value) {
+                Ok(d) => least = Some(least.map_or(d, |l| l.min(d))),
+                Err(_) => bad = true,
+            }
+            headers.append(reader.name(), value);
+        }
+        match earliest_budget(&headers, &readers) {
+            Ok(found) => {
+                prop_assert!(!bad);
+                prop_assert_eq!(found.map(|(d, _)| d), least);
+            }
+            Err(err) => {
+                prop_assert!(bad);
+                prop_assert!(readers.iter().any(|r| r.name() == err.name()));
+            }
+        }
     }
 }
 
@@ -498,7 +541,8 @@ mod layer_in_process {
                 match res {
                     Err(ClientError::Cancelled(c)) => {
                         assert!(expected, "{status} {headers:?} any={any_504}");
-                        assert_eq!(c.cause(), &deadline(DeadlineOrigin::Header));
+                        // The budget that ran out was the caller's: its deadline's origin.
+                        assert_eq!(c.cause(), &deadline(DeadlineOrigin::Code));
                     }
                     Ok(res) => {
                         assert!(!expected, "{status} {headers:?} any={any_504}");
@@ -509,6 +553,36 @@ mod layer_in_process {
                 assert!(!ctx.is_cancelled()); // the caller's context goes on
             }
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_downstream_deadline_reads_with_the_origin_of_the_callers_deadline() {
+        let mut marked = HeaderMap::new();
+        marked.insert(X_REQCTX_DEADLINE, EXCEEDED);
+        let call = |ctx: Context| {
+            let (tx, _seen) = mpsc::unbounded_channel();
+            let inner = client(
+                Arc::new(AtomicUsize::new(0)),
+                tx,
+                Duration::ZERO,
+                StatusCode::GATEWAY_TIMEOUT,
+                marked.clone(),
+            );
+            ContextClientLayer::default()
+                .layer(inner)
+                .oneshot(Request::new(()).with_context(&ctx))
+        };
+        // The earliest deadline's origin, however deep it was set.
+        let (parent, _c1) = Context::background().with_timeout(Duration::from_secs(1));
+        let (child, _c2) = parent.with_timeout(Duration::from_secs(5)); // later: parent's wins
+        let err = call(child.clone()).await.unwrap_err();
+        assert_eq!(err.cause(), Some(&deadline(DeadlineOrigin::Code)));
+        assert!(!child.is_cancelled());
+
+        // No deadline, no budget sent: the deadline that passed was the callee's own.
+        let (ctx, _cancel) = Context::background().with_cancel();
+        let err = call(ctx).await.unwrap_err();
+        assert_eq!(err.cause(), Some(&deadline(DeadlineOrigin::Header)));
     }
 }
 
@@ -648,7 +722,7 @@ mod hyper_client {
     }
 
     #[tokio::test]
-    async fn a_marked_504_is_deadline_exceeded_at_the_header() {
+    async fn a_marked_504_is_our_deadline_exceeded() {
         let server = Server::start().await;
         let client = http2();
         let (ctx, _cancel) = Context::background().with_timeout(Duration::from_secs(5));
@@ -661,10 +735,11 @@ mod hyper_client {
             let ClientError::Cancelled(c) = err else {
                 panic!("{path}: {err}")
             };
+            // Our budget ran out: our deadline's origin (a `with_timeout`), not `Header`.
             assert_eq!(
                 c.cause(),
                 &Cause::DeadlineExceeded {
-                    origin: DeadlineOrigin::Header
+                    origin: DeadlineOrigin::Code
                 },
                 "{path}"
             );
@@ -788,7 +863,7 @@ mod reqwest_helper {
     }
 
     #[tokio::test]
-    async fn a_marked_504_is_deadline_exceeded_at_the_header() {
+    async fn a_marked_504_is_our_deadline_exceeded() {
         let server = Server::start().await;
         let (ctx, _cancel) = Context::background().with_timeout(Duration::from_secs(5));
         for path in ["/exceeded", "/grpc-exceeded"] {
@@ -804,8 +879,9 @@ mod reqwest_helper {
             assert_eq!(
                 c.cause(),
                 &Cause::DeadlineExceeded {
-                    origin: DeadlineOrigin::Header
-                }
+                    origin: DeadlineOrigin::Code
+                },
+                "{path}"
             );
         }
         let err = client()
@@ -816,5 +892,187 @@ mod reqwest_helper {
             .await
             .unwrap_err();
         assert!(err.cause().is_some_and(Cause::is_deadline_exceeded));
+    }
+}
+
+/// A → B over real sockets: B reads A's budget from `grpc-timeout` and times out first;
+/// A's call fails with A's own deadline's origin, whichever client A uses.
+#[cfg(all(feature = "axum", feature = "client", feature = "reqwest"))]
+mod caller_origin {
+    use std::future::IntoFuture;
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use axum::Router;
+    use axum::body::Body;
+    use axum::extract::State;
+    use axum::http::{Request, StatusCode};
+    use axum::response::{IntoResponse, Response};
+    use axum::routing::get;
+    use hyper_util::client::legacy::Client;
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use hyper_util::rt::TokioExecutor;
+    use tokio::net::TcpListener;
+    use tokio::sync::mpsc;
+    use tokio::time::timeout;
+    use tower::{Layer, ServiceExt};
+    use tower_reqctx::propagate::{
+        ContextClient, ContextClientLayer, DeadlineHeader, Propagation, RequestContextExt,
+        ReqwestContextExt,
+    };
+    use tower_reqctx::reqctx::{Cause, DeadlineOrigin};
+    use tower_reqctx::{ContextLayer, ReqCtx};
+
+    use super::downstream::BOUND;
+
+    const MARGIN: Duration = Duration::from_millis(50);
+
+    #[derive(Clone)]
+    enum Outbound {
+        Hyper(Box<ContextClient<Client<HttpConnector, Body>>>),
+        Reqwest(reqwest::Client),
+    }
+
+    #[derive(Clone)]
+    struct A {
+        b: String,
+        client: Outbound,
+        calls: mpsc::UnboundedSender<Option<Cause>>, // why A's call to B failed
+    }
+
+    async fn serve(app: Router) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(tower_reqctx::serve(listener, app).into_future());
+        addr
+    }
+
+    /// B: works until its deadline, which it reads from the caller's `grpc-timeout`.
+    async fn start_b() -> SocketAddr {
+        async fn slow(ctx: ReqCtx) -> Response {
+            match ctx.run(std::future::pending::<()>()).await {
+                Ok(()) => unreachable!(),
+                Err(cancelled) => cancelled.into_response(),
+            }
+        }
+        let app = Router::new()
+            .route("/slow", get(slow))
+            .layer(ContextLayer::new().deadline_header(DeadlineHeader::grpc()));
+        serve(app).await
+    }
+
+    /// A: calls B with its context and answers with the call's cause.
+    async fn call_b(State(a): State<A>, ctx: ReqCtx) -> Response {
+        let url = format!("{}/slow", a.b);
+        let err = match a.client {
+            Outbound::Hyper(client) => {
+                let client = *client;
+                let req = Request::get(url)
+                    .with_context(&ctx)
+                    .body(Body::empty())
+                    .unwrap();
+                client.oneshot(req).await.err().map(|e| e.cause().cloned())
+            }
+            Outbound::Reqwest(client) => client
+                .get(url)
+                .context(&ctx)
+                .propagation(Propagation::new().margin(MARGIN))
+                .send()
+                .await
+                .err()
+                .map(|e| e.cause().cloned()),
+        };
+        a.calls.send(err.clone().flatten()).unwrap();
+        match err {
+            Some(Some(cause)) => tower_reqctx::reqctx::Cancelled::new(cause).into_response(),
+            _ => StatusCode::BAD_GATEWAY.into_response(),
+        }
+    }
+
+    async fn start_a(client: Outbound) -> (SocketAddr, mpsc::UnboundedReceiver<Option<Cause>>) {
+        let b = start_b().await;
+        let (calls, rx) = mpsc::unbounded_channel();
+        let state = A {
+            b: format!("http://{b}"),
+            client,
+            calls,
+        };
+        let app = Router::new()
+            .route("/call", get(call_b))
+            .route(
+                "/route",
+                get(call_b).layer(ContextLayer::new().timeout(Duration::from_millis(200))),
+            )
+            .with_state(state)
+            // The grace lets A's handler report its call even if A's own deadline passes
+            // first on a loaded machine (then the call fails with A's own cause: the same).
+            .layer(
+                ContextLayer::new()
+                    .timeout(Duration::from_secs(30))
+                    .grace(BOUND),
+            );
+        (serve(app).await, rx)
+    }
+
+    fn clients() -> [(&'static str, Outbound); 3] {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let http1 = Client::builder(TokioExecutor::new()).build(connector.clone());
+        let http2 = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build(connector);
+        // A margin that outlasts a scheduling delay: B's deadline passes well before A's.
+        let layer = ContextClientLayer::new(Propagation::new().margin(MARGIN));
+        [
+            (
+                "hyper-util HTTP/1",
+                Outbound::Hyper(Box::new(layer.layer(http1))),
+            ),
+            (
+                "hyper-util HTTP/2",
+                Outbound::Hyper(Box::new(layer.layer(http2))),
+            ),
+            (
+                "reqwest",
+                Outbound::Reqwest(reqwest::Client::builder().no_proxy().build().unwrap()),
+            ),
+        ]
+    }
+
+    async fn origin_at_a(path: &str, origin: DeadlineOrigin) {
+        for (name, client) in clients() {
+            let (a, mut calls) = start_a(client).await;
+            let res = timeout(
+                BOUND,
+                reqwest::Client::builder()
+                    .no_proxy()
+                    .build()
+                    .unwrap()
+                    .get(format!("http://{a}{path}"))
+                    .send(),
+            )
+            .await
+            .expect("A answered within the bound")
+            .unwrap();
+            let call = timeout(BOUND, calls.recv()).await.unwrap().unwrap();
+            assert_eq!(
+                call,
+                Some(Cause::DeadlineExceeded { origin }),
+                "{name}: {path}"
+            );
+            assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT, "{name}: {path}");
+            let body = res.text().await.unwrap();
+            assert!(body.contains(&origin.to_string()), "{name}: {path}: {body}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_query_timeout_at_a_reads_as_query_after_b_timed_out() {
+        origin_at_a("/call?timeout=200ms", DeadlineOrigin::Query).await;
+    }
+
+    #[tokio::test]
+    async fn a_route_timeout_at_a_reads_as_layer_after_b_timed_out() {
+        origin_at_a("/route", DeadlineOrigin::Layer).await;
     }
 }

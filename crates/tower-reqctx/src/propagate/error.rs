@@ -13,18 +13,24 @@ use reqctx::{Cancelled, Cause};
 /// - the context's own, when it was cancelled before the call was sent or while it was in
 ///   flight (a deadline that passed reads `DeadlineExceeded` with the deadline's own
 ///   origin);
-/// - `DeadlineExceeded { origin: Header }`, when the service called answered that its
-///   deadline, the budget this call sent it, passed (see
-///   [`Propagation`](super::Propagation)). The caller's context is not cancelled by that.
+/// - `DeadlineExceeded { origin }`, when the service called answered that its deadline,
+///   the budget this call sent it, passed (see [`Propagation`](super::Propagation)). That
+///   budget was the caller's own deadline less a margin, so `origin` is the origin of the
+///   caller's deadline ([`Context::deadline_origin`](reqctx::Context::deadline_origin)):
+///   `Query` when the caller's client set it with `?timeout=`, `Layer` for a server or
+///   route timeout, `Header` when the caller's own caller sent it, `Code` for a
+///   `with_timeout`. (A context with no deadline sends no budget; a deadline that passes
+///   downstream then reads `Header`.) The caller's context is not cancelled by that: its
+///   own deadline is still a margin away.
 ///
 /// ```
 /// use tower_reqctx::propagate::ClientError;
 /// use tower_reqctx::reqctx::{Cancelled, Cause, DeadlineOrigin};
 ///
 /// let err: ClientError<std::io::Error> =
-///     Cancelled::new(Cause::DeadlineExceeded { origin: DeadlineOrigin::Header }).into();
+///     Cancelled::new(Cause::DeadlineExceeded { origin: DeadlineOrigin::Query }).into();
 /// assert!(err.cause().is_some_and(Cause::is_deadline_exceeded));
-/// assert_eq!(err.to_string(), "cancelled: deadline exceeded (set by the caller's deadline header)");
+/// assert_eq!(err.to_string(), "cancelled: deadline exceeded (set by the client's query parameter)");
 /// ```
 #[derive(Debug)]
 pub enum ClientError<E> {
@@ -88,10 +94,18 @@ pub(crate) fn cancelled(ctx: &reqctx::Context) -> Cancelled {
     Cancelled::new(ctx.cause().unwrap_or(Cause::Cancelled))
 }
 
-/// The error for an answer that says the deadline passed downstream.
+/// The error for an answer that says the deadline passed downstream: the budget the call
+/// sent ran out, so the caller reads it as its own deadline, with its own deadline's origin
+/// (the client's `?timeout=` reads `Query`, a layer's timeout `Layer`), not as the service
+/// called saw it (`Header`, the budget it was sent).
+///
+/// A context with no deadline sent no budget: the deadline that passed was the service
+/// called's own, and reads `Header`, as from any service that sent it a deadline.
 #[cfg(any(feature = "client", feature = "reqwest"))]
-pub(crate) fn exceeded_downstream() -> Cancelled {
+pub(crate) fn exceeded_downstream(ctx: &reqctx::Context) -> Cancelled {
     Cancelled::new(Cause::DeadlineExceeded {
-        origin: reqctx::DeadlineOrigin::Header,
+        origin: ctx
+            .deadline_origin()
+            .unwrap_or(reqctx::DeadlineOrigin::Header),
     })
 }

@@ -129,7 +129,7 @@ where
                 } else {
                     match ready!(inner.poll(cx)) {
                         Ok(res) if check.matches(res.status(), res.headers()) => {
-                            Err(ClientError::Cancelled(exceeded_downstream()))
+                            Err(ClientError::Cancelled(exceeded_downstream(ctx)))
                         }
                         Ok(res) => Ok(res),
                         Err(e) => Err(ClientError::Inner(e)),

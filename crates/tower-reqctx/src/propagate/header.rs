@@ -7,6 +7,10 @@
 //! Encoding rounds down, never up: a budget is never lengthened on its way downstream.
 //! Decoding is strict, bounded in length, and never panics or overflows, whatever the input.
 //!
+//! A server that hears from more than one kind of caller (gRPC clients sending
+//! `grpc-timeout`, Envoy sending [`x-envoy-expected-rq-timeout-ms`](ENVOY_EXPECTED_RQ_TIMEOUT_MS))
+//! reads them all with [`earliest_budget`]: the earliest budget wins.
+//!
 //! ```
 //! use std::time::Duration;
 //! use http::HeaderValue;
@@ -21,7 +25,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use http::{HeaderName, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 /// `grpc-timeout`, the header gRPC (and so tonic) reads a deadline from.
 pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
@@ -32,6 +36,16 @@ pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 /// product. To speak with a proxy or service that has its own, name it:
 /// `DeadlineHeader::millis(HeaderName::from_static("x-envoy-expected-rq-timeout-ms"))`.
 pub const REQUEST_TIMEOUT_MS: HeaderName = HeaderName::from_static("x-request-timeout-ms");
+
+/// `x-envoy-expected-rq-timeout-ms`, where Envoy (and so Istio) tells the service it routes
+/// to how long it will wait, in whole milliseconds: read it with
+/// `DeadlineHeader::millis(ENVOY_EXPECTED_RQ_TIMEOUT_MS)`.
+///
+/// Envoy sends it only when the route has a timeout; with retries configured it is the
+/// per-try timeout, not the whole; Istio sets no route timeout by default, so there it is
+/// absent unless a `VirtualService` sets one.
+pub const ENVOY_EXPECTED_RQ_TIMEOUT_MS: HeaderName =
+    HeaderName::from_static("x-envoy-expected-rq-timeout-ms");
 
 /// The most digits a `grpc-timeout` value may have (gRPC's HTTP/2 protocol spec).
 pub const GRPC_MAX_DIGITS: usize = 8;
@@ -286,6 +300,99 @@ impl DeadlineHeader {
     }
 }
 
+/// The earliest budget that any of `readers` finds in `headers`, and the header that set
+/// it: how a server reads more than one deadline header (say `grpc-timeout` from gRPC
+/// callers and Envoy's [`x-envoy-expected-rq-timeout-ms`](ENVOY_EXPECTED_RQ_TIMEOUT_MS)).
+///
+/// - Every value of every header named by `readers` counts, and the shortest budget wins:
+///   a budget can only be shortened by another header, or by a second value of the same
+///   one, never lengthened. On a tie, the reader listed first is named.
+/// - `Ok(None)` when none of the headers is present.
+/// - Any value that does not decode is an error naming its header, even if another header
+///   holds a valid budget: a caller that sends garbage gets told, not silently ignored.
+///   Its [`Display`](fmt::Display) is the one line of a 400 answer:
+///   ``invalid `grpc-timeout` header: too many digits``.
+///
+/// It reads nothing else: capping by a maximum, and where the budget counts from, are the
+/// caller's business. The work is one lookup per reader, and decoding is bounded.
+///
+/// ```
+/// use std::time::Duration;
+/// use http::{HeaderMap, HeaderValue};
+/// use tower_reqctx::propagate::DeadlineHeader;
+/// use tower_reqctx::propagate::header::{earliest_budget, ENVOY_EXPECTED_RQ_TIMEOUT_MS};
+///
+/// let readers = [DeadlineHeader::grpc(), DeadlineHeader::millis(ENVOY_EXPECTED_RQ_TIMEOUT_MS)];
+/// let mut headers = HeaderMap::new();
+/// assert_eq!(earliest_budget(&headers, &readers), Ok(None));
+///
+/// headers.insert("grpc-timeout", HeaderValue::from_static("2S"));
+/// headers.insert("x-envoy-expected-rq-timeout-ms", HeaderValue::from_static("1500"));
+/// let (budget, from) = earliest_budget(&headers, &readers).unwrap().unwrap();
+/// assert_eq!(budget, Duration::from_millis(1500));
+/// assert_eq!(from.name(), "x-envoy-expected-rq-timeout-ms");
+///
+/// headers.insert("grpc-timeout", HeaderValue::from_static("soon"));
+/// let err = earliest_budget(&headers, &readers).unwrap_err();
+/// assert_eq!(err.to_string(), "invalid `grpc-timeout` header: not a whole number");
+/// ```
+pub fn earliest_budget<'r>(
+    headers: &HeaderMap,
+    readers: &'r [DeadlineHeader],
+) -> Result<Option<(Duration, &'r DeadlineHeader)>, InvalidDeadlineHeader> {
+    let mut earliest: Option<(Duration, &'r DeadlineHeader)> = None;
+    for reader in readers {
+        let name = reader.name();
+        for value in headers.get_all(&name) {
+            let budget = reader
+                .decode(value)
+                .map_err(|error| InvalidDeadlineHeader {
+                    name: name.clone(),
+                    error,
+                })?;
+            if earliest.is_none_or(|(best, _)| budget < best) {
+                earliest = Some((budget, reader));
+            }
+        }
+    }
+    Ok(earliest)
+}
+
+/// A deadline header whose value was refused, from [`earliest_budget`]: the header's name
+/// and why.
+///
+/// Its [`Display`](fmt::Display) is one line, ``invalid `NAME` header: REASON``, that
+/// never repeats the value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InvalidDeadlineHeader {
+    name: HeaderName,
+    error: HeaderError,
+}
+
+impl InvalidDeadlineHeader {
+    /// The header's name.
+    pub fn name(&self) -> &HeaderName {
+        &self.name
+    }
+
+    /// Why its value was refused.
+    pub fn error(&self) -> HeaderError {
+        self.error
+    }
+}
+
+impl fmt::Display for InvalidDeadlineHeader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid `{}` header: {}", self.name, self.error)
+    }
+}
+
+impl std::error::Error for InvalidDeadlineHeader {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
 /// Why a deadline header's value was refused.
 ///
 /// Its [`Display`](fmt::Display) is a short lower-case phrase that can follow "invalid
@@ -426,6 +533,108 @@ mod tests {
             encode_millis(Duration::from_millis(u64::MAX)),
             "9999999999999999999"
         );
+    }
+
+    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for &(name, value) in pairs {
+            headers.append(name, HeaderValue::from_static(value));
+        }
+        headers
+    }
+
+    fn both() -> [DeadlineHeader; 2] {
+        [
+            DeadlineHeader::grpc(),
+            DeadlineHeader::millis(ENVOY_EXPECTED_RQ_TIMEOUT_MS),
+        ]
+    }
+
+    /// The budget and the name of the header that set it.
+    fn earliest(
+        pairs: &[(&'static str, &'static str)],
+    ) -> Result<Option<(Duration, HeaderName)>, InvalidDeadlineHeader> {
+        let readers = both();
+        earliest_budget(&map(pairs), &readers).map(|b| b.map(|(d, h)| (d, h.name())))
+    }
+
+    const ENVOY: &str = "x-envoy-expected-rq-timeout-ms";
+
+    #[test]
+    fn the_earliest_header_wins() {
+        let ms = Duration::from_millis;
+        assert_eq!(earliest(&[]), Ok(None));
+        assert_eq!(earliest(&[("x-other", "1")]), Ok(None));
+        assert_eq!(
+            earliest(&[("grpc-timeout", "300m")]),
+            Ok(Some((ms(300), GRPC_TIMEOUT)))
+        );
+        assert_eq!(
+            earliest(&[(ENVOY, "250")]),
+            Ok(Some((ms(250), ENVOY_EXPECTED_RQ_TIMEOUT_MS)))
+        );
+        assert_eq!(
+            earliest(&[("grpc-timeout", "300m"), (ENVOY, "250")]),
+            Ok(Some((ms(250), ENVOY_EXPECTED_RQ_TIMEOUT_MS)))
+        );
+        assert_eq!(
+            earliest(&[("grpc-timeout", "200000u"), (ENVOY, "250")]),
+            Ok(Some((ms(200), GRPC_TIMEOUT)))
+        );
+        // A tie names the reader listed first.
+        assert_eq!(
+            earliest(&[(ENVOY, "250"), ("grpc-timeout", "250m")]),
+            Ok(Some((ms(250), GRPC_TIMEOUT)))
+        );
+        // A spent budget is a budget.
+        assert_eq!(
+            earliest(&[("grpc-timeout", "1S"), (ENVOY, "0")]),
+            Ok(Some((Duration::ZERO, ENVOY_EXPECTED_RQ_TIMEOUT_MS)))
+        );
+    }
+
+    #[test]
+    fn a_second_value_can_only_shorten() {
+        let ms = Duration::from_millis;
+        assert_eq!(
+            earliest(&[(ENVOY, "900"), (ENVOY, "100"), (ENVOY, "500")]),
+            Ok(Some((ms(100), ENVOY_EXPECTED_RQ_TIMEOUT_MS)))
+        );
+        assert_eq!(
+            earliest(&[("grpc-timeout", "1m"), ("grpc-timeout", "1H")]),
+            Ok(Some((ms(1), GRPC_TIMEOUT)))
+        );
+    }
+
+    #[test]
+    fn any_bad_value_is_an_error_naming_its_header() {
+        let err = earliest(&[("grpc-timeout", "1S"), (ENVOY, "1.5")]).unwrap_err();
+        assert_eq!(err.name(), ENVOY);
+        assert_eq!(err.error(), HeaderError::NotDigits);
+        assert_eq!(
+            err.to_string(),
+            "invalid `x-envoy-expected-rq-timeout-ms` header: not a whole number"
+        );
+        let err = earliest(&[("grpc-timeout", "1S"), ("grpc-timeout", "")]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid `grpc-timeout` header: empty value"
+        );
+        // The value is never repeated.
+        let err = earliest(&[(ENVOY, "<script>")]).unwrap_err();
+        assert!(!err.to_string().contains("script"));
+        assert!(std::error::Error::source(&err).is_some());
+    }
+
+    #[test]
+    fn only_the_listed_headers_are_read() {
+        let grpc_only = [DeadlineHeader::grpc()];
+        let headers = map(&[("grpc-timeout", "2S"), (ENVOY, "garbage")]);
+        assert_eq!(
+            earliest_budget(&headers, &grpc_only).map(|b| b.map(|(d, _)| d)),
+            Ok(Some(Duration::from_secs(2)))
+        );
+        assert_eq!(earliest_budget(&headers, &[]), Ok(None));
     }
 
     #[test]

@@ -15,7 +15,13 @@
 //!
 //!   the budget runs out: C's deadline passes first (the margins) ─▶ C answers 504
 //!                    ─▶ B's call fails: Cancelled(DeadlineExceeded { origin: Header })
+//!                       (B's deadline came from A's header)  ─▶ B answers 504
+//!                    ─▶ A's call fails: Cancelled(DeadlineExceeded { origin: Query })
+//!                       (A's deadline came from its client's ?timeout=)
 //! ```
+//!
+//! Each service reads the failure as its own deadline, with its own deadline's origin:
+//! the budget that ran out downstream was the one it sent.
 //!
 //! A call bound to a context:
 //!
@@ -34,8 +40,12 @@
 //!   of the budget (derive a context with a shorter timeout to send less).
 //! - **reads the answer**: one that says the deadline passed downstream (a marked 504, or
 //!   `grpc-status: 4`, see [`Propagation`]) fails with `Cancelled` carrying
-//!   `DeadlineExceeded { origin: Header }`, so the caller can tell "the budget ran out
-//!   downstream" from other failures.
+//!   `DeadlineExceeded { origin }`, where `origin` is the origin of the caller's own
+//!   deadline ([`Context::deadline_origin`](reqctx::Context::deadline_origin)): the
+//!   budget that ran out was the caller's, so a `?timeout=` set by the caller's client
+//!   reads `Query` and a route's timeout `Layer`, never the service called's view
+//!   (`Header`). The caller can tell "my budget ran out" from other failures, and its
+//!   answer (504) names the right party.
 //!
 //! The response body is not bound: read it under the context's
 //! [`run`](reqctx::Context::run). (The reqwest helper's timeout bounds it.)
@@ -49,6 +59,17 @@
 //!   `RequestBuilder`. reqwest comes with no TLS; the feature `reqwest-rustls` adds rustls.
 //!
 //! The [`header`] module holds the codecs, which the server side reads with too.
+//!
+//! # Build the hyper-util client with `TCP_NODELAY`
+//!
+//! hyper-util's `HttpConnector` leaves Nagle's algorithm on unless told
+//! (`set_nodelay(true)`). Over HTTP/2 an aborted call is a stream reset: one small
+//! `RST_STREAM` frame on a connection whose last write (the request) the peer has not yet
+//! acknowledged. Nagle holds the frame until that acknowledgement, and the peer, which has
+//! nothing to send until its handler answers, delays it (Linux: up to 40 ms). The service
+//! called then learns of the abort 40 ms late, and its work runs that much longer. Over
+//! HTTP/1 an abort closes the connection, which Nagle does not delay. reqwest sets
+//! `TCP_NODELAY` by default.
 //!
 //! # Example: service B calling C
 //!
@@ -80,7 +101,12 @@
 //!     }
 //! }
 //!
-//! let client = Client::builder(TokioExecutor::new()).build_http();
+//! // TCP_NODELAY, or an aborted HTTP/2 call reaches C up to 40 ms late: the RST_STREAM
+//! // is a small frame written while the request is still unacknowledged, so Nagle's
+//! // algorithm holds it for that ACK, which C, with nothing to send, delays (see below).
+//! let mut connector = HttpConnector::new();
+//! connector.set_nodelay(true);
+//! let client = Client::builder(TokioExecutor::new()).build(connector);
 //! let outbound: Outbound = tower::Layer::layer(&ContextClientLayer::default(), client);
 //! let app: Router = Router::new()
 //!     .route("/stock", get(stock))

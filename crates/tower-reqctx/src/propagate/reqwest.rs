@@ -67,7 +67,8 @@ impl ContextRequestBuilder {
     /// - aborts the request when the context is cancelled in flight, with the context's
     ///   cause;
     /// - turns an answer that says the deadline passed downstream into
-    ///   `Cancelled` with `DeadlineExceeded { origin: Header }`.
+    ///   `Cancelled` with `DeadlineExceeded { origin }`, the origin of the context's own
+    ///   deadline (the budget that ran out was the context's).
     ///
     /// # Cancellation safety
     ///
@@ -102,7 +103,7 @@ impl ContextRequestBuilder {
             }
             Ok(Err(e)) => Err(ClientError::Inner(e)),
             Ok(Ok(res)) if propagation.is_deadline_exceeded(res.status(), res.headers()) => {
-                Err(ClientError::Cancelled(exceeded_downstream()))
+                Err(ClientError::Cancelled(exceeded_downstream(&ctx)))
             }
             Ok(Ok(res)) => Ok(res),
         }

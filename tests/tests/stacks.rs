@@ -505,3 +505,52 @@ async fn an_http2_websocket_keeps_its_context_until_the_tunnel_ends() {
     assert_eq!(cause_of(&ctx).await, Cause::ClientDisconnected);
     running.abort();
 }
+
+#[tokio::test]
+async fn several_deadline_headers_the_earliest_wins() {
+    use tower_reqctx::propagate::DeadlineHeader;
+    use tower_reqctx::propagate::header::ENVOY_EXPECTED_RQ_TIMEOUT_MS;
+
+    let (tx, mut probe) = reqctx_tests::probe();
+    let app = Router::new()
+        .route(
+            "/",
+            get(move |ctx: ReqCtx| async move {
+                tx.send(ctx.0.clone()).unwrap();
+                ctx.cancelled().await;
+                "late"
+            }),
+        )
+        .layer(
+            ContextLayer::new()
+                .timeout(Duration::from_secs(30))
+                .deadline_header(DeadlineHeader::grpc())
+                .deadline_header(DeadlineHeader::millis(ENVOY_EXPECTED_RQ_TIMEOUT_MS)),
+        );
+    let running = Running::start(Server::Serve, app, BOUND).await;
+    // Envoy's route timeout is the earlier of the two.
+    let started = std::time::Instant::now();
+    let (status, _) = http1(
+        running.addr,
+        "GET / HTTP/1.1\r\nHost: x\r\ngrpc-timeout: 20S\r\nx-envoy-expected-rq-timeout-ms: 150\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 504);
+    assert!(started.elapsed() >= Duration::from_millis(150));
+    let ctx = probe.started().await;
+    assert_eq!(
+        cause_of(&ctx).await,
+        Cause::DeadlineExceeded {
+            origin: DeadlineOrigin::Header
+        }
+    );
+    // A value that does not decode is refused, naming its header.
+    let (status, body) = http1(
+        running.addr,
+        "GET / HTTP/1.1\r\nHost: x\r\ngrpc-timeout: 1S\r\nx-envoy-expected-rq-timeout-ms: soon\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(body.contains("`x-envoy-expected-rq-timeout-ms`"), "{body}");
+    running.abort();
+}

@@ -65,7 +65,7 @@ pub(crate) struct Config {
     pub(crate) timeout_status: StatusCode,
     pub(crate) grace: Duration,
     pub(crate) root: Option<Context>,
-    pub(crate) deadline_header: Option<DeadlineHeader>,
+    pub(crate) deadline_headers: Arc<[DeadlineHeader]>, // read in order; the earliest wins
     pub(crate) peer_value: bool,
     pub(crate) request_id: Option<http::HeaderName>,
 }
@@ -112,7 +112,7 @@ impl ContextLayer {
                 timeout_status: StatusCode::GATEWAY_TIMEOUT,
                 grace: Duration::ZERO,
                 root: None,
-                deadline_header: None,
+                deadline_headers: Arc::new([]),
                 peer_value: false,
                 request_id: None,
             }),
@@ -181,10 +181,32 @@ impl ContextLayer {
     /// context is born cancelled with `DeadlineExceeded { origin: Header }`. When both the
     /// query and the header set a timeout, the earlier wins.
     ///
+    /// Each call adds a header: behind a service mesh, read Envoy's route timeout and the
+    /// gRPC budget together, and the earliest of all (every value of every header) wins.
+    /// A value that does not decode is a `400` naming its header, even if another header
+    /// holds a valid budget.
+    ///
+    /// ```
+    /// use tower_reqctx::ContextLayer;
+    /// use tower_reqctx::propagate::DeadlineHeader;
+    /// use tower_reqctx::propagate::header::ENVOY_EXPECTED_RQ_TIMEOUT_MS;
+    ///
+    /// let layer = ContextLayer::new()
+    ///     .deadline_header(DeadlineHeader::grpc())
+    ///     .deadline_header(DeadlineHeader::millis(ENVOY_EXPECTED_RQ_TIMEOUT_MS));
+    /// # let _ = layer;
+    /// ```
+    ///
     /// Enable it only where the callers are trusted to send it: any client can send
     /// headers.
     pub fn deadline_header(self, header: DeadlineHeader) -> ContextLayer {
-        self.with(|c| c.deadline_header = Some(header))
+        self.with(|c| {
+            let mut headers = c.deadline_headers.to_vec();
+            if !headers.contains(&header) {
+                headers.push(header);
+            }
+            c.deadline_headers = headers.into();
+        })
     }
 
     /// Puts the client's address in every request's context as a [`PeerAddr`] value

@@ -20,7 +20,7 @@ use crate::duration::{MAX_INPUT_LEN, ParseDurationError, parse_duration_bytes};
 use crate::layer::{ClampPolicy, Config, TimeoutSetting};
 use crate::lifecycle::{Owner, RequestKind, is_grpc};
 use crate::propagate::X_REQCTX_DEADLINE;
-use crate::propagate::header::DeadlineHeader;
+use crate::propagate::header::{DeadlineHeader, earliest_budget};
 
 /// The service made by [`ContextLayer`](crate::ContextLayer).
 #[derive(Clone, Debug)]
@@ -173,7 +173,10 @@ where
         }
 
         // A gRPC service enables grpc-timeout; only then is the content type looked at.
-        let grpc = matches!(config.deadline_header, Some(DeadlineHeader::GrpcTimeout))
+        let grpc = config
+            .deadline_headers
+            .iter()
+            .any(|h| matches!(h, DeadlineHeader::GrpcTimeout))
             && is_grpc(req.headers().get(http::header::CONTENT_TYPE));
         let query = match config.query_param {
             Some(name) => match client_timeout(req.uri().query(), name, config) {
@@ -182,12 +185,12 @@ where
             },
             None => None,
         };
-        let header = match &config.deadline_header {
-            Some(header) => match header_timeout(&req, header, config) {
+        let header = match config.deadline_headers.is_empty() {
+            true => None,
+            false => match header_timeout(&req, config) {
                 Ok(t) => t,
                 Err(message) => return ResponseFuture::early(Answer::bad_request(grpc, message)),
             },
-            None => None,
         };
         let server = match config.timeout {
             TimeoutSetting::After(d) => Some(d),
@@ -410,21 +413,20 @@ fn client_timeout(
         .map_err(|max| format!("invalid `{name}` query parameter: above the maximum of {max}"))
 }
 
-/// The caller's budget from the deadline header, capped by policy. Zero is valid (a spent
-/// budget). `Err` is the 400's one line.
-fn header_timeout<B>(
-    req: &Request<B>,
-    header: &DeadlineHeader,
-    config: &Config,
-) -> Result<Option<Duration>, String> {
-    let name = header.name();
-    let Some(value) = req.headers().get(&name) else {
+/// The caller's budget from the deadline headers (the earliest of them), capped by
+/// policy. Zero is valid (a spent budget). `Err` is the 400's one line.
+fn header_timeout<B>(req: &Request<B>, config: &Config) -> Result<Option<Duration>, String> {
+    let Some((d, header)) =
+        earliest_budget(req.headers(), &config.deadline_headers).map_err(|e| e.to_string())?
+    else {
         return Ok(None);
     };
-    let d = header
-        .decode(value)
-        .map_err(|e| format!("invalid `{name}` header: {e}"))?;
-    cap(d, config).map_err(|max| format!("invalid `{name}` header: above the maximum of {max}"))
+    cap(d, config).map_err(|max| {
+        format!(
+            "invalid `{}` header: above the maximum of {max}",
+            header.name()
+        )
+    })
 }
 
 /// Applies `max_timeout` and its policy to a client's value; `Err` is the maximum, for
@@ -688,7 +690,7 @@ mod tests {
             timeout_status: StatusCode::GATEWAY_TIMEOUT,
             grace: Duration::ZERO,
             root: None,
-            deadline_header: None,
+            deadline_headers: Arc::new([]),
             peer_value: false,
             request_id: None,
         }

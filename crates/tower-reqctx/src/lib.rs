@@ -149,7 +149,7 @@ mod sse;
 mod watch;
 
 pub use crate::body::{BoxError, ContextBody, HandlerPanicked, ResponseBodyFailed};
-pub use crate::conn::ConnectionContext;
+pub use crate::conn::{ConnectionContext, ServerClosed};
 #[cfg(feature = "axum")]
 pub use crate::extract::{MissingContextLayer, ReqCtx};
 pub use crate::layer::{ClampPolicy, ContextLayer};

@@ -369,3 +369,122 @@ async fn axum_serve_with_watched_listener_sees_client_disconnected() {
     drop(client);
     assert_eq!(reports.cause().await, Some(Cause::ClientDisconnected));
 }
+
+/// What a connection's context told the work tied to it: the cause `on_cancel` saw and how
+/// the task `spawn`ed on it ended.
+struct Tied {
+    on_cancel: oneshot::Receiver<Cause>,
+    spawned: JoinHandle<Result<(), tower_reqctx::reqctx::Cancelled>>,
+}
+
+impl Tied {
+    async fn ended(self) -> Cause {
+        let cause = timeout(BOUND, self.on_cancel)
+            .await
+            .expect("on_cancel did not run: the connection context never ended")
+            .unwrap();
+        let spawned = timeout(BOUND, self.spawned)
+            .await
+            .expect("the spawned task did not end")
+            .unwrap();
+        assert!(spawned.is_err(), "{spawned:?}");
+        cause
+    }
+}
+
+/// An app whose `/tie` handler ties work to its connection's context and answers at once.
+fn tie_app() -> (Router, mpsc::UnboundedReceiver<Tied>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let router = Router::new().route(
+        "/tie",
+        get(move |req: Request| {
+            let tx = tx.clone();
+            async move {
+                let ctx = connection(&req).context().clone();
+                let (cause_tx, on_cancel) = oneshot::channel();
+                let handle = ctx.on_cancel(move |cause| {
+                    let _ = cause_tx.send(cause.clone());
+                });
+                std::mem::forget(handle); // keep it registered past the handler
+                let spawned = ctx.spawn(pending::<()>());
+                let _ = tx.send(Tied { on_cancel, spawned });
+                "tied"
+            }
+        }),
+    );
+    (router, rx)
+}
+
+async fn tied(rx: &mut mpsc::UnboundedReceiver<Tied>) -> Tied {
+    timeout(BOUND, rx.recv())
+        .await
+        .expect("the handler did not run")
+        .unwrap()
+}
+
+/// The server closes the connection after a `connection: close` response: its context ends
+/// with `ServerClosed`, and the work tied to it ends.
+#[tokio::test]
+async fn server_close_ends_the_connection_context_with_server_closed() {
+    let (router, mut rx) = tie_app();
+    let server = Server::start(router, Duration::from_secs(10)).await;
+
+    let mut client = send(
+        server.addr,
+        b"GET /tie HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    let tied = tied(&mut rx).await;
+    let response = read_response(&mut client).await;
+    assert!(response.ends_with("tied"), "{response}");
+    let cause = tied.ended().await;
+    assert!(
+        cause.downcast_ref::<tower_reqctx::ServerClosed>().is_some(),
+        "{cause:?}"
+    );
+}
+
+/// The client closes an idle keep-alive connection: `ClientDisconnected`.
+#[tokio::test]
+async fn client_close_ends_the_connection_context_with_client_disconnected() {
+    let (router, mut rx) = tie_app();
+    let server = Server::start(router, Duration::from_secs(10)).await;
+
+    let mut client = send(server.addr, b"GET /tie HTTP/1.1\r\nhost: test\r\n\r\n").await;
+    let tied = tied(&mut rx).await;
+    let mut response = Vec::new();
+    let mut buf = [0; 1024];
+    while !response.ends_with(b"tied") {
+        let n = timeout(BOUND, client.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_ne!(n, 0, "closed before the response ended");
+        response.extend_from_slice(&buf[..n]);
+    }
+    drop(client);
+    assert_eq!(tied.ended().await, Cause::ClientDisconnected);
+}
+
+/// An idle keep-alive connection closed by a graceful shutdown: `Shutdown`.
+#[tokio::test]
+async fn graceful_shutdown_ends_an_idle_connection_context_with_shutdown() {
+    let (router, mut rx) = tie_app();
+    let mut server = Server::start(router, Duration::from_secs(60)).await;
+
+    let mut client = send(server.addr, b"GET /tie HTTP/1.1\r\nhost: test\r\n\r\n").await;
+    let tied = tied(&mut rx).await;
+    let mut buf = [0; 1024];
+    let mut response = Vec::new();
+    while !response.ends_with(b"tied") {
+        let n = timeout(BOUND, client.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_ne!(n, 0, "closed before the response ended");
+        response.extend_from_slice(&buf[..n]);
+    }
+    server.shutdown();
+    assert_eq!(tied.ended().await, Cause::Shutdown);
+    server.stopped(BOUND).await;
+}

@@ -488,3 +488,126 @@ async fn graceful_shutdown_ends_an_idle_connection_context_with_shutdown() {
     assert_eq!(tied.ended().await, Cause::Shutdown);
     server.stopped(BOUND).await;
 }
+
+/// An app whose `/fast` handler gives the client's FIN 100 ms to reach the watcher (unless
+/// its context ends first), answers, and reports its request context's cause.
+fn fast_app() -> (Router, mpsc::UnboundedReceiver<Option<Cause>>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let router = Router::new()
+        .route(
+            "/fast",
+            get(move |ctx: tower_reqctx::ReqCtx| {
+                let tx = tx.clone();
+                async move {
+                    let ctx = ctx.0;
+                    let waiter = ctx.clone();
+                    tokio::spawn(async move {
+                        waiter.cancelled().await;
+                        let _ = tx.send(waiter.cause());
+                    });
+                    // Only bounds the wait for a cancellation that must not come.
+                    let _ = timeout(Duration::from_millis(100), ctx.cancelled()).await;
+                    "hello"
+                }
+            }),
+        )
+        .layer(tower_reqctx::ContextLayer::new());
+    (router, rx)
+}
+
+/// Under `half_close(true)`, a client that shuts down its sending side after its request
+/// gets its whole response, and the request reads `Completed`, not `ClientDisconnected`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_client_gets_its_response_and_completes() {
+    let (router, mut causes) = fast_app();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _server = tokio::spawn(serve(listener, router).half_close(true).into_future());
+
+    for round in 0..5 {
+        let mut client = send(addr, b"GET /fast HTTP/1.1\r\nhost: test\r\n\r\n").await;
+        client.shutdown().await.unwrap(); // FIN: no more requests
+        let response = read_response(&mut client).await;
+        assert!(
+            response.starts_with("HTTP/1.1 200 OK\r\n"),
+            "round {round}: {response}"
+        );
+        assert!(response.ends_with("hello"), "round {round}: {response}");
+        let cause = timeout(BOUND, causes.recv()).await.unwrap().unwrap();
+        assert_eq!(cause, Some(Cause::Completed), "round {round}");
+    }
+}
+
+/// Under `half_close(true)`, a client that closed fully (not only its sending side) is seen
+/// at the server's next write: the client's kernel answers it with a reset.
+#[tokio::test]
+async fn half_close_full_close_is_seen_at_the_next_write() {
+    let (tx, mut causes) = mpsc::unbounded_channel();
+    let (chunks_tx, chunks_rx) = mpsc::unbounded_channel::<Result<&'static str, std::io::Error>>();
+    let chunks_rx = std::sync::Arc::new(std::sync::Mutex::new(Some(chunks_rx)));
+    let router = Router::new()
+        .route(
+            "/stream",
+            get(move |ctx: tower_reqctx::ReqCtx| {
+                let tx = tx.clone();
+                let rx = chunks_rx.lock().unwrap().take().unwrap();
+                async move {
+                    let ctx = ctx.0;
+                    tokio::spawn(async move {
+                        ctx.cancelled().await;
+                        let _ = tx.send(ctx.cause());
+                    });
+                    let stream = futures_stream(rx);
+                    Body::from_stream(stream)
+                }
+            }),
+        )
+        .layer(tower_reqctx::ContextLayer::new());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _server = tokio::spawn(serve(listener, router).half_close(true).into_future());
+
+    let mut client = send(addr, b"GET /stream HTTP/1.1\r\nhost: test\r\n\r\n").await;
+    chunks_tx.send(Ok("first")).unwrap();
+    let mut response = Vec::new();
+    let mut buf = [0; 1024];
+    while !String::from_utf8_lossy(&response).contains("first") {
+        let n = timeout(BOUND, client.read(&mut buf)).await.unwrap().unwrap();
+        assert_ne!(n, 0);
+        response.extend_from_slice(&buf[..n]);
+    }
+    drop(client); // a full close: FIN, which half-close does not take for a disconnect
+    // Writes until the reset comes back; the watcher or the failed write reports it.
+    let cause = timeout(BOUND, async {
+        loop {
+            let _ = chunks_tx.send(Ok("more"));
+            tokio::select! {
+                cause = causes.recv() => break cause.unwrap(),
+                () = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+    })
+    .await
+    .expect("the full close was never seen");
+    assert_eq!(cause, Some(Cause::ClientDisconnected));
+}
+
+/// A stream of the receiver's items.
+fn futures_stream<T>(
+    rx: mpsc::UnboundedReceiver<T>,
+) -> impl futures_core::Stream<Item = T> + Send + 'static
+where
+    T: Send + 'static,
+{
+    struct S<T>(mpsc::UnboundedReceiver<T>);
+    impl<T> futures_core::Stream for S<T> {
+        type Item = T;
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<T>> {
+            self.0.poll_recv(cx)
+        }
+    }
+    S(rx)
+}

@@ -119,7 +119,7 @@ const FALLBACK_MAX_CONNECTIONS: usize = 10_000;
 /// # Protocols
 ///
 /// hyper-util's [`auto::Builder`](Builder) serves HTTP/1.1 and HTTP/2 on the same port.
-/// HTTP/2 is served over TLS with ALPN `h2` ([`TlsListener`](crate::listener) with the
+/// HTTP/2 is served over TLS with ALPN `h2` (`TlsListener` with the
 /// `tls` feature) and in cleartext **with prior knowledge only** (the client starts with
 /// the HTTP/2 preface, as `curl --http2-prior-knowledge` does); an HTTP/1.1
 /// `Upgrade: h2c` request is served as HTTP/1.1, not upgraded. HTTP/1 upgrades (WebSockets)
@@ -131,13 +131,13 @@ const FALLBACK_MAX_CONNECTIONS: usize = 10_000;
 /// | limit | default | change with |
 /// |---|---|---|
 /// | open connections | the soft `RLIMIT_NOFILE` minus a sixteenth of it (at least 64), kept for the application's own files; 10,000 where it cannot be read | [`max_connections`](Serve::max_connections) |
-/// | HTTP/1 header-read timeout (from the first byte of a request head, and for an idle keep-alive connection) | 30 s | `http_builder(\|b\| { b.http1().header_read_timeout(..); })` |
+/// | HTTP/1 header-read timeout: a request head must arrive within it, counted from the connection's first bytes and from the end of each response (so it is also how long an idle keep-alive connection stays open) | 30 s | `http_builder(\|b\| { b.http1().header_read_timeout(..); })` |
 /// | HTTP/2 keep-alive PING, after a quiet period / closed if unanswered within | 60 s / 20 s | `b.http2().keep_alive_interval(..)`, `.keep_alive_timeout(..)` |
 /// | HTTP/2 concurrent streams per connection | 200 | `b.http2().max_concurrent_streams(..)` |
 /// | HTTP/2 streams reset by the client before being accepted (Rapid Reset) | 20 | `b.http2().max_pending_accept_reset_streams(..)` |
 /// | HTTP/2 streams the server resets for the client's protocol errors | 1,024 | `b.http2().max_local_error_reset_streams(..)` |
 /// | HTTP/2 header list size | 16 KiB | `b.http2().max_header_list_size(..)` |
-/// | TLS handshakes in progress, and their timeout | 256, 10 s | [`TlsListener`](crate::listener)'s `max_handshakes`, `handshake_timeout` |
+/// | TLS handshakes in progress, and their timeout | 256, 10 s | `TlsListener::max_handshakes`, `::handshake_timeout` (feature `tls`) |
 ///
 /// At the connection limit `serve` stops accepting until a connection ends: new clients
 /// wait in the listen backlog, and nothing is refused or spun on. The HTTP/2 values are

@@ -572,7 +572,10 @@ async fn half_close_full_close_is_seen_at_the_next_write() {
     let mut response = Vec::new();
     let mut buf = [0; 1024];
     while !String::from_utf8_lossy(&response).contains("first") {
-        let n = timeout(BOUND, client.read(&mut buf)).await.unwrap().unwrap();
+        let n = timeout(BOUND, client.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
         assert_ne!(n, 0);
         response.extend_from_slice(&buf[..n]);
     }
@@ -610,4 +613,119 @@ where
         }
     }
     S(rx)
+}
+
+/// An app whose `/up` handler upgrades the connection (`101`) and hands the upgraded IO to
+/// the test, which decides when to drop it.
+fn upgrade_app() -> (Router, mpsc::UnboundedReceiver<hyper::upgrade::Upgraded>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let router = Router::new().route(
+        "/up",
+        get(move |mut req: Request| {
+            let tx = tx.clone();
+            async move {
+                let on_upgrade = hyper::upgrade::on(&mut req);
+                tokio::spawn(async move {
+                    if let Ok(upgraded) = on_upgrade.await {
+                        let _ = tx.send(upgraded);
+                    }
+                });
+                http::Response::builder()
+                    .status(http::StatusCode::SWITCHING_PROTOCOLS)
+                    .header("connection", "upgrade")
+                    .header("upgrade", "test")
+                    .body(Body::empty())
+                    .unwrap()
+            }
+        }),
+    );
+    (router, rx)
+}
+
+/// Opens an upgraded connection and returns the client's side and the server's upgraded IO.
+async fn upgraded(
+    addr: SocketAddr,
+    rx: &mut mpsc::UnboundedReceiver<hyper::upgrade::Upgraded>,
+) -> (TcpStream, hyper::upgrade::Upgraded) {
+    let mut client = send(
+        addr,
+        b"GET /up HTTP/1.1\r\nhost: test\r\nconnection: upgrade\r\nupgrade: test\r\n\r\n",
+    )
+    .await;
+    let mut head = Vec::new();
+    let mut byte = [0; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = timeout(BOUND, client.read(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_ne!(n, 0);
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{head:?}");
+    let upgraded = timeout(BOUND, rx.recv()).await.unwrap().unwrap();
+    (client, upgraded)
+}
+
+/// `serve` returns only after an upgraded connection ends, though its connection task ended
+/// at the `101`.
+#[tokio::test]
+async fn graceful_shutdown_waits_for_upgraded_connections() {
+    let (router, mut rx) = upgrade_app();
+    let mut server = Server::start(router, Duration::from_secs(60)).await;
+    let (_client, upgraded) = upgraded(server.addr, &mut rx).await;
+
+    server.shutdown();
+    // Not a bound on anything that must happen: a window for a wrong early return.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !server.task.is_finished(),
+        "serve returned while an upgraded connection was open"
+    );
+    drop(upgraded);
+    server.stopped(BOUND).await;
+}
+
+/// ...but not past the drain period and the final second: the upgraded IO belongs to its
+/// handler's task, which `serve` cannot drop.
+#[tokio::test]
+async fn hard_stop_does_not_wait_for_upgraded_connections() {
+    let (router, mut rx) = upgrade_app();
+    let drain = Duration::from_millis(100);
+    let mut server = Server::start(router, drain).await;
+    let (_client, _upgraded) = upgraded(server.addr, &mut rx).await;
+
+    server.shutdown();
+    server.stopped(drain + Duration::from_secs(1) + BOUND).await;
+}
+
+/// At the connection limit, accepting waits: a second client is served once the first
+/// connection ends, and nothing is refused meanwhile.
+#[tokio::test]
+async fn max_connections_makes_accept_wait() {
+    let (router, _reports) = app();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _server = tokio::spawn(serve(listener, router).max_connections(1).into_future());
+
+    let mut first = send(addr, b"GET /hello HTTP/1.1\r\nhost: test\r\n\r\n").await;
+    let mut buf = [0; 1024];
+    let mut response = Vec::new();
+    while !response.ends_with(b"hello") {
+        let n = timeout(BOUND, first.read(&mut buf)).await.unwrap().unwrap();
+        assert_ne!(n, 0);
+        response.extend_from_slice(&buf[..n]);
+    }
+    // Connected (the kernel's backlog takes it), but not served while `first` is open.
+    let mut second = send(
+        addr,
+        b"GET /hello HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    // Not a bound on anything that must happen: a window for a wrong answer.
+    let early = timeout(Duration::from_millis(200), second.read(&mut buf)).await;
+    assert!(early.is_err(), "served beyond the limit: {early:?}");
+    drop(first);
+    let response = read_response(&mut second).await;
+    assert!(response.ends_with("hello"), "{response}");
 }

@@ -729,3 +729,93 @@ async fn max_connections_makes_accept_wait() {
     let response = read_response(&mut second).await;
     assert!(response.ends_with("hello"), "{response}");
 }
+
+/// A listener that yields one connection, then fails with `EMFILE` (too many open files)
+/// a few times, recording when each `accept` was called.
+struct Exhausted {
+    calls: std::sync::Arc<std::sync::Mutex<Vec<tokio::time::Instant>>>,
+    conn: Option<tokio::net::UnixStream>,
+    failures: usize,
+}
+
+impl tower_reqctx::Listener for Exhausted {
+    type Io = tokio::net::UnixStream;
+    type Addr = ();
+
+    async fn accept(&mut self) -> std::io::Result<(Self::Io, Option<SocketAddr>)> {
+        self.calls.lock().unwrap().push(tokio::time::Instant::now());
+        if let Some(conn) = self.conn.take() {
+            return Ok((conn, None));
+        }
+        if self.failures == 0 {
+            pending::<()>().await;
+        }
+        self.failures -= 1;
+        Err(std::io::Error::from_raw_os_error(24))
+    }
+
+    fn local_addr(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Counts `error` events.
+struct CountErrors(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl tracing_core::Subscriber for CountErrors {
+    fn enabled(&self, _: &tracing_core::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing_core::span::Attributes<'_>) -> tracing_core::span::Id {
+        tracing_core::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing_core::span::Id, _: &tracing_core::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing_core::span::Id, _: &tracing_core::span::Id) {}
+    fn event(&self, event: &tracing_core::Event<'_>) {
+        if *event.metadata().level() == tracing_core::Level::ERROR {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    fn enter(&self, _: &tracing_core::span::Id) {}
+    fn exit(&self, _: &tracing_core::span::Id) {}
+}
+
+/// After an accept error that is not about one connection (fds ran out), accepting pauses
+/// 5 ms, then 10, 20, 40...: a connection ending during a pause does not cut it short
+/// (the server's `select!` drops the accept future then). Only the first error of the run
+/// is logged at `error`.
+#[tokio::test(start_paused = true)]
+async fn accept_errors_pause_for_real_and_log_one_error() {
+    let errors = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let dispatch = tracing_core::Dispatch::new(CountErrors(errors.clone()));
+    let _default = tracing_core::dispatcher::set_default(&dispatch);
+
+    let (server_side, client_side) = tokio::net::UnixStream::pair().unwrap();
+    let calls = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let listener = Exhausted {
+        calls: calls.clone(),
+        conn: Some(server_side),
+        failures: 6,
+    };
+    let (router, _reports) = app();
+    let server = tokio::spawn(serve(listener, router).into_future());
+    // The connection ends in the middle of the third pause (5 + 10 + 20 ms from the first
+    // error), waking the server's `select!`.
+    tokio::time::sleep(Duration::from_millis(25)).await;
+    drop(client_side);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    let calls = calls.lock().unwrap().clone();
+    // One success, six errors, then the call that waits.
+    assert_eq!(calls.len(), 8, "{calls:?}");
+    let gaps: Vec<Duration> = calls[1..].windows(2).map(|w| w[1] - w[0]).collect();
+    let expected = [5, 10, 20, 40, 80, 160].map(Duration::from_millis);
+    for (gap, expected) in gaps.iter().zip(expected) {
+        assert!(
+            *gap >= expected,
+            "gaps {gaps:?}, expected at least {expected:?}"
+        );
+    }
+    assert_eq!(errors.load(std::sync::atomic::Ordering::Relaxed), 1);
+    server.abort();
+}

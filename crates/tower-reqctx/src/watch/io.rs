@@ -163,15 +163,17 @@ impl<I: AsSocket> WatchedIo<I> {
     }
 }
 
-/// The connection is gone: runs the watch's callback if it has not run, or, with no watch,
-/// cancels the connection context itself.
+/// The connection is gone: cancels the connection context with `ClientDisconnected` now,
+/// and runs the watch's callback if it has not run. Cancelling here rather than only
+/// through the callback matters: the watcher task may have taken the callback (the OS
+/// reported the close) and not run it yet, and the IO's drop, which may come next, must
+/// not get in first with the server's cause.
 fn gone(watch: &Option<Watch>, end: &Ending) {
-    match (watch, &end.canceler) {
-        (Some(watch), _) => watch.fire(),
-        (None, Some(canceler)) => {
-            canceler.cancel_with(Cause::ClientDisconnected);
-        }
-        (None, None) => {}
+    if let Some(canceler) = &end.canceler {
+        canceler.cancel_with(Cause::ClientDisconnected);
+    }
+    if let Some(watch) = watch {
+        watch.fire();
     }
 }
 

@@ -3,6 +3,7 @@
 use std::error::Error as StdError;
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
 use reqctx::{Cause, Context};
@@ -33,6 +34,7 @@ struct Inner {
     ctx: Context,
     remote: Option<SocketAddr>,
     held: Mutex<Vec<Held>>, // what requests left here to outlive their response (upgrades)
+    spoke: AtomicBool,      // the client sent bytes: set by `WatchedIo`'s first read of data
 }
 
 /// What a request hands its connection to keep until the connection ends: the connection
@@ -87,6 +89,7 @@ impl ConnectionContext {
                 ctx,
                 remote,
                 held: Mutex::new(Vec::new()),
+                spoke: AtomicBool::new(false),
             }),
         }
     }
@@ -115,6 +118,19 @@ impl ConnectionContext {
 }
 
 impl ConnectionContext {
+    /// Records that the client sent bytes; cheap to call on every read.
+    #[inline]
+    pub(crate) fn heard(&self) {
+        if !self.inner.spoke.load(Ordering::Relaxed) {
+            self.inner.spoke.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the client has sent any bytes (that `WatchedIo` read).
+    pub(crate) fn spoke(&self) -> bool {
+        self.inner.spoke.load(Ordering::Relaxed)
+    }
+
     /// The connection ended: drops what requests left here, in order, before the
     /// connection's context is cancelled with a cause of its own (so a held request records
     /// its own end first).

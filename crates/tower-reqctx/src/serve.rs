@@ -131,7 +131,8 @@ const FALLBACK_MAX_CONNECTIONS: usize = 10_000;
 /// | limit | default | change with |
 /// |---|---|---|
 /// | open connections | the soft `RLIMIT_NOFILE` minus a sixteenth of it (at least 64), kept for the application's own files; 10,000 where it cannot be read | [`max_connections`](Serve::max_connections) |
-/// | HTTP/1 header-read timeout: a request head must arrive within it, counted from the connection's first bytes and from the end of each response (so it is also how long an idle keep-alive connection stays open) | 30 s | `http_builder(\|b\| { b.http1().header_read_timeout(..); })` |
+/// | a connection's first bytes (HTTP/1 or HTTP/2) must arrive within | 30 s | [`header_read_timeout`](Serve::header_read_timeout) |
+/// | HTTP/1 header-read timeout (hyper's): a request head must arrive within it, counted from the connection's first bytes and from the end of each response (so it is also how long an idle keep-alive connection stays open) | 30 s | [`header_read_timeout`](Serve::header_read_timeout) |
 /// | HTTP/2 keep-alive PING, after a quiet period / closed if unanswered within | 60 s / 20 s | `b.http2().keep_alive_interval(..)`, `.keep_alive_timeout(..)` |
 /// | HTTP/2 concurrent streams per connection | 200 | `b.http2().max_concurrent_streams(..)` |
 /// | HTTP/2 streams reset by the client before being accepted (Rapid Reset) | 20 | `b.http2().max_pending_accept_reset_streams(..)` |
@@ -142,10 +143,9 @@ const FALLBACK_MAX_CONNECTIONS: usize = 10_000;
 /// At the connection limit `serve` stops accepting until a connection ends: new clients
 /// wait in the listen backlog, and nothing is refused or spun on. The HTTP/2 values are
 /// hyper's current defaults (the keep-alive PING is off in hyper), set here so that they
-/// are documented and do not change under you. A connection that never sends a byte is
-/// bounded only by the connection limit (hyper-util waits for the first bytes to pick the
-/// protocol without a timeout); an HTTP/2 connection that stays idle and answers PINGs is
-/// kept.
+/// are documented and do not change under you. An HTTP/2 connection that stays idle, or
+/// sends a request's HEADERS slowly, and answers PINGs is kept: hyper has no idle or
+/// header timeout for HTTP/2; the connection limit bounds such connections.
 ///
 /// # Errors and shutdown
 ///
@@ -197,6 +197,7 @@ where
         builder,
         max_connections: default_max_connections(),
         half_close: false,
+        first_bytes_timeout: Some(HEADER_READ_TIMEOUT),
     }
 }
 
@@ -230,6 +231,7 @@ pub struct Serve<S, L = TcpListener> {
     builder: Builder<TokioExecutor>,
     max_connections: usize,
     half_close: bool,
+    first_bytes_timeout: Option<Duration>, // a connection must say something within it
 }
 
 impl<S, L: Listener> Serve<S, L> {
@@ -281,6 +283,23 @@ impl<S, L: Listener> Serve<S, L> {
     /// for the application's own (10,000 where the limit cannot be read). At least 1.
     pub fn max_connections(mut self, max: usize) -> Self {
         self.max_connections = max.max(1);
+        self
+    }
+
+    /// How long an HTTP/1 client has to send a request head: hyper's
+    /// `http1().header_read_timeout`, counted from the connection's first bytes and from the
+    /// end of each response (so also how long an idle keep-alive connection stays open).
+    /// `serve` applies it to the first bytes of every connection too (HTTP/1 or HTTP/2),
+    /// which hyper-util awaits without a timeout: a client that connects and says nothing
+    /// is dropped when it passes. `None` turns both off. Defaults to 30 seconds.
+    ///
+    /// Prefer this to `http1().header_read_timeout` in
+    /// [`http_builder`](Serve::http_builder), which leaves the first-bytes timeout at
+    /// its own value.
+    pub fn header_read_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
+        let timeout = timeout.into();
+        self.first_bytes_timeout = timeout;
+        self.builder.http1().header_read_timeout(timeout);
         self
     }
 
@@ -368,6 +387,7 @@ impl<S, L: Listener> Serve<S, L> {
             builder,
             max_connections,
             half_close,
+            first_bytes_timeout,
         } = self;
         // Our own child, so shutdown never cancels the caller's root.
         let (root, cancel_root) = root.with_cancel();
@@ -406,6 +426,7 @@ impl<S, L: Listener> Serve<S, L> {
                         io,
                         service,
                         graceful.clone(),
+                        first_bytes_timeout,
                     ));
                 }
                 Some(joined) = tasks.join_next(), if !tasks.is_empty() => reaped(joined),
@@ -542,11 +563,13 @@ fn reaped(joined: Result<(), JoinError>) {
 }
 
 /// Serves one connection, and starts its graceful shutdown when `graceful` is cancelled.
+/// Drops it if the client sends nothing within `first_bytes_timeout`.
 async fn serve_connection<I, S, B>(
     builder: Arc<Builder<TokioExecutor>>,
     io: WatchedIo<I>,
     service: WithConnection<S>,
     graceful: CancellationToken,
+    first_bytes_timeout: Option<Duration>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + AsSocket + Unpin + Send + 'static,
     S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
@@ -556,11 +579,27 @@ async fn serve_connection<I, S, B>(
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
+    let connection = service.conn.clone();
     let mut conn = pin!(
         builder.serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(service))
     );
+    // hyper-util waits for a connection's first bytes (to tell HTTP/1 from HTTP/2) with no
+    // timeout, and hyper's header-read timeout starts only after them.
+    let silent = async {
+        match first_bytes_timeout {
+            Some(limit) => tokio::time::sleep(limit).await,
+            None => pending().await,
+        }
+        if connection.spoke() {
+            pending::<()>().await;
+        }
+    };
     let result = tokio::select! {
         result = conn.as_mut() => result,
+        () = silent => {
+            tracing::debug!("closing a connection that sent nothing");
+            return;
+        }
         () = graceful.cancelled() => {
             conn.as_mut().graceful_shutdown();
             conn.await
@@ -633,6 +672,7 @@ impl<S, L: fmt::Debug> fmt::Debug for Serve<S, L> {
             .field("builder", &self.builder)
             .field("max_connections", &self.max_connections)
             .field("half_close", &self.half_close)
+            .field("first_bytes_timeout", &self.first_bytes_timeout)
             .field("graceful_shutdown", &self.signal.is_some())
             .finish_non_exhaustive()
     }

@@ -819,3 +819,30 @@ async fn accept_errors_pause_for_real_and_log_one_error() {
     assert_eq!(errors.load(std::sync::atomic::Ordering::Relaxed), 1);
     server.abort();
 }
+
+/// A client that connects and says nothing is dropped at the header-read timeout: hyper-util
+/// waits for a connection's first bytes without one, and hyper's starts only after them.
+/// One that has spoken is not.
+#[tokio::test]
+async fn a_silent_connection_is_closed_at_the_header_read_timeout() {
+    let (router, _reports) = app();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = serve(listener, router).header_read_timeout(Duration::from_millis(300));
+    let _server = tokio::spawn(server.into_future());
+
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    let mut busy = send(addr, b"GET /hello HTTP/1.1\r\nhost: test\r\n\r\n").await;
+    let mut buf = [0; 1024];
+    let mut response = Vec::new();
+    while !response.ends_with(b"hello") {
+        let n = timeout(BOUND, busy.read(&mut buf)).await.unwrap().unwrap();
+        assert_ne!(n, 0);
+        response.extend_from_slice(&buf[..n]);
+    }
+    let n = timeout(BOUND, silent.read(&mut buf))
+        .await
+        .expect("the silent connection was kept")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+}

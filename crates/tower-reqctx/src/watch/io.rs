@@ -205,6 +205,9 @@ impl<I: AsyncRead + AsSocket> AsyncRead for WatchedIo<I> {
         // cancels the connection with a lesser cause). Under half-close it is only the end
         // of the client's requests.
         let eof = asked && matches!(poll, Poll::Ready(Ok(()))) && buf.filled().len() == before;
+        if !eof && buf.filled().len() > before {
+            this.end.conn.heard();
+        }
         if eof {
             if !this.end.half_close {
                 gone(this.watch, this.end);

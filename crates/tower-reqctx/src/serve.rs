@@ -99,15 +99,20 @@ const FALLBACK_MAX_CONNECTIONS: usize = 10_000;
 ///   response; see [`WatchedIo`]), and so does a read or write that fails. Under
 ///   [`half_close`](Serve::half_close) a FIN is not a close;
 /// - with [`ServerClosed`](crate::ServerClosed) when the server closes it (keep-alive over,
-///   `connection: close`, the header-read timeout, an HTTP/2 GOAWAY, a protocol error, an
-///   upgraded connection's IO dropped by its handler);
+///   `connection: close`, a header-read timeout, an HTTP/2 connection ended by a GOAWAY or
+///   by a keep-alive PING left unanswered (the client is probably gone, but was not seen
+///   leaving), a protocol error, an upgraded connection's IO dropped by its handler);
 /// - with [`Cause::Shutdown`] when the server closes it during a graceful shutdown, or when
-///   the root is cancelled at the end of the drain period.
+///   the root is cancelled at the end of the drain period;
+/// - with [`HandlerPanicked`](crate::HandlerPanicked) when a handler's panic unwinds
+///   through the connection's task (HTTP/1; an HTTP/2 stream is a task of its own).
 ///
 /// So `spawn` and `on_cancel` on a connection's context end with the connection. The first
 /// cause recorded wins: a client that leaves during the drain period gives
 /// `ClientDisconnected`; one that is still there when the root is cancelled gives
-/// `Shutdown`, and its later close changes nothing. Requests keep their own causes: a
+/// `Shutdown`, and its later close changes nothing; a client that closes as soon as it
+/// has read a `connection: close` response may be seen before the server drops the
+/// connection, and gives `ClientDisconnected`. Requests keep their own causes: a
 /// request that ended (`Completed`, say) before its connection is not changed by it, and an
 /// upgraded request (a WebSocket) held by its connection records its own end
 /// (`Completed` when the server drops the upgraded IO) before the connection's context ends.

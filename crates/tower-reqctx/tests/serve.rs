@@ -730,14 +730,17 @@ async fn max_connections_makes_accept_wait() {
     assert!(response.ends_with("hello"), "{response}");
 }
 
+#[cfg(unix)]
 /// A listener that yields one connection, then fails with `EMFILE` (too many open files)
 /// a few times, recording when each `accept` was called.
+#[cfg(unix)]
 struct Exhausted {
     calls: std::sync::Arc<std::sync::Mutex<Vec<tokio::time::Instant>>>,
     conn: Option<tokio::net::UnixStream>,
     failures: usize,
 }
 
+#[cfg(unix)]
 impl tower_reqctx::Listener for Exhausted {
     type Io = tokio::net::UnixStream;
     type Addr = ();
@@ -784,6 +787,7 @@ impl tracing_core::Subscriber for CountErrors {
 /// 5 ms, then 10, 20, 40...: a connection ending during a pause does not cut it short
 /// (the server's `select!` drops the accept future then). Only the first error of the run
 /// is logged at `error`.
+#[cfg(unix)]
 #[tokio::test(start_paused = true)]
 async fn accept_errors_pause_for_real_and_log_one_error() {
     let errors = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));

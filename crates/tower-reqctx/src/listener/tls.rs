@@ -31,7 +31,10 @@ const DEFAULT_MAX_HANDSHAKES: usize = 256;
 /// (256 by default) are in progress at once: beyond that the inner listener is not asked
 /// for more connections until one finishes, so a flood of handshakes holds at most that
 /// many tasks and file descriptors, and the clients beyond it wait in the listen backlog.
-/// Those are file descriptors on top of [`Serve::max_connections`](crate::Serve::max_connections). [`accept`](Listener::accept) yields connections whose
+/// Those are file descriptors on top of [`Serve::max_connections`](crate::Serve::max_connections).
+/// Connections whose handshake is done are not held back: a flood of clients that connect
+/// and say nothing delays new TLS clients (by up to the handshake timeout once every slot
+/// is taken), never the requests on established connections. [`accept`](Listener::accept) yields connections whose
 /// handshake is done. The connection watcher watches the TCP socket under the TLS stream,
 /// so a client that leaves is seen as over plain TCP.
 ///

@@ -224,7 +224,9 @@ mod axum_listener {
 
     /// An [`axum::serve`](axum::serve()) [`Listener`] that gives each connection a [`ConnectionContext`],
     /// cancelled with [`Cause::ClientDisconnected`](reqctx::Cause::ClientDisconnected) when
-    /// the client closes or resets the connection.
+    /// the client closes or resets the connection, and with
+    /// [`ServerClosed`](crate::ServerClosed) when the server closes it (see
+    /// [`WatchedIo`](crate::WatchedIo)). One file descriptor per connection.
     ///
     /// Requests carry it as [`ConnectInfo<ConnectionContext>`](axum::extract::ConnectInfo)
     /// when the app is served with

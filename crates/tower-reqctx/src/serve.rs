@@ -404,7 +404,8 @@ impl<S, L: Listener> Serve<S, L> {
         let mut tasks = JoinSet::new();
         let mut signal = signal.unwrap_or_else(|| Box::pin(pending()));
         // One permit per open connection, held by its IO (so by an upgraded one too).
-        let slots = u32::try_from(max_connections).unwrap_or(u32::MAX);
+        let slots = max_connections.min(Semaphore::MAX_PERMITS);
+        let slots = u32::try_from(slots).unwrap_or(u32::MAX);
         let open = Arc::new(Semaphore::new(slots as usize));
         let mut acceptor = Acceptor::default();
 

@@ -213,3 +213,8 @@ pub fn endless(
     }
     Ticks(tokio::time::interval(every), chunk)
 }
+
+/// The test certificate (for `localhost`) and its key, from `tower-reqctx`'s tests.
+pub const TEST_CERT: &[u8] = include_bytes!("../../crates/tower-reqctx/tests/data/cert.pem");
+/// The key of [`TEST_CERT`].
+pub const TEST_KEY: &[u8] = include_bytes!("../../crates/tower-reqctx/tests/data/key.pem");

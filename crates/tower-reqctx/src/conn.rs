@@ -1,19 +1,25 @@
 //! The connection a request arrived on.
 
+use std::error::Error as StdError;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
-use reqctx::Context;
+use reqctx::{Cause, Context};
 
 /// The connection a request arrived on: its context, which is the parent of the context of
 /// every request on it, and the peer's address.
 ///
 /// [`serve`](crate::serve()) and `WatchedListener` (feature `axum`) put it in every
 /// request's extensions; [`ContextLayer`](crate::ContextLayer) hangs each request's context
-/// under it. It is cancelled with [`Cause::ClientDisconnected`](reqctx::Cause) when the
-/// connection watcher sees the client close or reset the connection, and with
-/// [`Cause::Shutdown`](reqctx::Cause) when the server's root is cancelled.
+/// under it. Its context ends when the connection does, from either side:
+/// [`Cause::ClientDisconnected`] when the client closes or resets it (the connection
+/// watcher sees that even while hyper does not read), [`ServerClosed`] when the server
+/// closes it (keep-alive over, a timeout, a protocol error), and [`Cause::Shutdown`] when
+/// the server shuts down (see [`WatchedIo`](crate::WatchedIo)). So work tied to it
+/// (`spawn`, `on_cancel`) ends with the connection. Requests on it keep their own causes:
+/// a request that ended before its connection is not changed by the connection's end.
 ///
 /// An upgraded request (a WebSocket: `101 Switching Protocols`) is parked here by the
 /// layer: its context lives until the upgraded connection ends, with `ClientDisconnected`
@@ -28,11 +34,41 @@ struct Inner {
     ctx: Context,
     remote: Option<SocketAddr>,
     held: Mutex<Vec<Held>>, // what requests left here to outlive their response (upgrades)
+    spoke: AtomicBool,      // the client sent bytes: set by `WatchedIo`'s first read of data
 }
 
 /// What a request hands its connection to keep until the connection ends: the connection
 /// knows nothing of it but that dropping it is how it learns the connection is over.
 pub(crate) type Held = Box<dyn Send + 'static>;
+
+/// The cause of a connection context whose connection the server closed while it was not
+/// shutting down: keep-alive over (`connection: close`, a header-read timeout, an HTTP/2
+/// GOAWAY), a protocol error, an upgraded connection's IO dropped by its handler. A custom
+/// [`Cause`]: `cause.downcast_ref::<ServerClosed>()` finds it.
+///
+/// ```
+/// # use tower_reqctx::ServerClosed;
+/// # let cause = tower_reqctx::reqctx::Cause::custom(ServerClosed);
+/// if cause.downcast_ref::<ServerClosed>().is_some() {
+///     // the server ended the connection; no client left
+/// }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ServerClosed;
+
+impl fmt::Display for ServerClosed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the server closed the connection")
+    }
+}
+
+impl StdError for ServerClosed {}
+
+/// [`ServerClosed`] as a cause: one allocation for the process, not one per connection.
+pub(crate) fn server_closed() -> Cause {
+    static CAUSE: LazyLock<Cause> = LazyLock::new(|| Cause::custom(ServerClosed));
+    CAUSE.clone()
+}
 
 impl Drop for Inner {
     fn drop(&mut self) {
@@ -53,6 +89,7 @@ impl ConnectionContext {
                 ctx,
                 remote,
                 held: Mutex::new(Vec::new()),
+                spoke: AtomicBool::new(false),
             }),
         }
     }
@@ -77,6 +114,35 @@ impl ConnectionContext {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(item);
+    }
+}
+
+impl ConnectionContext {
+    /// Records that the client sent bytes; cheap to call on every read.
+    #[inline]
+    pub(crate) fn heard(&self) {
+        if !self.inner.spoke.load(Ordering::Relaxed) {
+            self.inner.spoke.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the client has sent any bytes (that `WatchedIo` read).
+    pub(crate) fn spoke(&self) -> bool {
+        self.inner.spoke.load(Ordering::Relaxed)
+    }
+
+    /// The connection ended: drops what requests left here, in order, before the
+    /// connection's context is cancelled with a cause of its own (so a held request records
+    /// its own end first).
+    pub(crate) fn release_held(&self) {
+        let held = std::mem::take(
+            &mut *self
+                .inner
+                .held
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        drop(held);
     }
 }
 

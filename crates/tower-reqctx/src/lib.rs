@@ -155,7 +155,7 @@ mod sse;
 mod watch;
 
 pub use crate::body::{BoxError, ContextBody};
-pub use crate::conn::ConnectionContext;
+pub use crate::conn::{ConnectionContext, ServerClosed};
 #[cfg(feature = "axum")]
 pub use crate::extract::{MissingContextLayer, ReqCtx};
 pub use crate::layer::{ClampPolicy, ContextLayer};

@@ -8,6 +8,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
 
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
 
 #[cfg(not(windows))]
 pub(crate) use std::os::fd::{AsFd as AsSocket, BorrowedFd as BorrowedSocket};
@@ -17,7 +19,7 @@ pub(crate) use std::os::windows::io::{AsSocket, BorrowedSocket};
 use reqctx::{Canceler, Cause, Context};
 
 use crate::ConnectionContext;
-use crate::watch::{Watch, WatchedIo, Watcher};
+use crate::watch::{Parts, Watch, WatchedIo, Watcher};
 
 /// What [`serve`](crate::serve()) accepts connections from: a [`TcpListener`](tokio::net::TcpListener),
 /// a [`UnixListener`](tokio::net::UnixListener) (on Unix), a `TlsListener` (feature `tls`),
@@ -102,6 +104,8 @@ impl Listener for tokio::net::UnixListener {
 pub(crate) struct Connections {
     root: Context,
     watcher: Option<Watcher>, // made by the first accept, inside the runtime; again after a failure
+    half_close: bool,         // a FIN is not a disconnect
+    draining: Option<CancellationToken>, // cancelled once the server is shutting down
 }
 
 impl Connections {
@@ -110,13 +114,29 @@ impl Connections {
         Connections {
             root,
             watcher: None,
+            half_close: false,
+            draining: None,
         }
     }
 
+    /// Under half-close a client's FIN (and a read's end-of-file) is not a disconnect.
+    pub(crate) fn half_close(mut self, half_close: bool) -> Connections {
+        self.half_close = half_close;
+        self
+    }
+
+    /// A connection the server closes once `draining` is cancelled ends with
+    /// [`Cause::Shutdown`].
+    pub(crate) fn draining(mut self, draining: CancellationToken) -> Connections {
+        self.draining = Some(draining);
+        self
+    }
+
     /// Wraps an accepted connection: a child context of the root, cancelled with
-    /// [`Cause::ClientDisconnected`] when the watcher sees the client go, and cancelled when
-    /// the returned IO is dropped. If the socket cannot be watched (fds ran out, say), the
-    /// connection is served without a watch.
+    /// [`Cause::ClientDisconnected`] when the watcher sees the client go, and with the
+    /// server's cause when the returned IO is dropped. `permit` is released once the socket
+    /// is closed. If the socket cannot be watched (the kernel's epoll memory ran out, say),
+    /// the connection is served without a watch, and that is logged at `warn`.
     ///
     /// # Panics
     ///
@@ -125,11 +145,19 @@ impl Connections {
         &mut self,
         io: I,
         remote: Option<SocketAddr>,
+        permit: Option<OwnedSemaphorePermit>,
     ) -> WatchedIo<I> {
         let (ctx, canceler) = self.root.with_cancel();
         let canceler = Arc::new(canceler);
         let watch = self.watch(borrow(&io), Arc::downgrade(&canceler));
-        WatchedIo::with_connection(io, watch, ConnectionContext::new(ctx, remote), canceler)
+        let parts = Parts {
+            conn: ConnectionContext::new(ctx, remote),
+            canceler: Some(canceler),
+            half_close: self.half_close,
+            draining: self.draining.clone(),
+            permit,
+        };
+        WatchedIo::with_parts(io, watch, parts)
     }
 
     fn watch(&mut self, socket: BorrowedSocket<'_>, canceler: Weak<Canceler>) -> Option<Watch> {
@@ -137,7 +165,7 @@ impl Connections {
             match Watcher::new() {
                 Ok(watcher) => self.watcher = Some(watcher),
                 Err(err) => {
-                    tracing::debug!(%err, "cannot start the connection watcher; serving unwatched");
+                    tracing::warn!(%err, "cannot start the connection watcher; serving unwatched");
                     return None;
                 }
             }
@@ -149,10 +177,12 @@ impl Connections {
                 canceler.cancel_with(Cause::ClientDisconnected);
             }
         });
-        match watcher.watch(socket, on_close) {
+        match watcher.watch(socket, self.half_close, on_close) {
             Ok(watch) => Some(watch),
             Err(err) => {
-                tracing::debug!(%err, "cannot watch a connection; serving it unwatched");
+                // No fd is needed to watch (the socket's own is registered): only the
+                // kernel's memory for epoll entries can run out.
+                tracing::warn!(%err, "cannot watch a connection; serving it unwatched");
                 None
             }
         }
@@ -160,12 +190,12 @@ impl Connections {
 }
 
 #[cfg(not(windows))]
-fn borrow<I: AsSocket>(io: &I) -> BorrowedSocket<'_> {
+pub(crate) fn borrow<I: AsSocket>(io: &I) -> BorrowedSocket<'_> {
     io.as_fd()
 }
 
 #[cfg(windows)]
-fn borrow<I: AsSocket>(io: &I) -> BorrowedSocket<'_> {
+pub(crate) fn borrow<I: AsSocket>(io: &I) -> BorrowedSocket<'_> {
     io.as_socket()
 }
 
@@ -194,7 +224,9 @@ mod axum_listener {
 
     /// An [`axum::serve`](axum::serve()) [`Listener`] that gives each connection a [`ConnectionContext`],
     /// cancelled with [`Cause::ClientDisconnected`](reqctx::Cause::ClientDisconnected) when
-    /// the client closes or resets the connection.
+    /// the client closes or resets the connection, and with
+    /// [`ServerClosed`](crate::ServerClosed) when the server closes it (see
+    /// [`WatchedIo`](crate::WatchedIo)). One file descriptor per connection.
     ///
     /// Requests carry it as [`ConnectInfo<ConnectionContext>`](axum::extract::ConnectInfo)
     /// when the app is served with
@@ -287,7 +319,7 @@ mod axum_listener {
         async fn accept(&mut self) -> (Self::Io, Self::Addr) {
             let (io, addr) = self.listener.accept().await;
             let remote = (&addr as &dyn Any).downcast_ref::<SocketAddr>().copied();
-            (self.connections.accept(io, remote), addr)
+            (self.connections.accept(io, remote, None), addr)
         }
 
         fn local_addr(&self) -> io::Result<Self::Addr> {

@@ -18,13 +18,14 @@ use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
 use reqctx::{Cause, Context};
 use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinError, JoinSet};
-use tokio::time::timeout;
+use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 use tower_service::Service;
 
 use crate::ConnectionContext;
-use crate::listener::{Connections, Listener};
+use crate::listener::{AsSocket, Connections, Listener};
 use crate::watch::WatchedIo;
 
 type BoxError = Box<dyn StdError + Send + Sync>;
@@ -39,6 +40,19 @@ const FINAL_PERIOD: Duration = Duration::from_secs(1);
 /// The first and the longest pause after an accept error that is not about one connection.
 const BACKOFF_MIN: Duration = Duration::from_millis(5);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// hyper's HTTP/1 header-read timeout (also how long an idle keep-alive connection is kept).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// HTTP/2 keep-alive: a PING after this long without a frame from the client...
+const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(60);
+/// ...and the connection is closed if its answer takes longer than this.
+const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+const H2_MAX_CONCURRENT_STREAMS: u32 = 200;
+const H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
+const H2_MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
+/// The connection limit where the fd limit cannot be read.
+const FALLBACK_MAX_CONNECTIONS: usize = 10_000;
 
 /// Serves `service` on `listener` over HTTP/1.1 and HTTP/2, giving every request its
 /// connection's [`ConnectionContext`].
@@ -78,44 +92,82 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// `axum::serve` with connect info keep working) when the listener gives the peer's
 /// [`SocketAddr`] (TCP and TLS over TCP do; a Unix socket does not).
 ///
-/// A connection's context is cancelled:
-/// - with [`Cause::ClientDisconnected`] when the connection watcher sees the client close
-///   (FIN, a half-close included) or reset the connection, even when hyper is not reading
-///   (an unread request body, a pipelined request, a client that stopped reading a
-///   streamed response; see [`WatchedIo`]), or when a read or write on it fails;
-/// - with [`Cause::Shutdown`] when the root is cancelled at the end of the drain period;
-/// - when the connection ends for any other reason (then every request on it has ended
-///   already), with [`Cause::Cancelled`]. An upgraded connection (a WebSocket, say) ends
-///   when its upgraded IO is dropped.
+/// A connection's context ends when the connection does, from either side:
+/// - with [`Cause::ClientDisconnected`] when the client closes (FIN) or resets the
+///   connection: the connection watcher sees that even while hyper is not reading (an
+///   unread request body, a pipelined request, a client that stopped reading a streamed
+///   response; see [`WatchedIo`]), and so does a read or write that fails. Under
+///   [`half_close`](Serve::half_close) a FIN is not a close;
+/// - with [`ServerClosed`](crate::ServerClosed) when the server closes it (keep-alive over,
+///   `connection: close`, a header-read timeout, an HTTP/2 connection ended by a GOAWAY or
+///   by a keep-alive PING left unanswered (the client is probably gone, but was not seen
+///   leaving), a protocol error, an upgraded connection's IO dropped by its handler);
+/// - with [`Cause::Shutdown`] when the server closes it during a graceful shutdown, or when
+///   the root is cancelled at the end of the drain period;
+/// - with [`HandlerPanicked`](crate::HandlerPanicked) when a handler's panic unwinds
+///   through the connection's task (HTTP/1; an HTTP/2 stream is a task of its own).
 ///
-/// The first cause recorded wins: a client that leaves during the drain period gives
+/// So `spawn` and `on_cancel` on a connection's context end with the connection. The first
+/// cause recorded wins: a client that leaves during the drain period gives
 /// `ClientDisconnected`; one that is still there when the root is cancelled gives
-/// `Shutdown`, and its later close changes nothing.
+/// `Shutdown`, and its later close changes nothing; a client that closes as soon as it
+/// has read a `connection: close` response may be seen before the server drops the
+/// connection, and gives `ClientDisconnected`. Requests keep their own causes: a
+/// request that ended (`Completed`, say) before its connection is not changed by it, and an
+/// upgraded request (a WebSocket) held by its connection records its own end
+/// (`Completed` when the server drops the upgraded IO) before the connection's context ends.
 ///
-/// If a socket cannot be watched (file descriptors ran out, say), the connection is served
-/// without the watcher, and the failure is logged at `debug`.
+/// Each connection costs one file descriptor: the watcher registers the socket itself. If
+/// a socket cannot be watched (the kernel's memory for epoll entries ran out), the
+/// connection is served without the watcher, and that is logged at `warn`.
 ///
-/// # Protocols and settings
+/// # Protocols
 ///
-/// hyper-util's [`auto::Builder`](Builder) serves HTTP/1.1 and HTTP/2 (prior knowledge,
-/// `h2c`) on the same port, with HTTP/1 upgrades and HTTP/2's extended CONNECT (WebSockets
-/// over HTTP/2) enabled, and a [`TokioTimer`] on both, so hyper's HTTP/1 header read
-/// timeout (30 s by default) applies. [`http_builder`](Serve::http_builder) reaches every
-/// other setting. `TCP_NODELAY` is set on every TCP connection.
+/// hyper-util's [`auto::Builder`](Builder) serves HTTP/1.1 and HTTP/2 on the same port.
+/// HTTP/2 is served over TLS with ALPN `h2` (`TlsListener` with the
+/// `tls` feature) and in cleartext **with prior knowledge only** (the client starts with
+/// the HTTP/2 preface, as `curl --http2-prior-knowledge` does); an HTTP/1.1
+/// `Upgrade: h2c` request is served as HTTP/1.1, not upgraded. HTTP/1 upgrades (WebSockets)
+/// and HTTP/2's extended CONNECT (WebSockets over HTTP/2) are enabled. `TCP_NODELAY` is set
+/// on every TCP connection.
+///
+/// # Limits
+///
+/// | limit | default | change with |
+/// |---|---|---|
+/// | open connections | the soft `RLIMIT_NOFILE` minus a sixteenth of it (at least 64), kept for the application's own files; 10,000 where it cannot be read | [`max_connections`](Serve::max_connections) |
+/// | a connection's first bytes (HTTP/1 or HTTP/2) must arrive within | 30 s | [`header_read_timeout`](Serve::header_read_timeout) |
+/// | HTTP/1 header-read timeout (hyper's): a request head must arrive within it, counted from the connection's first bytes and from the end of each response (so it is also how long an idle keep-alive connection stays open) | 30 s | [`header_read_timeout`](Serve::header_read_timeout) |
+/// | HTTP/2 keep-alive PING, after a quiet period / closed if unanswered within | 60 s / 20 s | `b.http2().keep_alive_interval(..)`, `.keep_alive_timeout(..)` |
+/// | HTTP/2 concurrent streams per connection | 200 | `b.http2().max_concurrent_streams(..)` |
+/// | HTTP/2 streams reset by the client before being accepted (Rapid Reset) | 20 | `b.http2().max_pending_accept_reset_streams(..)` |
+/// | HTTP/2 streams the server resets for the client's protocol errors | 1,024 | `b.http2().max_local_error_reset_streams(..)` |
+/// | HTTP/2 header list size | 16 KiB | `b.http2().max_header_list_size(..)` |
+/// | TLS handshakes in progress, and their timeout | 256, 10 s | `TlsListener::max_handshakes`, `::handshake_timeout` (feature `tls`) |
+///
+/// At the connection limit `serve` stops accepting until a connection ends: new clients
+/// wait in the listen backlog, and nothing is refused or spun on. The HTTP/2 values are
+/// hyper's current defaults (the keep-alive PING is off in hyper), set here so that they
+/// are documented and do not change under you. An HTTP/2 connection that stays idle, or
+/// sends a request's HEADERS slowly, and answers PINGs is kept: hyper has no idle or
+/// header timeout for HTTP/2; the connection limit bounds such connections.
 ///
 /// # Errors and shutdown
 ///
 /// An accept error about one connection is skipped; any other (such as running out of
-/// file descriptors) is logged at `error` and retried after a pause that grows from 5 ms to
-/// 1 s, as Go's `net/http` does. A connection's own errors are logged at `debug` and never
-/// end the server. The future resolves with an error only if the listener itself is
-/// unusable (accept reports [`InvalidInput`](io::ErrorKind::InvalidInput), as for a socket
-/// that is not listening); it first cancels every connection's context with
-/// [`Cause::Shutdown`] and drops the connections. Without [`with_graceful_shutdown`](Serve::with_graceful_shutdown)
+/// file descriptors) pauses accepting for 5 ms, doubling up to 1 s while errors continue,
+/// as Go's `net/http` does; the pause is kept even when connections end meanwhile. The
+/// first error of a run is logged at `error`, the following ones at `debug`, and the
+/// recovery at `info`. A connection's own errors are logged at `debug` and never end the
+/// server. The future resolves with an error only if the listener itself is unusable
+/// (accept reports [`InvalidInput`](io::ErrorKind::InvalidInput), as for a socket that is
+/// not listening); it first cancels every connection's context with [`Cause::Shutdown`]
+/// and drops the connections. Without [`with_graceful_shutdown`](Serve::with_graceful_shutdown)
 /// it never resolves otherwise; with it, see that method for the sequence.
 ///
-/// Dropping the future drops every connection at once. It must be polled inside a tokio
-/// runtime with IO and time enabled.
+/// Dropping the future drops every connection at once (upgraded connections belong to
+/// their handlers' tasks). It must be polled inside a tokio runtime with IO and time
+/// enabled.
 pub fn serve<L, S, B>(listener: L, service: S) -> Serve<S, L>
 where
     L: Listener,
@@ -127,11 +179,20 @@ where
     B::Error: Into<BoxError>,
 {
     let mut builder = Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .enable_connect_protocol();
+        .enable_connect_protocol()
+        .keep_alive_interval(H2_KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(H2_KEEP_ALIVE_TIMEOUT)
+        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
+        .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESET_STREAMS)
+        .max_header_list_size(H2_MAX_HEADER_LIST_SIZE);
     Serve {
         listener,
         service,
@@ -139,6 +200,28 @@ where
         drain_timeout: DEFAULT_DRAIN,
         root: Context::background(),
         builder,
+        max_connections: default_max_connections(),
+        half_close: false,
+        first_bytes_timeout: Some(HEADER_READ_TIMEOUT),
+    }
+}
+
+/// The soft limit on open files, less a sixteenth (at least 64) for everything else.
+fn default_max_connections() -> usize {
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::process::{Resource, getrlimit};
+        match getrlimit(Resource::Nofile).current {
+            Some(limit) => {
+                let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+                limit.saturating_sub((limit / 16).max(64)).max(1)
+            }
+            None => FALLBACK_MAX_CONNECTIONS,
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        FALLBACK_MAX_CONNECTIONS
     }
 }
 
@@ -151,6 +234,9 @@ pub struct Serve<S, L = TcpListener> {
     drain_timeout: Duration,
     root: Context,
     builder: Builder<TokioExecutor>,
+    max_connections: usize,
+    half_close: bool,
+    first_bytes_timeout: Option<Duration>, // a connection must say something within it
 }
 
 impl<S, L: Listener> Serve<S, L> {
@@ -166,7 +252,9 @@ impl<S, L: Listener> Serve<S, L> {
     /// 4. Connections get one more second to finish; whatever is left (a handler that
     ///    ignores its context, a body that never ends) is dropped.
     ///
-    /// The future then resolves with `Ok(())`, after every connection's task has ended. The
+    /// The future then resolves with `Ok(())`, after every connection has ended, upgraded
+    /// ones (WebSockets) included: those end when their handlers drop the upgraded IO, and
+    /// are not waited for past the final second (they stay with their handlers' tasks). The
     /// root is cancelled with `Shutdown` in every case, even when the connections were done
     /// before the drain period ended.
     pub fn with_graceful_shutdown<F>(mut self, signal: F) -> Self
@@ -193,8 +281,54 @@ impl<S, L: Listener> Serve<S, L> {
         self
     }
 
+    /// How many connections may be open at once, upgraded ones included. At the limit,
+    /// accepting waits until a connection ends; new clients wait in the listen backlog. The
+    /// default is the soft `RLIMIT_NOFILE` minus a sixteenth of it (at least 64), so that
+    /// `serve` holds as many connections as the process may open files while leaving room
+    /// for the application's own (10,000 where the limit cannot be read). At least 1.
+    pub fn max_connections(mut self, max: usize) -> Self {
+        self.max_connections = max.max(1);
+        self
+    }
+
+    /// How long an HTTP/1 client has to send a request head: hyper's
+    /// `http1().header_read_timeout`, counted from the connection's first bytes and from the
+    /// end of each response (so also how long an idle keep-alive connection stays open).
+    /// `serve` applies it to the first bytes of every connection too (HTTP/1 or HTTP/2),
+    /// which hyper-util awaits without a timeout: a client that connects and says nothing
+    /// is dropped when it passes. `None` turns both off. Defaults to 30 seconds.
+    ///
+    /// Prefer this to `http1().header_read_timeout` in
+    /// [`http_builder`](Serve::http_builder), which leaves the first-bytes timeout at
+    /// its own value.
+    pub fn header_read_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
+        let timeout = timeout.into();
+        self.first_bytes_timeout = timeout;
+        self.builder.http1().header_read_timeout(timeout);
+        self
+    }
+
+    /// Lets HTTP/1 clients half-close: a client may shut down its sending side after its
+    /// request and still read the whole response. Sets hyper's
+    /// `http1().half_close(half_close)` and the connection watcher together (hyper's setting
+    /// alone would be overridden by the watcher, which takes a FIN for a disconnect).
+    ///
+    /// With `true`, a FIN is not a disconnect: only a reset (RST, `EPOLLERR`), a socket shut
+    /// in both directions, or a failed read or write is. A client that closed its connection
+    /// fully (not only its sending side) is then seen at the server's next write to it (the
+    /// client's kernel answers that write with a reset) or at the request's deadline, not
+    /// while the handler works. Defaults to `false`, as hyper's setting does.
+    pub fn half_close(mut self, half_close: bool) -> Self {
+        self.half_close = half_close;
+        self.builder.http1().half_close(half_close);
+        self
+    }
+
     /// Changes hyper-util's connection settings: HTTP/1 and HTTP/2 options, timeouts, or
     /// one protocol only.
+    ///
+    /// Call [`half_close`](Serve::half_close) rather than `http1().half_close` here, which
+    /// would leave the watcher taking a FIN for a disconnect.
     ///
     /// ```no_run
     /// # #[allow(dead_code)]
@@ -256,20 +390,29 @@ impl<S, L: Listener> Serve<S, L> {
             drain_timeout,
             root,
             builder,
+            max_connections,
+            half_close,
+            first_bytes_timeout,
         } = self;
         // Our own child, so shutdown never cancels the caller's root.
         let (root, cancel_root) = root.with_cancel();
-        let mut connections = Connections::new(root);
-        let builder = Arc::new(builder);
         let graceful = CancellationToken::new();
+        let mut connections = Connections::new(root)
+            .half_close(half_close)
+            .draining(graceful.clone());
+        let builder = Arc::new(builder);
         let mut tasks = JoinSet::new();
         let mut signal = signal.unwrap_or_else(|| Box::pin(pending()));
-        let mut backoff = None;
+        // One permit per open connection, held by its IO (so by an upgraded one too).
+        let slots = max_connections.min(Semaphore::MAX_PERMITS);
+        let slots = u32::try_from(slots).unwrap_or(u32::MAX);
+        let open = Arc::new(Semaphore::new(slots as usize));
+        let mut acceptor = Acceptor::default();
 
         loop {
             tokio::select! {
-                accepted = accept(&mut listener, &mut backoff) => {
-                    let (stream, peer) = match accepted {
+                accepted = acceptor.accept(&mut listener, &open) => {
+                    let (stream, peer, permit) = match accepted {
                         Ok(accepted) => accepted,
                         Err(err) => {
                             tracing::error!(%err, "the listener failed; dropping every connection");
@@ -278,7 +421,7 @@ impl<S, L: Listener> Serve<S, L> {
                             return Err(err);
                         }
                     };
-                    let io = connections.accept(stream, peer);
+                    let io = connections.accept(stream, peer, Some(permit));
                     let service = WithConnection {
                         inner: service.clone(),
                         conn: io.connection().clone(),
@@ -289,6 +432,7 @@ impl<S, L: Listener> Serve<S, L> {
                         io,
                         service,
                         graceful.clone(),
+                        first_bytes_timeout,
                     ));
                 }
                 Some(joined) = tasks.join_next(), if !tasks.is_empty() => reaped(joined),
@@ -297,19 +441,29 @@ impl<S, L: Listener> Serve<S, L> {
         }
 
         drop(listener);
+        drop(acceptor); // and the permit it may hold
         tracing::debug!(
-            connections = tasks.len(),
+            connections = slots as usize - open.available_permits(),
             "shutting down: draining connections"
         );
         graceful.cancel();
-        if timeout(drain_timeout, join_all(&mut tasks)).await.is_err() {
+        if timeout(drain_timeout, all_closed(&mut tasks, &open, slots))
+            .await
+            .is_err()
+        {
             tracing::debug!(
-                connections = tasks.len(),
+                connections = slots as usize - open.available_permits(),
                 "drain period over: cancelling with Shutdown"
             );
             cancel_root.cancel_with(Cause::Shutdown);
-            if timeout(FINAL_PERIOD, join_all(&mut tasks)).await.is_err() {
-                tracing::debug!(connections = tasks.len(), "dropping connections still open");
+            if timeout(FINAL_PERIOD, all_closed(&mut tasks, &open, slots))
+                .await
+                .is_err()
+            {
+                tracing::debug!(
+                    connections = slots as usize - open.available_permits(),
+                    "dropping connections still open"
+                );
                 tasks.shutdown().await;
             }
         }
@@ -318,30 +472,71 @@ impl<S, L: Listener> Serve<S, L> {
     }
 }
 
-/// Accepts the next connection, skipping errors that concern one connection and pausing
-/// after others. `backoff` is the last pause, reset by a success.
-///
-/// # Cancellation safety
-///
-/// Cancel-safe: no connection is lost, and an interrupted pause is not shortened the next
-/// time.
-async fn accept<L: Listener>(
-    listener: &mut L,
-    backoff: &mut Option<Duration>,
-) -> io::Result<(L::Io, Option<SocketAddr>)> {
-    loop {
-        match listener.accept().await {
-            Ok(accepted) => {
-                *backoff = None;
-                return Ok(accepted);
+/// Waits for every connection task, then for every connection's IO (an upgraded
+/// connection outlives its task) to give its slot back.
+async fn all_closed(tasks: &mut JoinSet<()>, open: &Semaphore, slots: u32) {
+    join_all(tasks).await;
+    // The semaphore is never closed.
+    let _ = open.acquire_many(slots).await;
+}
+
+/// Accepts connections within the connection limit, pausing after errors. Its state
+/// survives the `select!` in `run` dropping [`Acceptor::accept`]: a pause is never cut short
+/// by a connection ending meanwhile, and a slot taken is kept.
+#[derive(Debug, Default)]
+struct Acceptor {
+    permit: Option<OwnedSemaphorePermit>, // a slot for the next connection
+    backoff: Option<Duration>,            // the last pause; reset by a success
+    paused_until: Option<Instant>,
+    failures: u64, // errors in the current run
+}
+
+impl Acceptor {
+    /// Accepts the next connection, skipping errors that concern one connection and pausing
+    /// after others.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel-safe: no connection is lost, and an interrupted pause resumes where it was.
+    async fn accept<L: Listener>(
+        &mut self,
+        listener: &mut L,
+        open: &Arc<Semaphore>,
+    ) -> io::Result<(L::Io, Option<SocketAddr>, OwnedSemaphorePermit)> {
+        loop {
+            if let Some(until) = self.paused_until {
+                sleep_until(until).await;
+                self.paused_until = None;
             }
-            Err(err) if is_connection_error(&err) => {}
-            Err(err) if err.kind() == io::ErrorKind::InvalidInput => return Err(err),
-            Err(err) => {
-                let pause = backoff.map_or(BACKOFF_MIN, |last| (last * 2).min(BACKOFF_MAX));
-                *backoff = Some(pause);
-                tracing::error!(%err, ?pause, "accept error; retrying");
-                tokio::time::sleep(pause).await;
+            if self.permit.is_none() {
+                let permit = Arc::clone(open).acquire_owned().await;
+                self.permit = Some(permit.expect("the connection semaphore is never closed"));
+            }
+            match listener.accept().await {
+                Ok((io, peer)) => {
+                    if self.failures > 0 {
+                        tracing::info!(errors = self.failures, "accepting again");
+                    }
+                    self.failures = 0;
+                    self.backoff = None;
+                    let permit = self.permit.take().expect("taken above");
+                    return Ok((io, peer, permit));
+                }
+                Err(err) if is_connection_error(&err) => {}
+                Err(err) if err.kind() == io::ErrorKind::InvalidInput => return Err(err),
+                Err(err) => {
+                    let pause = self
+                        .backoff
+                        .map_or(BACKOFF_MIN, |last| (last * 2).min(BACKOFF_MAX));
+                    self.backoff = Some(pause);
+                    self.paused_until = Some(Instant::now() + pause);
+                    self.failures += 1;
+                    if self.failures == 1 {
+                        tracing::error!(%err, ?pause, "accept failed; pausing before retrying");
+                    } else {
+                        tracing::debug!(%err, ?pause, errors = self.failures, "accept failed again");
+                    }
+                }
             }
         }
     }
@@ -374,13 +569,15 @@ fn reaped(joined: Result<(), JoinError>) {
 }
 
 /// Serves one connection, and starts its graceful shutdown when `graceful` is cancelled.
+/// Drops it if the client sends nothing within `first_bytes_timeout`.
 async fn serve_connection<I, S, B>(
     builder: Arc<Builder<TokioExecutor>>,
     io: WatchedIo<I>,
     service: WithConnection<S>,
     graceful: CancellationToken,
+    first_bytes_timeout: Option<Duration>,
 ) where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + AsSocket + Unpin + Send + 'static,
     S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send,
     S::Error: Into<BoxError>,
@@ -388,11 +585,27 @@ async fn serve_connection<I, S, B>(
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
+    let connection = service.conn.clone();
     let mut conn = pin!(
         builder.serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(service))
     );
+    // hyper-util waits for a connection's first bytes (to tell HTTP/1 from HTTP/2) with no
+    // timeout, and hyper's header-read timeout starts only after them.
+    let silent = async {
+        match first_bytes_timeout {
+            Some(limit) => tokio::time::sleep(limit).await,
+            None => pending().await,
+        }
+        if connection.spoke() {
+            pending::<()>().await;
+        }
+    };
     let result = tokio::select! {
         result = conn.as_mut() => result,
+        () = silent => {
+            tracing::debug!("closing a connection that sent nothing");
+            return;
+        }
         () = graceful.cancelled() => {
             conn.as_mut().graceful_shutdown();
             conn.await
@@ -463,6 +676,9 @@ impl<S, L: fmt::Debug> fmt::Debug for Serve<S, L> {
             .field("drain_timeout", &self.drain_timeout)
             .field("root", &self.root)
             .field("builder", &self.builder)
+            .field("max_connections", &self.max_connections)
+            .field("half_close", &self.half_close)
+            .field("first_bytes_timeout", &self.first_bytes_timeout)
             .field("graceful_shutdown", &self.signal.is_some())
             .finish_non_exhaustive()
     }

@@ -369,3 +369,484 @@ async fn axum_serve_with_watched_listener_sees_client_disconnected() {
     drop(client);
     assert_eq!(reports.cause().await, Some(Cause::ClientDisconnected));
 }
+
+/// What a connection's context told the work tied to it: the cause `on_cancel` saw and how
+/// the task `spawn`ed on it ended.
+struct Tied {
+    on_cancel: oneshot::Receiver<Cause>,
+    spawned: JoinHandle<Result<(), tower_reqctx::reqctx::Cancelled>>,
+}
+
+impl Tied {
+    async fn ended(self) -> Cause {
+        let cause = timeout(BOUND, self.on_cancel)
+            .await
+            .expect("on_cancel did not run: the connection context never ended")
+            .unwrap();
+        let spawned = timeout(BOUND, self.spawned)
+            .await
+            .expect("the spawned task did not end")
+            .unwrap();
+        assert!(spawned.is_err(), "{spawned:?}");
+        cause
+    }
+}
+
+/// An app whose `/tie` handler ties work to its connection's context and answers at once.
+fn tie_app() -> (Router, mpsc::UnboundedReceiver<Tied>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let router = Router::new().route(
+        "/tie",
+        get(move |req: Request| {
+            let tx = tx.clone();
+            async move {
+                let ctx = connection(&req).context().clone();
+                let (cause_tx, on_cancel) = oneshot::channel();
+                let handle = ctx.on_cancel(move |cause| {
+                    let _ = cause_tx.send(cause.clone());
+                });
+                std::mem::forget(handle); // keep it registered past the handler
+                let spawned = ctx.spawn(pending::<()>());
+                let _ = tx.send(Tied { on_cancel, spawned });
+                "tied"
+            }
+        }),
+    );
+    (router, rx)
+}
+
+async fn tied(rx: &mut mpsc::UnboundedReceiver<Tied>) -> Tied {
+    timeout(BOUND, rx.recv())
+        .await
+        .expect("the handler did not run")
+        .unwrap()
+}
+
+/// The server closes the connection after a `connection: close` response: its context ends
+/// with `ServerClosed`, and the work tied to it ends.
+#[tokio::test]
+async fn server_close_ends_the_connection_context_with_server_closed() {
+    let (router, mut rx) = tie_app();
+    let server = Server::start(router, Duration::from_secs(10)).await;
+
+    let mut client = send(
+        server.addr,
+        b"GET /tie HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    let tied = tied(&mut rx).await;
+    let response = read_response(&mut client).await;
+    assert!(response.ends_with("tied"), "{response}");
+    let cause = tied.ended().await;
+    assert!(
+        cause.downcast_ref::<tower_reqctx::ServerClosed>().is_some(),
+        "{cause:?}"
+    );
+}
+
+/// The client closes an idle keep-alive connection: `ClientDisconnected`.
+#[tokio::test]
+async fn client_close_ends_the_connection_context_with_client_disconnected() {
+    let (router, mut rx) = tie_app();
+    let server = Server::start(router, Duration::from_secs(10)).await;
+
+    let mut client = send(server.addr, b"GET /tie HTTP/1.1\r\nhost: test\r\n\r\n").await;
+    let tied = tied(&mut rx).await;
+    let mut response = Vec::new();
+    let mut buf = [0; 1024];
+    while !response.ends_with(b"tied") {
+        let n = timeout(BOUND, client.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_ne!(n, 0, "closed before the response ended");
+        response.extend_from_slice(&buf[..n]);
+    }
+    drop(client);
+    assert_eq!(tied.ended().await, Cause::ClientDisconnected);
+}
+
+/// An idle keep-alive connection closed by a graceful shutdown: `Shutdown`.
+#[tokio::test]
+async fn graceful_shutdown_ends_an_idle_connection_context_with_shutdown() {
+    let (router, mut rx) = tie_app();
+    let mut server = Server::start(router, Duration::from_secs(60)).await;
+
+    let mut client = send(server.addr, b"GET /tie HTTP/1.1\r\nhost: test\r\n\r\n").await;
+    let tied = tied(&mut rx).await;
+    let mut buf = [0; 1024];
+    let mut response = Vec::new();
+    while !response.ends_with(b"tied") {
+        let n = timeout(BOUND, client.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_ne!(n, 0, "closed before the response ended");
+        response.extend_from_slice(&buf[..n]);
+    }
+    server.shutdown();
+    assert_eq!(tied.ended().await, Cause::Shutdown);
+    server.stopped(BOUND).await;
+}
+
+/// An app whose `/fast` handler gives the client's FIN 100 ms to reach the watcher (unless
+/// its context ends first), answers, and reports its request context's cause.
+fn fast_app() -> (Router, mpsc::UnboundedReceiver<Option<Cause>>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let router = Router::new()
+        .route(
+            "/fast",
+            get(move |ctx: tower_reqctx::ReqCtx| {
+                let tx = tx.clone();
+                async move {
+                    let ctx = ctx.0;
+                    let waiter = ctx.clone();
+                    tokio::spawn(async move {
+                        waiter.cancelled().await;
+                        let _ = tx.send(waiter.cause());
+                    });
+                    // Only bounds the wait for a cancellation that must not come.
+                    let _ = timeout(Duration::from_millis(100), ctx.cancelled()).await;
+                    "hello"
+                }
+            }),
+        )
+        .layer(tower_reqctx::ContextLayer::new());
+    (router, rx)
+}
+
+/// Under `half_close(true)`, a client that shuts down its sending side after its request
+/// gets its whole response, and the request reads `Completed`, not `ClientDisconnected`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_client_gets_its_response_and_completes() {
+    let (router, mut causes) = fast_app();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _server = tokio::spawn(serve(listener, router).half_close(true).into_future());
+
+    for round in 0..5 {
+        let mut client = send(addr, b"GET /fast HTTP/1.1\r\nhost: test\r\n\r\n").await;
+        client.shutdown().await.unwrap(); // FIN: no more requests
+        let response = read_response(&mut client).await;
+        assert!(
+            response.starts_with("HTTP/1.1 200 OK\r\n"),
+            "round {round}: {response}"
+        );
+        assert!(response.ends_with("hello"), "round {round}: {response}");
+        let cause = timeout(BOUND, causes.recv()).await.unwrap().unwrap();
+        assert_eq!(cause, Some(Cause::Completed), "round {round}");
+    }
+}
+
+/// Under `half_close(true)`, a client that closed fully (not only its sending side) is seen
+/// at the server's next write: the client's kernel answers it with a reset.
+#[tokio::test]
+async fn half_close_full_close_is_seen_at_the_next_write() {
+    let (tx, mut causes) = mpsc::unbounded_channel();
+    let (chunks_tx, chunks_rx) = mpsc::unbounded_channel::<Result<&'static str, std::io::Error>>();
+    let chunks_rx = std::sync::Arc::new(std::sync::Mutex::new(Some(chunks_rx)));
+    let router = Router::new()
+        .route(
+            "/stream",
+            get(move |ctx: tower_reqctx::ReqCtx| {
+                let tx = tx.clone();
+                let rx = chunks_rx.lock().unwrap().take().unwrap();
+                async move {
+                    let ctx = ctx.0;
+                    tokio::spawn(async move {
+                        ctx.cancelled().await;
+                        let _ = tx.send(ctx.cause());
+                    });
+                    let stream = futures_stream(rx);
+                    Body::from_stream(stream)
+                }
+            }),
+        )
+        .layer(tower_reqctx::ContextLayer::new());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _server = tokio::spawn(serve(listener, router).half_close(true).into_future());
+
+    let mut client = send(addr, b"GET /stream HTTP/1.1\r\nhost: test\r\n\r\n").await;
+    chunks_tx.send(Ok("first")).unwrap();
+    let mut response = Vec::new();
+    let mut buf = [0; 1024];
+    while !String::from_utf8_lossy(&response).contains("first") {
+        let n = timeout(BOUND, client.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_ne!(n, 0);
+        response.extend_from_slice(&buf[..n]);
+    }
+    drop(client); // a full close: FIN, which half-close does not take for a disconnect
+    // Writes until the reset comes back; the watcher or the failed write reports it.
+    let cause = timeout(BOUND, async {
+        loop {
+            let _ = chunks_tx.send(Ok("more"));
+            tokio::select! {
+                cause = causes.recv() => break cause.unwrap(),
+                () = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+    })
+    .await
+    .expect("the full close was never seen");
+    assert_eq!(cause, Some(Cause::ClientDisconnected));
+}
+
+/// A stream of the receiver's items.
+fn futures_stream<T>(
+    rx: mpsc::UnboundedReceiver<T>,
+) -> impl futures_core::Stream<Item = T> + Send + 'static
+where
+    T: Send + 'static,
+{
+    struct S<T>(mpsc::UnboundedReceiver<T>);
+    impl<T> futures_core::Stream for S<T> {
+        type Item = T;
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<T>> {
+            self.0.poll_recv(cx)
+        }
+    }
+    S(rx)
+}
+
+/// An app whose `/up` handler upgrades the connection (`101`) and hands the upgraded IO to
+/// the test, which decides when to drop it.
+fn upgrade_app() -> (Router, mpsc::UnboundedReceiver<hyper::upgrade::Upgraded>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let router = Router::new().route(
+        "/up",
+        get(move |mut req: Request| {
+            let tx = tx.clone();
+            async move {
+                let on_upgrade = hyper::upgrade::on(&mut req);
+                tokio::spawn(async move {
+                    if let Ok(upgraded) = on_upgrade.await {
+                        let _ = tx.send(upgraded);
+                    }
+                });
+                http::Response::builder()
+                    .status(http::StatusCode::SWITCHING_PROTOCOLS)
+                    .header("connection", "upgrade")
+                    .header("upgrade", "test")
+                    .body(Body::empty())
+                    .unwrap()
+            }
+        }),
+    );
+    (router, rx)
+}
+
+/// Opens an upgraded connection and returns the client's side and the server's upgraded IO.
+async fn upgraded(
+    addr: SocketAddr,
+    rx: &mut mpsc::UnboundedReceiver<hyper::upgrade::Upgraded>,
+) -> (TcpStream, hyper::upgrade::Upgraded) {
+    let mut client = send(
+        addr,
+        b"GET /up HTTP/1.1\r\nhost: test\r\nconnection: upgrade\r\nupgrade: test\r\n\r\n",
+    )
+    .await;
+    let mut head = Vec::new();
+    let mut byte = [0; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = timeout(BOUND, client.read(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_ne!(n, 0);
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{head:?}");
+    let upgraded = timeout(BOUND, rx.recv()).await.unwrap().unwrap();
+    (client, upgraded)
+}
+
+/// `serve` returns only after an upgraded connection ends, though its connection task ended
+/// at the `101`.
+#[tokio::test]
+async fn graceful_shutdown_waits_for_upgraded_connections() {
+    let (router, mut rx) = upgrade_app();
+    let mut server = Server::start(router, Duration::from_secs(60)).await;
+    let (_client, upgraded) = upgraded(server.addr, &mut rx).await;
+
+    server.shutdown();
+    // Not a bound on anything that must happen: a window for a wrong early return.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !server.task.is_finished(),
+        "serve returned while an upgraded connection was open"
+    );
+    drop(upgraded);
+    server.stopped(BOUND).await;
+}
+
+/// ...but not past the drain period and the final second: the upgraded IO belongs to its
+/// handler's task, which `serve` cannot drop.
+#[tokio::test]
+async fn hard_stop_does_not_wait_for_upgraded_connections() {
+    let (router, mut rx) = upgrade_app();
+    let drain = Duration::from_millis(100);
+    let mut server = Server::start(router, drain).await;
+    let (_client, _upgraded) = upgraded(server.addr, &mut rx).await;
+
+    server.shutdown();
+    server.stopped(drain + Duration::from_secs(1) + BOUND).await;
+}
+
+/// At the connection limit, accepting waits: a second client is served once the first
+/// connection ends, and nothing is refused meanwhile.
+#[tokio::test]
+async fn max_connections_makes_accept_wait() {
+    let (router, _reports) = app();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _server = tokio::spawn(serve(listener, router).max_connections(1).into_future());
+
+    let mut first = send(addr, b"GET /hello HTTP/1.1\r\nhost: test\r\n\r\n").await;
+    let mut buf = [0; 1024];
+    let mut response = Vec::new();
+    while !response.ends_with(b"hello") {
+        let n = timeout(BOUND, first.read(&mut buf)).await.unwrap().unwrap();
+        assert_ne!(n, 0);
+        response.extend_from_slice(&buf[..n]);
+    }
+    // Connected (the kernel's backlog takes it), but not served while `first` is open.
+    let mut second = send(
+        addr,
+        b"GET /hello HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    // Not a bound on anything that must happen: a window for a wrong answer.
+    let early = timeout(Duration::from_millis(200), second.read(&mut buf)).await;
+    assert!(early.is_err(), "served beyond the limit: {early:?}");
+    drop(first);
+    let response = read_response(&mut second).await;
+    assert!(response.ends_with("hello"), "{response}");
+}
+
+#[cfg(unix)]
+/// A listener that yields one connection, then fails with `EMFILE` (too many open files)
+/// a few times, recording when each `accept` was called.
+#[cfg(unix)]
+struct Exhausted {
+    calls: std::sync::Arc<std::sync::Mutex<Vec<tokio::time::Instant>>>,
+    conn: Option<tokio::net::UnixStream>,
+    failures: usize,
+}
+
+#[cfg(unix)]
+impl tower_reqctx::Listener for Exhausted {
+    type Io = tokio::net::UnixStream;
+    type Addr = ();
+
+    async fn accept(&mut self) -> std::io::Result<(Self::Io, Option<SocketAddr>)> {
+        self.calls.lock().unwrap().push(tokio::time::Instant::now());
+        if let Some(conn) = self.conn.take() {
+            return Ok((conn, None));
+        }
+        if self.failures == 0 {
+            pending::<()>().await;
+        }
+        self.failures -= 1;
+        Err(std::io::Error::from_raw_os_error(24))
+    }
+
+    fn local_addr(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Counts `error` events.
+struct CountErrors(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl tracing_core::Subscriber for CountErrors {
+    fn enabled(&self, _: &tracing_core::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing_core::span::Attributes<'_>) -> tracing_core::span::Id {
+        tracing_core::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing_core::span::Id, _: &tracing_core::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing_core::span::Id, _: &tracing_core::span::Id) {}
+    fn event(&self, event: &tracing_core::Event<'_>) {
+        if *event.metadata().level() == tracing_core::Level::ERROR {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    fn enter(&self, _: &tracing_core::span::Id) {}
+    fn exit(&self, _: &tracing_core::span::Id) {}
+}
+
+/// After an accept error that is not about one connection (fds ran out), accepting pauses
+/// 5 ms, then 10, 20, 40...: a connection ending during a pause does not cut it short
+/// (the server's `select!` drops the accept future then). Only the first error of the run
+/// is logged at `error`.
+#[cfg(unix)]
+#[tokio::test(start_paused = true)]
+async fn accept_errors_pause_for_real_and_log_one_error() {
+    let errors = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let dispatch = tracing_core::Dispatch::new(CountErrors(errors.clone()));
+    let _default = tracing_core::dispatcher::set_default(&dispatch);
+
+    let (server_side, client_side) = tokio::net::UnixStream::pair().unwrap();
+    let calls = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let listener = Exhausted {
+        calls: calls.clone(),
+        conn: Some(server_side),
+        failures: 6,
+    };
+    let (router, _reports) = app();
+    let server = tokio::spawn(serve(listener, router).into_future());
+    // The connection ends in the middle of the third pause (5 + 10 + 20 ms from the first
+    // error), waking the server's `select!`.
+    tokio::time::sleep(Duration::from_millis(25)).await;
+    drop(client_side);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    let calls = calls.lock().unwrap().clone();
+    // One success, six errors, then the call that waits.
+    assert_eq!(calls.len(), 8, "{calls:?}");
+    let gaps: Vec<Duration> = calls[1..].windows(2).map(|w| w[1] - w[0]).collect();
+    let expected = [5, 10, 20, 40, 80, 160].map(Duration::from_millis);
+    for (gap, expected) in gaps.iter().zip(expected) {
+        assert!(
+            *gap >= expected,
+            "gaps {gaps:?}, expected at least {expected:?}"
+        );
+    }
+    assert_eq!(errors.load(std::sync::atomic::Ordering::Relaxed), 1);
+    server.abort();
+}
+
+/// A client that connects and says nothing is dropped at the header-read timeout: hyper-util
+/// waits for a connection's first bytes without one, and hyper's starts only after them.
+/// One that has spoken is not.
+#[tokio::test]
+async fn a_silent_connection_is_closed_at_the_header_read_timeout() {
+    let (router, _reports) = app();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = serve(listener, router).header_read_timeout(Duration::from_millis(300));
+    let _server = tokio::spawn(server.into_future());
+
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    let mut busy = send(addr, b"GET /hello HTTP/1.1\r\nhost: test\r\n\r\n").await;
+    let mut buf = [0; 1024];
+    let mut response = Vec::new();
+    while !response.ends_with(b"hello") {
+        let n = timeout(BOUND, busy.read(&mut buf)).await.unwrap().unwrap();
+        assert_ne!(n, 0);
+        response.extend_from_slice(&buf[..n]);
+    }
+    let n = timeout(BOUND, silent.read(&mut buf))
+        .await
+        .expect("the silent connection was kept")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+}

@@ -18,13 +18,23 @@ use super::{AsSocket, BorrowedSocket, Listener};
 /// How long a client has to finish its TLS handshake by default.
 const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How many handshakes may be in progress at once by default.
+const DEFAULT_MAX_HANDSHAKES: usize = 256;
+
 /// A [`Listener`] that runs TLS (tokio-rustls) over the connections of another, a
 /// [`TcpListener`](tokio::net::TcpListener) by default. Feature `tls`.
 ///
 /// Handshakes run concurrently, each in its own task, so a slow or silent client never
 /// holds up the others; one that has not finished within the
 /// [`handshake_timeout`](TlsListener::handshake_timeout) (10 s by default), or fails, is
-/// dropped and logged at `debug`. [`accept`](Listener::accept) yields connections whose
+/// dropped and logged at `debug`. At most [`max_handshakes`](TlsListener::max_handshakes)
+/// (256 by default) are in progress at once: beyond that the inner listener is not asked
+/// for more connections until one finishes, so a flood of handshakes holds at most that
+/// many tasks and file descriptors, and the clients beyond it wait in the listen backlog.
+/// Those are file descriptors on top of [`Serve::max_connections`](crate::Serve::max_connections).
+/// Connections whose handshake is done are not held back: a flood of clients that connect
+/// and say nothing delays new TLS clients (by up to the handshake timeout once every slot
+/// is taken), never the requests on established connections. [`accept`](Listener::accept) yields connections whose
 /// handshake is done. The connection watcher watches the TCP socket under the TLS stream,
 /// so a client that leaves is seen as over plain TCP.
 ///
@@ -49,6 +59,7 @@ pub struct TlsListener<L: Listener = tokio::net::TcpListener> {
     inner: L,
     acceptor: TlsAcceptor,
     handshake_timeout: Duration,
+    max_handshakes: usize,
     handshakes: JoinSet<Option<Accepted<L::Io>>>, // None: failed or timed out
 }
 
@@ -62,6 +73,7 @@ impl<L: Listener> TlsListener<L> {
             inner,
             acceptor: TlsAcceptor::from(config),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
             handshakes: JoinSet::new(),
         }
     }
@@ -70,6 +82,14 @@ impl<L: Listener> TlsListener<L> {
     /// Defaults to 10 seconds.
     pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
         self.handshake_timeout = timeout;
+        self
+    }
+
+    /// How many handshakes may be in progress at once; at least 1. Defaults to 256: a few
+    /// hundred milliseconds of handshakes for one core, so legitimate bursts are not held
+    /// back, while a flood holds at most that many file descriptors.
+    pub fn max_handshakes(mut self, max: usize) -> Self {
+        self.max_handshakes = max.max(1);
         self
     }
 
@@ -92,8 +112,10 @@ impl<L: Listener> Listener for TlsListener<L> {
     /// Outside a tokio runtime (each handshake is a task).
     async fn accept(&mut self) -> io::Result<(Self::Io, Option<SocketAddr>)> {
         loop {
+            // At the limit, only finishing handshakes: `join_next` is enabled then.
+            let room = self.handshakes.len() < self.max_handshakes;
             tokio::select! {
-                accepted = self.inner.accept() => {
+                accepted = self.inner.accept(), if room => {
                     let (io, peer) = accepted?;
                     let handshake = self.acceptor.accept(io);
                     let limit = self.handshake_timeout;
@@ -130,6 +152,7 @@ impl<L: Listener + fmt::Debug> fmt::Debug for TlsListener<L> {
         f.debug_struct("TlsListener")
             .field("inner", &self.inner)
             .field("handshake_timeout", &self.handshake_timeout)
+            .field("max_handshakes", &self.max_handshakes)
             .field("handshakes", &self.handshakes.len())
             .finish_non_exhaustive()
     }

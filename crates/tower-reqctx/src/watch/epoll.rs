@@ -27,6 +27,10 @@ const BATCH: usize = 64;
 /// on every wait until it is deleted.
 const INTEREST: EventFlags = EventFlags::RDHUP.union(EventFlags::ET);
 
+/// Under half-close a FIN is not a disconnect: no `EPOLLRDHUP`, so only `EPOLLHUP` (both
+/// directions shut) and `EPOLLERR` (a reset) are reported.
+const INTEREST_HALF_CLOSE: EventFlags = EventFlags::ET;
+
 /// An epoll instance of our own, registered with tokio, and the task that drains it.
 ///
 /// Cloning is cheap; the task ends when the last clone and the last [`Watch`] are dropped.
@@ -37,13 +41,14 @@ pub(crate) struct Watcher {
 
 /// A socket in the epoll set, with its callback.
 ///
-/// Dropping it removes the callback without running it, then deletes the socket from the epoll
-/// set. Drop it before the socket is closed: it holds a duplicate of the socket's fd, which
-/// keeps the connection open.
+/// [`Watch::stop`], called with the same socket while it is still open, removes the callback
+/// without running it and deletes the socket from the epoll set. Dropping a `Watch` that was
+/// not stopped only removes the callback: the entry stays in the set until every descriptor
+/// of the socket is closed, and an event it reports finds no callback (invariant 1).
 pub(crate) struct Watch {
     handle: Arc<Handle>,
     id: u64,
-    fd: OwnedFd, // the duplicate that is in the epoll set; closed after the delete
+    registered: bool, // in the epoll set: cleared by `stop`
 }
 
 /// What the watcher task shares with the [`Watcher`] and its [`Watch`]es.
@@ -102,14 +107,20 @@ impl Watcher {
         Ok((Watcher { handle }, task))
     }
 
-    /// Starts watching `fd`, a connected socket: `on_close` runs at most once, on the watcher
-    /// task, when the peer closes or resets the connection.
+    /// Starts watching `fd`, a connected socket, itself (no duplicate: one fd per
+    /// connection): `on_close` runs at most once, on the watcher task, when the peer closes
+    /// or resets the connection, or with `half_close` only when it resets it or both
+    /// directions are shut.
     ///
     /// If the peer is already gone, `on_close` may run before this returns. On an error (`fd`
-    /// is not something epoll can watch, or fds ran out) `on_close` is dropped without
-    /// running.
-    pub(crate) fn watch(&self, fd: BorrowedFd<'_>, on_close: OnClose) -> io::Result<Watch> {
-        let fd = fd.try_clone_to_owned()?;
+    /// is not something epoll can watch, or the kernel's epoll memory ran out) `on_close` is
+    /// dropped without running. Call [`Watch::stop`] with the same socket before closing it.
+    pub(crate) fn watch(
+        &self,
+        fd: BorrowedFd<'_>,
+        half_close: bool,
+        on_close: OnClose,
+    ) -> io::Result<Watch> {
         let shared = &self.handle.shared;
         let id = {
             let mut registry = shared.registry();
@@ -119,12 +130,12 @@ impl Watcher {
             id
         };
         // Invariant 2: registered before it can be reported.
-        if let Err(err) = epoll::add(
-            shared.epoll.get_ref(),
-            &fd,
-            EventData::new_u64(id),
-            INTEREST,
-        ) {
+        let interest = if half_close {
+            INTEREST_HALF_CLOSE
+        } else {
+            INTEREST
+        };
+        if let Err(err) = epoll::add(shared.epoll.get_ref(), fd, EventData::new_u64(id), interest) {
             let on_close = shared.registry().callbacks.remove(&id);
             drop(on_close);
             return Err(err.into());
@@ -132,7 +143,7 @@ impl Watcher {
         Ok(Watch {
             handle: Arc::clone(&self.handle),
             id,
-            fd,
+            registered: true,
         })
     }
 }
@@ -146,19 +157,41 @@ impl Watch {
             on_close();
         }
     }
-}
 
-impl Drop for Watch {
-    fn drop(&mut self) {
-        let shared = &self.handle.shared;
-        // Invariant 3: out of the registry first, so an event that comes now is ignored.
-        let on_close = shared.registry().callbacks.remove(&self.id);
-        drop(on_close);
-        match epoll::delete(shared.epoll.get_ref(), &self.fd) {
+    /// Stops the watch: removes the callback without running it, then deletes `fd` from the
+    /// epoll set. `fd` must be the socket given to [`Watcher::watch`], still open: the
+    /// kernel finds the entry by the open socket and its number, so a number that was
+    /// reused by another socket cannot reach it. Idempotent.
+    pub(crate) fn stop(&mut self, fd: BorrowedFd<'_>) {
+        self.forget();
+        if !std::mem::replace(&mut self.registered, false) {
+            return;
+        }
+        match epoll::delete(self.handle.shared.epoll.get_ref(), fd) {
             Ok(()) | Err(Errno::NOENT | Errno::BADF) => {}
             Err(err) => {
                 tracing::warn!(id = self.id, %err, "connection watcher: EPOLL_CTL_DEL failed")
             }
+        }
+    }
+
+    /// Invariant 3: out of the registry first, so an event that comes now is ignored.
+    fn forget(&self) {
+        let on_close = self.handle.shared.registry().callbacks.remove(&self.id);
+        drop(on_close);
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.forget();
+        if self.registered {
+            // No socket to delete it through: the kernel drops the entry when the socket's
+            // last descriptor closes; until then its events find no callback.
+            tracing::debug!(
+                id = self.id,
+                "connection watcher: a watch dropped without stop"
+            );
         }
     }
 }
@@ -285,7 +318,7 @@ impl fmt::Debug for Watch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Watch")
             .field("id", &self.id)
-            .field("fd", &self.fd)
+            .field("registered", &self.registered)
             .finish_non_exhaustive()
     }
 }
@@ -295,5 +328,13 @@ impl Watcher {
     /// A watcher and its task, to see the task end.
     pub(super) fn start_for_test() -> io::Result<(Watcher, JoinHandle<()>)> {
         Self::start()
+    }
+
+    /// How many sockets the epoll set holds, as the kernel lists them.
+    pub(super) fn entries_for_test(&self) -> usize {
+        use std::os::fd::AsRawFd;
+        let fd = self.handle.shared.epoll.get_ref().as_raw_fd();
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap();
+        info.lines().filter(|line| line.starts_with("tfd:")).count()
     }
 }

@@ -30,7 +30,12 @@ impl Watcher {
     }
 
     /// Keeps `on_close` for [`Watch::fire`]; the socket is not watched.
-    pub(crate) fn watch(&self, _socket: Socket<'_>, on_close: OnClose) -> io::Result<Watch> {
+    pub(crate) fn watch(
+        &self,
+        _socket: Socket<'_>,
+        _half_close: bool,
+        on_close: OnClose,
+    ) -> io::Result<Watch> {
         Ok(Watch {
             on_close: Mutex::new(Some(on_close)),
         })
@@ -48,6 +53,16 @@ impl Watch {
         if let Some(on_close) = on_close {
             on_close();
         }
+    }
+}
+
+impl Watch {
+    /// Drops the callback without running it.
+    pub(crate) fn stop(&mut self, _socket: Socket<'_>) {
+        self.on_close
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
     }
 }
 

@@ -8,72 +8,147 @@ use std::task::{Context, Poll};
 use pin_project_lite::pin_project;
 use reqctx::{Canceler, Cause};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
 
 use super::Watch;
-use crate::ConnectionContext;
+use crate::conn::server_closed;
+use crate::listener::{AsSocket, borrow};
+use crate::{ConnectionContext, HandlerPanicked};
 
 pin_project! {
     /// An accepted connection's IO, watched for the client's close, with the connection's
     /// [`ConnectionContext`].
     ///
-    /// [`serve`](crate::serve()) and `WatchedListener` (feature `axum`) make these:
-    /// the connection context is cancelled with
-    /// [`Cause::ClientDisconnected`](reqctx::Cause::ClientDisconnected) when the connection
-    /// watcher sees the client close (FIN, including a half-close) or reset the connection,
-    /// when a read returns end-of-file or an error, or when a write, flush or shutdown fails:
-    /// in each case the connection is gone, whether or not the OS reported its close.
-    /// Dropping the `WatchedIo` stops the watch, then closes the IO. It does not cancel the
-    /// connection context: a connection the server ends (keep-alive over, a protocol error,
-    /// a panic unwinding through a handler) is not a cause for the requests on it, which
-    /// record their own as hyper drops them. Shutdown reaches it through the root.
+    /// [`serve`](crate::serve()) and `WatchedListener` (feature `axum`) make these. The
+    /// connection context ends when the connection does, from either side:
+    /// - with [`Cause::ClientDisconnected`] when the connection watcher sees the client close
+    ///   (FIN) or reset the connection, when a read returns end-of-file or an error, or when a
+    ///   write, flush or shutdown fails: in each case the connection is gone, whether or not
+    ///   the OS reported its close. Under [`Serve::half_close`](crate::Serve::half_close) a
+    ///   FIN and an end-of-file are not a close; a reset and a failed write still are.
+    /// - when the `WatchedIo` is dropped (the server closed the connection: keep-alive over,
+    ///   `connection: close`, a timeout, a protocol error, an upgraded connection's IO
+    ///   dropped), with [`ServerClosed`](crate::ServerClosed), or with [`Cause::Shutdown`]
+    ///   if the server was shutting down, or with [`HandlerPanicked`] if a handler's panic
+    ///   unwinds through the connection's task (HTTP/1). Before that, whatever requests left on the
+    ///   connection ([`ConnectionContext`] holds an upgraded request) is dropped, so such a
+    ///   request records its own end first; requests that already ended keep their causes.
+    ///
+    /// Dropping it deletes the socket from the watcher's epoll set through the still-open
+    /// socket, then closes the IO: one file descriptor per connection.
     ///
     /// Reads and writes go straight to the wrapped IO.
     #[derive(Debug)]
-    pub struct WatchedIo<I> {
-        // Declared before `io` so it is dropped first: the watch holds a duplicate of the fd
-        // and must leave the epoll set before the socket closes.
+    pub struct WatchedIo<I>
+    where
+        I: AsSocket,
+    {
         watch: Option<Watch>,
-        // Also held, weakly, by the watch's callback.
-        canceler: Owner,
-        conn: ConnectionContext,
+        end: Ending,
         #[pin]
         io: I,
+        // Declared after `io`: the connection's slot is given back once its socket is closed.
+        permit: Option<OwnedSemaphorePermit>,
+    }
+
+    impl<I> PinnedDrop for WatchedIo<I>
+    where
+        I: AsSocket,
+    {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(watch) = this.watch {
+                // Through the socket, while it is still open: invariant 4 of the watcher.
+                watch.stop(borrow(this.io.as_ref().get_ref()));
+            }
+            this.end.server_closed();
+        }
     }
 }
 
-impl<I> WatchedIo<I> {
+/// How the connection's context ends: owns its canceler.
+#[derive(Debug)]
+struct Ending {
+    conn: ConnectionContext,
+    canceler: Option<Arc<Canceler>>, // also held, weakly, by the watch's callback
+    half_close: bool,                // an end-of-file is not the client leaving
+    draining: Option<CancellationToken>, // cancelled: a server close is the shutdown's
+}
+
+impl Ending {
+    /// The IO is being dropped: held requests end first, then the connection, with the
+    /// server's cause unless the client's came first.
+    fn server_closed(&mut self) {
+        self.conn.release_held();
+        if let Some(canceler) = self.canceler.take() {
+            let shutdown = self
+                .draining
+                .as_ref()
+                .is_some_and(CancellationToken::is_cancelled);
+            let cause = if std::thread::panicking() {
+                // A handler's panic unwinds through the connection's task, which drops this
+                // IO before the request it was serving: that request, and the connection,
+                // end because of the panic, not the server's choice.
+                Cause::custom(HandlerPanicked)
+            } else if shutdown {
+                Cause::Shutdown
+            } else {
+                server_closed()
+            };
+            canceler.cancel_with(cause);
+        }
+    }
+}
+
+/// The parts of a [`WatchedIo`] besides its IO and watch.
+#[derive(Debug)]
+pub(crate) struct Parts {
+    pub(crate) conn: ConnectionContext,
+    pub(crate) canceler: Option<Arc<Canceler>>,
+    pub(crate) half_close: bool,
+    pub(crate) draining: Option<CancellationToken>,
+    pub(crate) permit: Option<OwnedSemaphorePermit>,
+}
+
+impl<I: AsSocket> WatchedIo<I> {
     /// Wraps `io`; with no `watch` it only delegates. Its connection context is never
     /// cancelled.
     #[cfg(test)]
     pub(crate) fn new(io: I, watch: Option<Watch>) -> Self {
         let conn = ConnectionContext::new(reqctx::Context::background(), None);
-        WatchedIo {
-            watch,
-            canceler: Owner(None),
-            conn,
+        Self::with_parts(
             io,
-        }
+            watch,
+            Parts {
+                conn,
+                canceler: None,
+                half_close: false,
+                draining: None,
+                permit: None,
+            },
+        )
     }
 
-    /// Wraps `io` of the connection `conn`, which `canceler` cancels; the watch's callback,
-    /// if there is a watch, cancels it too.
-    pub(crate) fn with_connection(
-        io: I,
-        watch: Option<Watch>,
-        conn: ConnectionContext,
-        canceler: Arc<Canceler>,
-    ) -> Self {
+    /// Wraps `io` of the connection `parts.conn`, which `parts.canceler` cancels; the
+    /// watch's callback, if there is a watch, cancels it too.
+    pub(crate) fn with_parts(io: I, watch: Option<Watch>, parts: Parts) -> Self {
         WatchedIo {
             watch,
-            canceler: Owner(Some(canceler)),
-            conn,
+            end: Ending {
+                conn: parts.conn,
+                canceler: parts.canceler,
+                half_close: parts.half_close,
+                draining: parts.draining,
+            },
             io,
+            permit: parts.permit,
         }
     }
 
     /// The connection's context and peer address.
     pub fn connection(&self) -> &ConnectionContext {
-        &self.conn
+        &self.end.conn
     }
 
     /// The wrapped IO, e.g. for its peer address.
@@ -88,44 +163,33 @@ impl<I> WatchedIo<I> {
     }
 }
 
-/// Owns the connection context's canceler; disarms it when dropped (see [`WatchedIo`]).
-#[derive(Debug)]
-struct Owner(Option<Arc<Canceler>>);
-
-impl Drop for Owner {
-    fn drop(&mut self) {
-        // If the watch's callback holds it right now, it is cancelling: let it.
-        if let Some(Ok(canceler)) = self.0.take().map(Arc::try_unwrap) {
-            canceler.disarm();
-        }
+/// The connection is gone: cancels the connection context with `ClientDisconnected` now,
+/// and runs the watch's callback if it has not run. Cancelling here rather than only
+/// through the callback matters: the watcher task may have taken the callback (the OS
+/// reported the close) and not run it yet, and the IO's drop, which may come next, must
+/// not get in first with the server's cause.
+fn gone(watch: &Option<Watch>, end: &Ending) {
+    if let Some(canceler) = &end.canceler {
+        canceler.cancel_with(Cause::ClientDisconnected);
     }
-}
-
-/// The connection is gone: runs the watch's callback if it has not run, or, with no watch,
-/// cancels the connection context itself.
-fn gone(watch: &Option<Watch>, canceler: &Option<Arc<Canceler>>) {
-    match (watch, canceler) {
-        (Some(watch), _) => watch.fire(),
-        (None, Some(canceler)) => {
-            canceler.cancel_with(Cause::ClientDisconnected);
-        }
-        (None, None) => {}
+    if let Some(watch) = watch {
+        watch.fire();
     }
 }
 
 /// Calls [`gone`] if `poll` is an error, and returns `poll`.
 fn gone_on_err<T>(
     watch: &Option<Watch>,
-    canceler: &Option<Arc<Canceler>>,
+    end: &Ending,
     poll: Poll<io::Result<T>>,
 ) -> Poll<io::Result<T>> {
     if let Poll::Ready(Err(_)) = &poll {
-        gone(watch, canceler);
+        gone(watch, end);
     }
     poll
 }
 
-impl<I: AsyncRead> AsyncRead for WatchedIo<I> {
+impl<I: AsyncRead + AsSocket> AsyncRead for WatchedIo<I> {
     #[inline]
     fn poll_read(
         self: Pin<&mut Self>,
@@ -138,17 +202,23 @@ impl<I: AsyncRead> AsyncRead for WatchedIo<I> {
         let poll = this.io.poll_read(cx, buf);
         // End-of-file (nothing read into a buffer with room) is the client's FIN: fire now,
         // so the cause is recorded before the server acts on it (and before dropping this IO
-        // cancels the connection with a lesser cause).
+        // cancels the connection with a lesser cause). Under half-close it is only the end
+        // of the client's requests.
         let eof = asked && matches!(poll, Poll::Ready(Ok(()))) && buf.filled().len() == before;
+        if !eof && buf.filled().len() > before {
+            this.end.conn.heard();
+        }
         if eof {
-            gone(this.watch, &this.canceler.0);
+            if !this.end.half_close {
+                gone(this.watch, this.end);
+            }
             return poll;
         }
-        gone_on_err(this.watch, &this.canceler.0, poll)
+        gone_on_err(this.watch, this.end, poll)
     }
 }
 
-impl<I: AsyncWrite> AsyncWrite for WatchedIo<I> {
+impl<I: AsyncWrite + AsSocket> AsyncWrite for WatchedIo<I> {
     #[inline]
     fn poll_write(
         self: Pin<&mut Self>,
@@ -156,7 +226,7 @@ impl<I: AsyncWrite> AsyncWrite for WatchedIo<I> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
-        gone_on_err(this.watch, &this.canceler.0, this.io.poll_write(cx, buf))
+        gone_on_err(this.watch, this.end, this.io.poll_write(cx, buf))
     }
 
     #[inline]
@@ -166,11 +236,7 @@ impl<I: AsyncWrite> AsyncWrite for WatchedIo<I> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
-        gone_on_err(
-            this.watch,
-            &this.canceler.0,
-            this.io.poll_write_vectored(cx, bufs),
-        )
+        gone_on_err(this.watch, this.end, this.io.poll_write_vectored(cx, bufs))
     }
 
     #[inline]
@@ -181,12 +247,12 @@ impl<I: AsyncWrite> AsyncWrite for WatchedIo<I> {
     #[inline]
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.project();
-        gone_on_err(this.watch, &this.canceler.0, this.io.poll_flush(cx))
+        gone_on_err(this.watch, this.end, this.io.poll_flush(cx))
     }
 
     #[inline]
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.project();
-        gone_on_err(this.watch, &this.canceler.0, this.io.poll_shutdown(cx))
+        gone_on_err(this.watch, this.end, this.io.poll_shutdown(cx))
     }
 }

@@ -9,20 +9,25 @@
 //! On Linux a [`Watcher`] is one epoll instance of our own, itself registered with tokio through
 //! [`AsyncFd`](tokio::io::unix::AsyncFd), and one task that drains it. Each socket is held with
 //! `EPOLLRDHUP | EPOLLET` and no `EPOLLIN`, so a data packet wakes nobody: the task wakes once
-//! per closing connection, with no polling. The invariants:
+//! per closing connection, with no polling. Under half-close (`Serve::half_close`) it is held
+//! with `EPOLLET` alone: a FIN is then not a close, and only a reset (`EPOLLERR`) or both
+//! directions shut (`EPOLLHUP`) are reported. The invariants:
 //!
 //! 1. A watch is keyed by a connection id, a counter that is never reused, stored in the epoll
 //!    event; never by fd number. An event for an id that is no longer registered is ignored.
 //! 2. The callback is in the registry before the socket is added to the epoll set, so an event
 //!    that is ready at once (the client already left) is not lost.
 //! 3. A callback runs at most once: whoever removes it from the registry (the watcher task, or
-//!    [`Watch::fire`]) runs it, after releasing the lock. Dropping the [`Watch`] removes it
-//!    first, then deletes the socket from the epoll set, so no callback starts after its
-//!    [`Watch`] was dropped (one the task had already taken may still be finishing).
-//! 4. The epoll set holds a duplicate of the socket's fd, owned by the [`Watch`]: the entry can
-//!    be deleted by a handle that is ours, and no fd number can be reused under it. The
-//!    [`Watch`] must still be dropped before the socket is closed, or its duplicate keeps the
-//!    connection open; [`WatchedIo`] drops them in that order.
+//!    [`Watch::fire`]) runs it, after releasing the lock. [`Watch::stop`] (and dropping a
+//!    [`Watch`]) removes it first, then deletes the socket from the epoll set, so no callback
+//!    starts after that (one the task had already taken may still be finishing).
+//! 4. The epoll set holds the socket's own fd, not a duplicate: one fd per connection.
+//!    [`Watch::stop`] deletes it with `EPOLL_CTL_DEL` through the still-open socket, before
+//!    the socket closes; [`WatchedIo`]'s drop does so. Relying on the kernel's removal at
+//!    the last close is not enough: it removes an entry only when every descriptor of the
+//!    open file is closed (a fork, `try_clone` or SCM_RIGHTS keep it alive). Should an entry
+//!    stay behind anyway, invariant 1 makes its events harmless, and a new socket that gets
+//!    the same fd number is a different entry (the kernel keys entries by file and number).
 //! 5. The task ends when the [`Watcher`] and every [`Watch`] are dropped.
 //!
 //! Limits: a FIN queued behind a full receive window (the server stopped reading a large
@@ -43,6 +48,7 @@ mod tests;
 pub(crate) use epoll::{Watch, Watcher};
 #[cfg(not(target_os = "linux"))]
 pub(crate) use fallback::{Watch, Watcher};
+pub(crate) use io::Parts;
 pub use io::WatchedIo;
 
 /// What runs when the peer closes: at most once.

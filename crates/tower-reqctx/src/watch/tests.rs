@@ -1,8 +1,8 @@
 //! Real sockets on 127.0.0.1. Every wait is for an event; a timeout only bounds a failure.
 
 use std::os::fd::{AsFd, AsRawFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -50,7 +50,7 @@ async fn fin_before_any_read_fires() {
     let listener = listen().await;
     let (client, server) = connect(&listener).await;
     let (on_close, rx) = signal();
-    let _watch = watcher.watch(server.as_fd(), on_close).unwrap();
+    let _watch = watcher.watch(server.as_fd(), false, on_close).unwrap();
 
     drop(client);
     fired(rx).await;
@@ -63,7 +63,7 @@ async fn fin_behind_unread_data_fires() {
     let listener = listen().await;
     let (mut client, mut server) = connect(&listener).await;
     let (on_close, rx) = signal();
-    let watch = watcher.watch(server.as_fd(), on_close).unwrap();
+    let watch = watcher.watch(server.as_fd(), false, on_close).unwrap();
 
     let body = vec![b'x'; 64 * 1024];
     timeout(BOUND, client.write_all(&body))
@@ -86,7 +86,7 @@ async fn rst_fires() {
     let listener = listen().await;
     let (client, server) = connect(&listener).await;
     let (on_close, rx) = signal();
-    let _watch = watcher.watch(server.as_fd(), on_close).unwrap();
+    let _watch = watcher.watch(server.as_fd(), false, on_close).unwrap();
 
     // `std`'s `set_linger` is unstable; tokio's `set_zero_linger` is the same `SO_LINGER`.
     client.set_zero_linger().unwrap();
@@ -102,7 +102,9 @@ async fn data_does_not_fire() {
     let listener = listen().await;
     let (mut quiet_client, quiet_server) = connect(&listener).await;
     let (on_close, mut quiet_rx) = signal();
-    let _quiet_watch = watcher.watch(quiet_server.as_fd(), on_close).unwrap();
+    let _quiet_watch = watcher
+        .watch(quiet_server.as_fd(), false, on_close)
+        .unwrap();
 
     for line in ["GET / HTTP/1.1\r\n", "host: a\r\n", "\r\n"] {
         quiet_client.write_all(line.as_bytes()).await.unwrap();
@@ -114,7 +116,9 @@ async fn data_does_not_fire() {
 
     let (control_client, control_server) = connect(&listener).await;
     let (on_close, control_rx) = signal();
-    let _control_watch = watcher.watch(control_server.as_fd(), on_close).unwrap();
+    let _control_watch = watcher
+        .watch(control_server.as_fd(), false, on_close)
+        .unwrap();
     drop(control_client);
     fired(control_rx).await;
     assert_eq!(quiet_rx.try_recv(), Err(TryRecvError::Empty));
@@ -137,12 +141,12 @@ async fn dropped_watch_never_fires_and_fd_reuse_is_harmless() {
     for _ in 0..20 {
         let (old_client, old_server) = connect(&listener).await;
         let (on_close, mut old_rx) = signal();
-        let old_watch = watcher.watch(old_server.as_fd(), on_close).unwrap();
+        let mut old_watch = watcher.watch(old_server.as_fd(), false, on_close).unwrap();
         let old_fd = old_server.as_raw_fd();
         // Connected now, so that its client socket does not take the number freed below.
         let new_client = TcpStream::connect(addr).await.unwrap();
 
-        drop(old_watch);
+        old_watch.stop(old_server.as_fd());
         assert_eq!(old_rx.try_recv(), Err(TryRecvError::Closed));
         drop(old_server);
 
@@ -150,7 +154,7 @@ async fn dropped_watch_never_fires_and_fd_reuse_is_harmless() {
         reused |= new_server.as_raw_fd() == old_fd;
         drop(old_client); // only now: its lower fd number would be taken first
         let (on_close, new_rx) = signal();
-        let _new_watch = watcher.watch(new_server.as_fd(), on_close).unwrap();
+        let _new_watch = watcher.watch(new_server.as_fd(), false, on_close).unwrap();
         drop(new_client);
         fired(new_rx).await;
         if reused {
@@ -168,12 +172,12 @@ async fn late_dropped_watch_leaves_other_watches_alone() {
     let listener = listen().await;
     let (old_client, old_server) = connect(&listener).await;
     let (on_close, mut old_rx) = signal();
-    let old_watch = watcher.watch(old_server.as_fd(), on_close).unwrap();
+    let old_watch = watcher.watch(old_server.as_fd(), false, on_close).unwrap();
     drop(old_server); // wrong order, on purpose
 
     let (new_client, new_server) = connect(&listener).await;
     let (on_close, new_rx) = signal();
-    let _new_watch = watcher.watch(new_server.as_fd(), on_close).unwrap();
+    let _new_watch = watcher.watch(new_server.as_fd(), false, on_close).unwrap();
     drop(old_watch);
     assert_eq!(old_rx.try_recv(), Err(TryRecvError::Closed));
 
@@ -202,7 +206,7 @@ async fn many_connections_each_fire_once() {
                 all_fired.notify_one();
             }
         });
-        let watch = watcher.watch(server.as_fd(), on_close).unwrap();
+        let watch = watcher.watch(server.as_fd(), false, on_close).unwrap();
         clients.push(client);
         servers.push((watch, server));
     }
@@ -216,7 +220,9 @@ async fn many_connections_each_fire_once() {
     }
     let (control_client, control_server) = connect(&listener).await;
     let (on_close, control_rx) = signal();
-    let _control_watch = watcher.watch(control_server.as_fd(), on_close).unwrap();
+    let _control_watch = watcher
+        .watch(control_server.as_fd(), false, on_close)
+        .unwrap();
     drop(control_client);
     fired(control_rx).await;
 
@@ -235,7 +241,9 @@ async fn failed_write_fires() {
     let (_decoy_client, decoy_server) = connect(&listener).await;
     let (client, server) = connect(&listener).await;
     let (on_close, mut rx) = signal();
-    let watch = watcher.watch(decoy_server.as_fd(), on_close).unwrap();
+    let watch = watcher
+        .watch(decoy_server.as_fd(), false, on_close)
+        .unwrap();
     let mut io = WatchedIo::new(server, Some(watch));
 
     client.set_zero_linger().unwrap();
@@ -265,38 +273,81 @@ async fn failed_write_fires() {
     assert_eq!(rx.try_recv(), Ok(()));
 }
 
-/// `WatchedIo` drops its watch before its IO.
+/// `WatchedIo` deletes its socket from the epoll set before the socket closes, through the
+/// socket itself: even when another descriptor of the same socket stays open (a `dup`, a
+/// fork), which the kernel's removal at the last close would not cover.
 #[tokio::test]
-async fn watched_io_drops_the_watch_first() {
-    struct Probe {
-        callback: Weak<()>,
-        watch_was_gone: Arc<AtomicBool>,
-    }
-    impl Drop for Probe {
-        fn drop(&mut self) {
-            let gone = self.callback.upgrade().is_none();
-            self.watch_was_gone.store(gone, Ordering::Relaxed);
-        }
-    }
+async fn watched_io_deletes_its_socket_before_closing_it() {
+    let watcher = Watcher::new().unwrap();
+    let listener = listen().await;
+    let (client, server) = connect(&listener).await;
+    let (on_close, mut rx) = signal();
+    let watch = watcher.watch(server.as_fd(), false, on_close).unwrap();
+    assert_eq!(watcher.entries_for_test(), 1);
+    let dup = server.as_fd().try_clone_to_owned().unwrap();
 
+    drop(WatchedIo::new(server, Some(watch)));
+    assert_eq!(watcher.entries_for_test(), 0);
+    assert_eq!(rx.try_recv(), Err(TryRecvError::Closed));
+    drop(client);
+    drop(dup);
+}
+
+/// One fd per connection: watching opens no descriptor.
+#[tokio::test]
+async fn watching_opens_no_fd() {
+    fn open_fds() -> usize {
+        std::fs::read_dir("/proc/self/fd").unwrap().count()
+    }
     let watcher = Watcher::new().unwrap();
     let listener = listen().await;
     let (_client, server) = connect(&listener).await;
-    let token = Arc::new(());
-    let callback = Arc::downgrade(&token);
-    let watch = watcher
-        .watch(server.as_fd(), Box::new(move || drop(token)))
+    // Other tests open fds concurrently: compare the watch's own count with a retry.
+    let mut equal = false;
+    for _ in 0..20 {
+        let before = open_fds();
+        let (on_close, _rx) = signal();
+        let mut watch = watcher.watch(server.as_fd(), false, on_close).unwrap();
+        let during = open_fds();
+        watch.stop(server.as_fd());
+        if before == during {
+            equal = true;
+            break;
+        }
+    }
+    assert!(equal, "watching a socket opened a descriptor in 20 tries");
+}
+
+/// Under half-close a FIN is not reported; a reset is.
+#[tokio::test]
+async fn half_close_ignores_fin_and_sees_rst() {
+    let watcher = Watcher::new().unwrap();
+    let listener = listen().await;
+    let (mut half_client, half_server) = connect(&listener).await;
+    let (on_close, mut half_rx) = signal();
+    let _half_watch = watcher.watch(half_server.as_fd(), true, on_close).unwrap();
+    half_client.shutdown().await.unwrap(); // FIN
+    // The FIN is in: the server's read returns end-of-file.
+    let mut server = half_server;
+    assert_eq!(server.read(&mut [0; 8]).await.unwrap(), 0);
+
+    // A control connection closed afterwards is reported after the FIN would have been.
+    let (control_client, control_server) = connect(&listener).await;
+    let (on_close, control_rx) = signal();
+    let _control_watch = watcher
+        .watch(control_server.as_fd(), false, on_close)
         .unwrap();
-    let watch_was_gone = Arc::new(AtomicBool::new(false));
-    let io = WatchedIo::new(
-        Probe {
-            callback,
-            watch_was_gone: watch_was_gone.clone(),
-        },
-        Some(watch),
-    );
-    drop(io);
-    assert!(watch_was_gone.load(Ordering::Relaxed));
+    drop(control_client);
+    fired(control_rx).await;
+    assert_eq!(half_rx.try_recv(), Err(TryRecvError::Empty));
+
+    let (reset_client, reset_server) = connect(&listener).await;
+    let (on_close, reset_rx) = signal();
+    let _reset_watch = watcher.watch(reset_server.as_fd(), true, on_close).unwrap();
+    reset_client.set_zero_linger().unwrap();
+    drop(reset_client);
+    fired(reset_rx).await;
+    drop(half_client);
 }
 
 /// The task outlives the `Watcher` while a `Watch` lives, and ends with the last one.
@@ -306,7 +357,7 @@ async fn task_ends_with_the_last_handle() {
     let listener = listen().await;
     let (client, server) = connect(&listener).await;
     let (on_close, rx) = signal();
-    let watch = watcher.watch(server.as_fd(), on_close).unwrap();
+    let watch = watcher.watch(server.as_fd(), false, on_close).unwrap();
     drop(watcher);
 
     drop(client);
@@ -321,7 +372,7 @@ async fn unwatchable_fd_is_an_error() {
     let watcher = Watcher::new().unwrap();
     let file = std::fs::File::open(std::env::current_exe().unwrap()).unwrap();
     let (on_close, mut rx) = signal();
-    let err = watcher.watch(file.as_fd(), on_close).unwrap_err();
+    let err = watcher.watch(file.as_fd(), false, on_close).unwrap_err();
     assert_eq!(
         err.raw_os_error(),
         Some(rustix::io::Errno::PERM.raw_os_error())
@@ -337,12 +388,13 @@ async fn panicking_callback_does_not_stop_the_watcher() {
     let _bad_watch = watcher
         .watch(
             bad_server.as_fd(),
+            false,
             Box::new(|| panic!("on_close panicked (expected by this test)")),
         )
         .unwrap();
     let (good_client, good_server) = connect(&listener).await;
     let (on_close, rx) = signal();
-    let _good_watch = watcher.watch(good_server.as_fd(), on_close).unwrap();
+    let _good_watch = watcher.watch(good_server.as_fd(), false, on_close).unwrap();
 
     drop(bad_client);
     drop(good_client);
@@ -359,7 +411,7 @@ async fn fire_runs_the_callback_once() {
     let on_close = Box::new(move || {
         counter.fetch_add(1, Ordering::Relaxed);
     });
-    let watch = watcher.watch(server.as_fd(), on_close).unwrap();
+    let watch = watcher.watch(server.as_fd(), false, on_close).unwrap();
     watch.fire();
     watch.fire();
     assert_eq!(runs.load(Ordering::Relaxed), 1);
@@ -369,7 +421,9 @@ async fn fire_runs_the_callback_once() {
     drop(client);
     let (control_client, control_server) = connect(&listener).await;
     let (on_close, control_rx) = signal();
-    let _control_watch = watcher.watch(control_server.as_fd(), on_close).unwrap();
+    let _control_watch = watcher
+        .watch(control_server.as_fd(), false, on_close)
+        .unwrap();
     drop(control_client);
     fired(control_rx).await;
     assert_eq!(runs.load(Ordering::Relaxed), 1);
@@ -395,7 +449,7 @@ async fn print_close_latency(runtime: &str) {
         let on_close = Box::new(move || {
             let _ = tx.send(Instant::now());
         });
-        let _watch = watcher.watch(server.as_fd(), on_close).unwrap();
+        let _watch = watcher.watch(server.as_fd(), false, on_close).unwrap();
         let closed = Instant::now();
         drop(client);
         let ran = timeout(BOUND, rx).await.unwrap().unwrap();

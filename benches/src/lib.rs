@@ -51,6 +51,9 @@ pub enum Variant {
     /// `ContextLayer::new().timeout(30s)`; the handler extracts `ReqCtx` and yields once
     /// inside `ctx.run`.
     CtxRun,
+    /// `ContextLayer::new().timeout(30s)`; the handler extracts `ReqCtx` and awaits
+    /// `ctx.run` over work that is ready at once (the base is [`Variant::CtxTimeout`]).
+    CtxRunReady,
     /// `ContextLayer::new()`; the handler extracts `ReqCtx` (the README's setup, with
     /// `tower_reqctx::serve`).
     CtxReqCtx,
@@ -76,7 +79,7 @@ pub enum Variant {
 
 impl Variant {
     /// Every variant, with the name `--variant` takes.
-    pub const ALL: [(Variant, &'static str); 15] = [
+    pub const ALL: [(Variant, &'static str); 16] = [
         (Variant::Bare, "bare"),
         (Variant::Noop, "noop"),
         (Variant::Ctx, "ctx"),
@@ -84,6 +87,7 @@ impl Variant {
         (Variant::Yield, "yield"),
         (Variant::CtxTimeoutYield, "ctx-timeout-yield"),
         (Variant::CtxRun, "ctx-run"),
+        (Variant::CtxRunReady, "ctx-run-ready"),
         (Variant::CtxReqCtx, "ctx-reqctx"),
         (Variant::TowerTimeout, "tower-timeout"),
         (Variant::TowerTimeoutYield, "tower-timeout-yield"),
@@ -140,6 +144,9 @@ impl Variant {
             Variant::CtxRun => Router::new()
                 .route("/", get(ctx_run))
                 .layer(ContextLayer::new().timeout(TIMEOUT)),
+            Variant::CtxRunReady => Router::new()
+                .route("/", get(ctx_run_ready))
+                .layer(ContextLayer::new().timeout(TIMEOUT)),
             Variant::CtxReqCtx => Router::new()
                 .route("/", get(ctx_reqctx))
                 .layer(ContextLayer::new()),
@@ -171,6 +178,10 @@ async fn ctx_run(ctx: ReqCtx) -> Result<&'static str, Cancelled> {
         HELLO
     })
     .await
+}
+
+async fn ctx_run_ready(ctx: ReqCtx) -> Result<&'static str, Cancelled> {
+    ctx.run(async { HELLO }).await
 }
 
 /// How many `/slow` handlers are waiting.

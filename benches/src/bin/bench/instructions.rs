@@ -27,7 +27,7 @@ pub(crate) struct Case {
 
 /// The report's rows, in order: (label, serve call, what it is). Every server runs on a
 /// current-thread runtime.
-pub(crate) const ROWS: [(&str, &str, &str); 16] = [
+pub(crate) const ROWS: [(&str, &str, &str); 17] = [
     (
         "bare",
         "axum",
@@ -62,6 +62,11 @@ pub(crate) const ROWS: [(&str, &str, &str); 16] = [
         "ctx-run",
         "axum",
         "`ContextLayer::new().timeout(30s)`, the handler extracts `ReqCtx` and awaits `ctx.run(yield once)`",
+    ),
+    (
+        "ctx-run-ready",
+        "axum",
+        "`ContextLayer::new().timeout(30s)`, the handler extracts `ReqCtx` and awaits `ctx.run` over work ready at once",
     ),
     (
         "ctx-reqctx",

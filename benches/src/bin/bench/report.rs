@@ -496,6 +496,30 @@ fn cost_rows(cases: &[CaseResult], h2: bool) -> Vec<(String, String, Cell)> {
             verdict(m("ctx-run", "axum").zip(run_target).map(|(a, t)| a <= t)),
         ),
     ));
+    let ready_target = m("ctx-timeout", "axum").map(|t| t + 300.0);
+    rows.push((
+        "the same over work ready at once, no yield (`ctx-run-ready`)".to_owned(),
+        format!(
+            "≤ `ctx-timeout` + 300 ({})",
+            ready_target.map_or("–".into(), int)
+        ),
+        (
+            match (m("ctx-run-ready", "axum"), m("ctx-timeout", "axum")) {
+                (Some(a), Some(t)) => format!(
+                    "{} ({} over `ctx-timeout`); {}",
+                    int(a),
+                    signed(a - t),
+                    x("ctx-run-ready", "axum")
+                ),
+                _ => "–".into(),
+            },
+            verdict(
+                m("ctx-run-ready", "axum")
+                    .zip(ready_target)
+                    .map(|(a, t)| a <= t),
+            ),
+        ),
+    ));
     let serve_x = ratio(cases, "bare", "reqctx", h2);
     rows.push((
         "`tower_reqctx::serve` alone (`serve` `bare`)".to_owned(),
@@ -785,6 +809,7 @@ fn where_it_goes(s: &mut String, cases: &[CaseResult]) {
             ("tower-timeout-yield", "axum"),
         ),
         (("ctx-run", "axum"), ("ctx-timeout-yield", "axum")),
+        (("ctx-run-ready", "axum"), ("ctx-timeout", "axum")),
         (("bare", "reqctx"), ("bare", "axum")),
         (("bare", "reqctx"), ("bare", "reqctx-notimer")),
         (("ctx-reqctx", "reqctx"), ("bare", "reqctx")),

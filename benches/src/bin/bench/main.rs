@@ -36,7 +36,9 @@ const KINDS: [&str; 8] = [
 const USAGE: &str = "usage:
   bench run [--quick] [--md PATH] [--svg PATH] [--template PATH] [--work DIR]
             [--go-peer PATH] [--only instructions,callgrind,allocations,wallclock,detect,lateness,memory,fanout]
-            (--only: the sections not named keep their text from --template)
+            [--repeats N]
+            (--only: the sections not named keep their text from --template;
+             --repeats: two-point measurements per instruction case, 2 by default)
   bench detect --trials N [--patience-ms MS] [--give-up-after N]
   bench fanout --n N --reps R
   bench lateness-client --addr A --n N --probes P --lead-ms L --window-ms W
@@ -202,7 +204,10 @@ pub(crate) struct Results {
 
 fn run_all(args: &[String]) -> Result<(), String> {
     let quick = args.iter().any(|a| a == "--quick");
-    let plan = if quick { Plan::quick() } else { Plan::full() };
+    let mut plan = if quick { Plan::quick() } else { Plan::full() };
+    if let Some(repeats) = flag::<usize>(args, "--repeats")? {
+        plan.ir.repeats = repeats.max(1);
+    }
     let md: PathBuf = flag(args, "--md")?.unwrap_or_else(|| "docs/benchmarks.md".into());
     let svg: PathBuf = flag(args, "--svg")?.unwrap_or_else(|| md.with_extension("svg"));
     let template: PathBuf = flag(args, "--template")?.unwrap_or_else(|| md.clone());

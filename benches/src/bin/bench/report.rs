@@ -63,10 +63,7 @@ pub(crate) fn machine() -> Vec<(String, String)> {
             "date".into(),
             version("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
         ),
-        (
-            "commit".into(),
-            version("git", &["describe", "--always", "--dirty", "--abbrev=10"]),
-        ),
+        ("commit".into(), commit()),
         ("CPU".into(), format!("{} × {model}", crate::procs::cpus())),
         ("memory".into(), mem),
         ("kernel".into(), version("uname", &["-sr"])),
@@ -77,6 +74,30 @@ pub(crate) fn machine() -> Vec<(String, String)> {
         ("h2load".into(), version("h2load", &["--version"])),
         ("go".into(), version("go", &["version"])),
     ]
+}
+
+/// The commit measured: `git rev-parse --short=10 HEAD`, and "+ uncommitted changes" when
+/// the work tree differs from it anywhere but in this report and its chart.
+fn commit() -> String {
+    let head = version("git", &["rev-parse", "--short=10", "HEAD"]);
+    let changed = std::process::Command::new("git")
+        .args([
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+            "--",
+            ".",
+            ":(exclude)docs/benchmarks.md",
+            ":(exclude)docs/benchmarks.svg",
+        ])
+        .output()
+        .map(|o| !o.stdout.is_empty())
+        .unwrap_or(false);
+    if changed {
+        format!("{head} + uncommitted changes")
+    } else {
+        head
+    }
 }
 
 fn locked_version(lock: &str, name: &str) -> String {
@@ -287,11 +308,16 @@ fn generated(r: &Results, old: &str, svg_name: &str) -> String {
     let p = r.plan;
     let total: f64 = r.took.iter().map(|t| t.took.as_secs_f64()).sum();
     let command = format!(
-        "benches/run{}{}",
+        "benches/run{}{}{}",
         if p.quick { " --quick" } else { "" },
         r.only
             .as_ref()
-            .map_or(String::new(), |o| format!(" --only {o}"))
+            .map_or(String::new(), |o| format!(" --only {o}")),
+        if !p.quick && p.ir.repeats != 2 && r.instructions.is_some() {
+            format!(" --repeats {}", p.ir.repeats)
+        } else {
+            String::new()
+        }
     );
     let _ = writeln!(s, "## The layer in a server (`benches/run`)\n");
     if p.quick {
@@ -315,8 +341,9 @@ fn generated(r: &Results, old: &str, svg_name: &str) -> String {
          installs valgrind, wrk, nghttp2-client and golang-go from Debian when missing, \
          builds the servers in release mode and rewrites this part of the file and \
          `docs/benchmarks.svg`), with `benches/run --only instructions,allocations,memory` \
-         to re-measure the costs after a change (a few minutes; the sections it does not \
-         measure keep their last figures, each stamped with the run that made it), or \
+         to re-measure the costs after a change (8 to 14 minutes here, about 5 to 9 with \
+         `--repeats 1`; the sections it does not measure keep their last figures, each \
+         stamped with the run and commit that made it), or \
          `benches/run --quick` (every measurement with tiny counts, under a minute once \
          built; its report goes under the target directory, `bench/quick/`).\n"
     );
@@ -1240,7 +1267,7 @@ pub(crate) fn chart(r: &Results, path: &Path) -> Result<(), String> {
     let tower = ratio(cases, "tower-timeout", "axum", false);
     let top = bars.iter().map(|b| b.2).fold(1.2_f64, f64::max) + 0.08;
     let draw = || -> Result<(), Box<dyn std::error::Error>> {
-        let root = SVGBackend::new(path, (1400, 560)).into_drawing_area();
+        let root = SVGBackend::new(path, (1700, 560)).into_drawing_area();
         root.fill(&WHITE)?;
         let mut chart = ChartBuilder::on(&root)
             .caption(

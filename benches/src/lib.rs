@@ -1,9 +1,10 @@
 //! The benchmark suite of `reqctx`: the servers it measures and the helpers its binaries
 //! share. Run it with `benches/run` (see `docs/benchmarks.md`).
 //!
-//! - `server`: one axum hello world per [`Variant`], served by [`tower_reqctx::serve`] (or
-//!   `axum::serve` with `--serve axum`); SIGTERM shuts it down gracefully, so a profiler
-//!   running it writes its output.
+//! - `server`: one axum hello world per [`Variant`], served by plain `axum::serve`,
+//!   [`tower_reqctx::serve`] or `serve` with hyper's header-read timer off (`--serve`), on a
+//!   current-thread or multi-thread runtime (`--runtime`); SIGTERM shuts it down
+//!   gracefully, so a profiler running it writes its output.
 //! - `bench`: runs every measurement and writes the report; its subcommands are the
 //!   in-process measurements and the load clients it starts as separate processes.
 
@@ -13,6 +14,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::routing::get;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tower_layer::Layer;
 use tower_reqctx::reqctx::Cancelled;
@@ -27,8 +29,9 @@ pub const HELLO: &str = "Hello, World!";
 /// The server timeout of the variants that have one.
 pub const TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How long the memory variants' handlers wait: longer than any measurement.
-pub const SLOW: Duration = Duration::from_secs(3600);
+/// The server timeout of the memory variant with a timer armed: longer than any
+/// measurement.
+pub const SLOW: Duration = Duration::from_secs(2 * 3600);
 
 /// The server variants. Every layer goes through `Router::layer`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,23 +44,34 @@ pub enum Variant {
     Ctx,
     /// `ContextLayer::new().timeout(30s)`.
     CtxTimeout,
-    /// A handler that yields once, no layer: the base for [`Variant::CtxRun`].
+    /// A handler that yields once, no layer: the base of the yielding variants.
     Yield,
+    /// `ContextLayer::new().timeout(30s)` over the handler that yields once.
+    CtxTimeoutYield,
     /// `ContextLayer::new().timeout(30s)`; the handler extracts `ReqCtx` and yields once
     /// inside `ctx.run`.
     CtxRun,
+    /// `ContextLayer::new().timeout(30s)`; the handler extracts `ReqCtx` and awaits
+    /// `ctx.run` over work that is ready at once (the base is [`Variant::CtxTimeout`]).
+    CtxRunReady,
+    /// `ContextLayer::new()`; the handler extracts `ReqCtx` (the README's setup, with
+    /// `tower_reqctx::serve`).
+    CtxReqCtx,
     /// tower-http's `TimeoutLayer`, 30 s.
     TowerTimeout,
     /// tower-http's `TimeoutLayer`, 30 s, over the handler that yields once.
     TowerTimeoutYield,
-    /// Memory: `/slow` waits an hour, no layer; `/inflight` counts the waiting handlers.
-    BareSlow,
-    /// Memory: as [`Variant::BareSlow`] under `ContextLayer::new().timeout(2h)` (the
-    /// deadline timer is armed while the handler waits).
-    CtxSlow,
-    /// Memory: as [`Variant::CtxSlow`], the handler waiting inside `ctx.run` (so the
-    /// context has a waiter and its token).
-    CtxRunSlow,
+    /// Memory: `/slow` parks on a `Notify` nobody notifies, no layer; `/inflight` counts
+    /// the parked handlers.
+    Park,
+    /// Memory: as [`Variant::Park`] under `ContextLayer::new()`.
+    CtxPark,
+    /// Memory: as [`Variant::Park`] under `ContextLayer::new().timeout(2h)` (the deadline
+    /// timer is armed while the handler waits).
+    CtxTimeoutPark,
+    /// Memory: `ContextLayer::new().timeout(2h)`, the handler awaits `ctx.cancelled()`
+    /// (the context has a waiter and a timer).
+    CtxTimeoutCancelled,
     /// Deadline lateness: `/late` waits for its context (the client sets `?timeout=`) and
     /// answers how many microseconds after the deadline it saw the cancellation.
     Lateness,
@@ -65,18 +79,22 @@ pub enum Variant {
 
 impl Variant {
     /// Every variant, with the name `--variant` takes.
-    pub const ALL: [(Variant, &'static str); 12] = [
+    pub const ALL: [(Variant, &'static str); 16] = [
         (Variant::Bare, "bare"),
         (Variant::Noop, "noop"),
         (Variant::Ctx, "ctx"),
         (Variant::CtxTimeout, "ctx-timeout"),
         (Variant::Yield, "yield"),
+        (Variant::CtxTimeoutYield, "ctx-timeout-yield"),
         (Variant::CtxRun, "ctx-run"),
+        (Variant::CtxRunReady, "ctx-run-ready"),
+        (Variant::CtxReqCtx, "ctx-reqctx"),
         (Variant::TowerTimeout, "tower-timeout"),
         (Variant::TowerTimeoutYield, "tower-timeout-yield"),
-        (Variant::BareSlow, "bare-slow"),
-        (Variant::CtxSlow, "ctx-slow"),
-        (Variant::CtxRunSlow, "ctx-run-slow"),
+        (Variant::Park, "park"),
+        (Variant::CtxPark, "ctx-park"),
+        (Variant::CtxTimeoutPark, "ctx-timeout-park"),
+        (Variant::CtxTimeoutCancelled, "ctx-timeout-cancelled"),
         (Variant::Lateness, "lateness"),
     ];
 
@@ -120,18 +138,32 @@ impl Variant {
                 .route("/", get(hello))
                 .layer(ContextLayer::new().timeout(TIMEOUT)),
             Variant::Yield => Router::new().route("/", get(yielding)),
+            Variant::CtxTimeoutYield => Router::new()
+                .route("/", get(yielding))
+                .layer(ContextLayer::new().timeout(TIMEOUT)),
             Variant::CtxRun => Router::new()
                 .route("/", get(ctx_run))
                 .layer(ContextLayer::new().timeout(TIMEOUT)),
+            Variant::CtxRunReady => Router::new()
+                .route("/", get(ctx_run_ready))
+                .layer(ContextLayer::new().timeout(TIMEOUT)),
+            Variant::CtxReqCtx => Router::new()
+                .route("/", get(ctx_reqctx))
+                .layer(ContextLayer::new()),
             Variant::TowerTimeout => Router::new().route("/", get(hello)).layer(tower_timeout()),
             Variant::TowerTimeoutYield => Router::new()
                 .route("/", get(yielding))
                 .layer(tower_timeout()),
-            Variant::BareSlow => slow_routes(Router::new().route("/slow", get(slow))),
-            Variant::CtxSlow => slow_routes(Router::new().route("/slow", get(slow)))
-                .layer(ContextLayer::new().timeout(2 * SLOW)),
-            Variant::CtxRunSlow => slow_routes(Router::new().route("/slow", get(slow_ctx_run)))
-                .layer(ContextLayer::new().timeout(2 * SLOW)),
+            Variant::Park => slow_routes(Router::new().route("/slow", get(park))),
+            Variant::CtxPark => {
+                slow_routes(Router::new().route("/slow", get(park))).layer(ContextLayer::new())
+            }
+            Variant::CtxTimeoutPark => slow_routes(Router::new().route("/slow", get(park)))
+                .layer(ContextLayer::new().timeout(SLOW)),
+            Variant::CtxTimeoutCancelled => {
+                slow_routes(Router::new().route("/slow", get(park_cancelled)))
+                    .layer(ContextLayer::new().timeout(SLOW))
+            }
             Variant::Lateness => Router::new()
                 .route("/late", get(late))
                 // The handler answers for itself after the deadline.
@@ -148,6 +180,10 @@ async fn ctx_run(ctx: ReqCtx) -> Result<&'static str, Cancelled> {
     .await
 }
 
+async fn ctx_run_ready(ctx: ReqCtx) -> Result<&'static str, Cancelled> {
+    ctx.run(async { HELLO }).await
+}
+
 /// How many `/slow` handlers are waiting.
 static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 
@@ -158,16 +194,23 @@ fn slow_routes(router: Router) -> Router {
     )
 }
 
-async fn slow() -> &'static str {
+/// What the parked handlers wait on; nothing notifies it.
+static PARKED: Notify = Notify::const_new();
+
+async fn park() -> &'static str {
     IN_FLIGHT.fetch_add(1, Ordering::Relaxed);
-    tokio::time::sleep(SLOW).await;
+    PARKED.notified().await;
     HELLO
 }
 
-async fn slow_ctx_run(ctx: ReqCtx) -> Result<&'static str, Cancelled> {
+async fn park_cancelled(ctx: ReqCtx) -> &'static str {
     IN_FLIGHT.fetch_add(1, Ordering::Relaxed);
-    ctx.run(tokio::time::sleep(SLOW)).await?;
-    Ok(HELLO)
+    ctx.cancelled().await;
+    HELLO
+}
+
+async fn ctx_reqctx(_ctx: ReqCtx) -> &'static str {
+    HELLO
 }
 
 /// Waits for the context; answers how late after its deadline the wait ended, in µs.

@@ -1,4 +1,12 @@
-//! One benchmark server: `server --variant NAME --port N [--workers 1] [--serve reqctx|axum]`.
+//! One benchmark server:
+//! `server --variant NAME --port N [--serve reqctx|reqctx-notimer|axum]
+//! [--runtime current-thread|multi-thread] [--workers 1]`.
+//!
+//! `--serve`: `tower_reqctx::serve` as it ships (`reqctx`, the default), the same with
+//! hyper's HTTP/1 header-read timer off (`reqctx-notimer`, to isolate that timer's cost:
+//! `serve` arms it for every request, plain `axum::serve` does not), or plain `axum::serve`.
+//! `--runtime`: tokio's current-thread runtime, or the multi-thread one with `--workers`
+//! workers (the default).
 //!
 //! Prints `ready ADDR` once it listens. SIGTERM (or SIGINT) shuts it down gracefully and the
 //! process exits, so valgrind writes its profile.
@@ -24,14 +32,25 @@ fn run() -> Result<(), String> {
     let port: u16 = flag(&args, "--port")?.unwrap_or(0);
     let workers: usize = flag(&args, "--workers")?.unwrap_or(1);
     let serve: String = flag(&args, "--serve")?.unwrap_or_else(|| "reqctx".to_owned());
-    if serve != "reqctx" && serve != "axum" {
-        return Err(format!("--serve reqctx|axum, not {serve:?}"));
+    if !["reqctx", "reqctx-notimer", "axum"].contains(&serve.as_str()) {
+        return Err(format!("--serve reqctx|reqctx-notimer|axum, not {serve:?}"));
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
+    let runtime: String = flag(&args, "--runtime")?.unwrap_or_else(|| "multi-thread".to_owned());
+    let rt = match runtime.as_str() {
+        "current-thread" => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        "multi-thread" => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build(),
+        _ => {
+            return Err(format!(
+                "--runtime current-thread|multi-thread, not {runtime:?}"
+            ));
+        }
+    }
+    .map_err(|e| e.to_string())?;
     rt.block_on(async move {
         let listener = listen(port).map_err(|e| format!("bind 127.0.0.1:{port}: {e}"))?;
         let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
@@ -47,9 +66,15 @@ fn run() -> Result<(), String> {
             listener.local_addr().map_err(|e| e.to_string())?
         );
         let app = variant.app();
-        let served = if serve == "reqctx" {
+        let served = if serve != "axum" {
+            let timer = serve == "reqctx";
             tower_reqctx::serve(listener, app)
                 .drain_timeout(Duration::from_millis(200))
+                .http_builder(|builder| {
+                    if !timer {
+                        builder.http1().header_read_timeout(None);
+                    }
+                })
                 .with_graceful_shutdown(stop)
                 .into_future()
                 .await

@@ -1,6 +1,12 @@
 //! Heap allocations per request: the server under `valgrind --tool=dhat`, two-point as
-//! for the instruction counts, in all and by allocation site (the first frame that is not
-//! allocator plumbing: `Box::new`, `Arc::new`, `RawVec`, hashbrown's growth…).
+//! for the instruction counts, in all and by allocation site.
+//!
+//! How a site is named: DHAT records the full stack of every allocation; the site is the
+//! first frame, walking out from `malloc`, that is not allocator plumbing (`Box::new`,
+//! `Arc::new`, `RawVec`, hashbrown's growth…), so an `Arc::new` in `CancelNode::new` is
+//! counted as `CancelNode::new`, followed by the next such frame, its caller
+//! (`HashMap::insert ← Extensions::insert`). Inlining can move a site into its caller; the
+//! counts and bytes are exact either way.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -46,7 +52,8 @@ pub(crate) struct CaseAllocations {
     pub(crate) sites: Sites,
 }
 
-/// Every HTTP/1.1 case under `serve` (`quick`: bare, noop and ctx).
+/// Every HTTP/1.1 case under plain `axum::serve` and `serve` (`quick`: bare, noop and ctx
+/// under `axum::serve`).
 pub(crate) fn measure(
     bins: &Bins,
     dir: &Path,
@@ -55,12 +62,12 @@ pub(crate) fn measure(
     let mut all = Vec::new();
     for case in cases(settings.quick)
         .into_iter()
-        .filter(|c| !c.h2 && c.serve == "reqctx")
-        .filter(|c| !settings.quick || ["bare", "noop", "ctx"].contains(&c.label))
+        .filter(|c| !c.h2 && c.serve != "reqctx-notimer")
+        .filter(|c| !settings.quick || c.serve == "axum")
     {
         let mut points = Vec::new();
         for n in [settings.n1, settings.n2] {
-            let name = format!("dhat-{}-{n}", case.label);
+            let name = format!("dhat-{}-{}-{n}", case.label, case.serve);
             let out = dir.join(format!("{name}.json"));
             let tool = [
                 "--tool=dhat".to_owned(),
@@ -102,13 +109,20 @@ fn parse(path: &Path) -> Result<Sites, String> {
         .collect();
     let mut sites = Sites::new();
     for pp in json["pps"].as_array().ok_or("no pps")? {
-        let site = pp["fs"]
+        let named: Vec<String> = pp["fs"]
             .as_array()
             .into_iter()
             .flatten()
             .filter_map(|i| frames.get(i.as_u64()? as usize).copied())
-            .find(|f| !PLUMBING.iter().any(|p| f.contains(p)))
-            .map_or("?".to_owned(), site_name);
+            .filter(|f| !PLUMBING.iter().any(|p| f.contains(p)))
+            .take(2)
+            .map(site_name)
+            .collect();
+        let site = if named.is_empty() {
+            "?".to_owned()
+        } else {
+            named.join(" ← ")
+        };
         let entry = sites.entry(site).or_default();
         entry.0 += pp["tbk"].as_f64().unwrap_or(0.0);
         entry.1 += pp["tb"].as_f64().unwrap_or(0.0);

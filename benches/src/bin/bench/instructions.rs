@@ -1,6 +1,6 @@
-//! Instructions per request: the server under `valgrind --tool=cachegrind --cache-sim=no`,
-//! two-point, `(Ir(N2) − Ir(N1)) / (N2 − N1)` with `h2load -n N -c 8`, so start-up,
-//! connection set-up and shutdown cancel out.
+//! Instructions per request: the server (current-thread runtime) under
+//! `valgrind --tool=cachegrind --cache-sim=no`, two-point, `(Ir(N2) − Ir(N1)) / (N2 − N1)`
+//! with `h2load -n N -c 8`, so start-up, connection set-up and shutdown cancel out.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -15,37 +15,86 @@ use crate::procs::{Bins, Spawned, run};
 pub(crate) struct Case {
     pub(crate) label: &'static str,
     pub(crate) variant: &'static str,
-    pub(crate) serve: &'static str, // "reqctx" (tower_reqctx::serve) or "axum" (axum::serve)
+    /// `axum` (plain `axum::serve`), `reqctx` (`tower_reqctx::serve` as it ships) or
+    /// `reqctx-notimer` (the same with hyper's header-read timer off).
+    pub(crate) serve: &'static str,
     pub(crate) path: &'static str,
     pub(crate) h2: bool,
-    pub(crate) base: &'static str, // the label this case's ratio is taken against
+    /// The row the Δ column is taken against (label, serve): the same handler without
+    /// the layer. Every ratio is to `bare` under plain `axum::serve` instead.
+    pub(crate) base: (&'static str, &'static str),
 }
 
-/// The labels of the variants, in the report's order, with what each is.
-pub(crate) const VARIANTS: [(&str, &str); 10] = [
-    ("bare", "axum hello world, no layer"),
-    ("noop", "a pass-through `Layer` that does nothing"),
-    ("ctx", "`ContextLayer::new()` (no timeout)"),
-    ("ctx-timeout", "`ContextLayer::new().timeout(30s)`"),
+/// The report's rows, in order: (label, serve call, what it is). Every server runs on a
+/// current-thread runtime.
+pub(crate) const ROWS: [(&str, &str, &str); 17] = [
+    (
+        "bare",
+        "axum",
+        "axum hello world, no layer, plain `axum::serve`: **the denominator of every ratio**",
+    ),
+    ("noop", "axum", "a do-nothing `Router::layer`"),
+    ("ctx", "axum", "`Router::layer(ContextLayer::new())`"),
+    ("ctx-timeout", "axum", "`ContextLayer::new().timeout(30s)`"),
+    ("tower-timeout", "axum", "tower-http `TimeoutLayer` 30 s"),
     (
         "bare-query",
+        "axum",
         "no layer, every request with `?timeout=30s` (the base of `ctx-query`)",
     ),
     (
         "ctx-query",
+        "axum",
         "`ContextLayer::new()`, every request with `?timeout=30s`",
     ),
-    ("tower-timeout", "tower-http `TimeoutLayer` 30 s"),
-    ("yield", "no layer, the handler yields once"),
+    ("yield", "axum", "no layer, the handler yields once"),
     (
-        "ctx-run",
-        "`ContextLayer::new().timeout(30s)`, handler extracts `ReqCtx`, `ctx.run(yield once)`",
+        "ctx-timeout-yield",
+        "axum",
+        "`ContextLayer::new().timeout(30s)`, the handler yields once",
     ),
     (
         "tower-timeout-yield",
+        "axum",
         "tower-http `TimeoutLayer` 30 s, the handler yields once",
     ),
+    (
+        "ctx-run",
+        "axum",
+        "`ContextLayer::new().timeout(30s)`, the handler extracts `ReqCtx` and awaits `ctx.run(yield once)`",
+    ),
+    (
+        "ctx-run-ready",
+        "axum",
+        "`ContextLayer::new().timeout(30s)`, the handler extracts `ReqCtx` and awaits `ctx.run` over work ready at once",
+    ),
+    (
+        "ctx-reqctx",
+        "axum",
+        "`ContextLayer::new()`, the handler extracts `ReqCtx`",
+    ),
+    (
+        "bare",
+        "reqctx-notimer",
+        "`tower_reqctx::serve` with hyper's header-read timer off (`http1().header_read_timeout(None)`), no layer",
+    ),
+    ("bare", "reqctx", "`tower_reqctx::serve` alone, no layer"),
+    ("ctx", "reqctx", "`serve` + `ContextLayer::new()`"),
+    (
+        "ctx-reqctx",
+        "reqctx",
+        "`serve` + `ContextLayer::new()` + a handler extracting `ReqCtx`: the README's setup",
+    ),
 ];
+
+/// How the report names a row.
+pub(crate) fn row_name(label: &str, serve: &str) -> String {
+    match serve {
+        "axum" => format!("`{label}`"),
+        "reqctx" => format!("`serve` `{label}`"),
+        _ => format!("`serve`, no header timer, `{label}`"),
+    }
+}
 
 pub(crate) fn case(label: &'static str, serve: &'static str, h2: bool) -> Case {
     let (variant, path) = server_of(label);
@@ -55,7 +104,7 @@ pub(crate) fn case(label: &'static str, serve: &'static str, h2: bool) -> Case {
         serve,
         path,
         h2,
-        base: base_of(label),
+        base: base_of(label, serve),
     }
 }
 
@@ -68,34 +117,39 @@ pub(crate) fn server_of(label: &'static str) -> (&'static str, &'static str) {
     }
 }
 
-/// What a label's ratio is taken against: the same server without the layer.
-pub(crate) fn base_of(label: &str) -> &'static str {
-    match label {
-        "ctx-query" => "bare-query",
-        "ctx-run" | "tower-timeout-yield" => "yield",
-        _ => "bare",
+/// What a row's Δ is taken against: the same handler without the layer, under plain
+/// `axum::serve`.
+pub(crate) fn base_of(label: &str, serve: &str) -> (&'static str, &'static str) {
+    match (label, serve) {
+        ("ctx-query", _) => ("bare-query", "axum"),
+        ("ctx-run" | "tower-timeout-yield" | "ctx-timeout-yield", _) => ("yield", "axum"),
+        _ => ("bare", "axum"),
     }
 }
 
-/// Every case: each variant under `serve` over HTTP/1.1 and HTTP/2, and bare, ctx and
-/// ctx-timeout under `axum::serve` over HTTP/1.1. `quick`: HTTP/2 and `axum::serve` for
-/// bare and ctx only.
+/// Every case: each row over HTTP/1.1 and HTTP/2 (the header-read timer is HTTP/1's, so
+/// `reqctx-notimer` over HTTP/1.1 only). `quick`: `bare`, `noop` and `ctx` under
+/// `axum::serve` and `bare` under `serve` over HTTP/1.1, `bare` and `ctx` over HTTP/2.
 pub(crate) fn cases(quick: bool) -> Vec<Case> {
     let mut all = Vec::new();
     for h2 in [false, true] {
-        for (label, _) in VARIANTS {
-            if !quick || !h2 || label == "bare" || label == "ctx" {
-                all.push(case(label, "reqctx", h2));
+        for (label, serve, _) in ROWS {
+            if h2 && serve == "reqctx-notimer" {
+                continue;
             }
+            if quick {
+                let keep = match (serve, h2) {
+                    ("axum", false) => ["bare", "noop", "ctx"].contains(&label),
+                    ("axum", true) => ["bare", "ctx"].contains(&label),
+                    ("reqctx", false) => label == "bare",
+                    _ => false,
+                };
+                if !keep {
+                    continue;
+                }
+            }
+            all.push(case(label, serve, h2));
         }
-    }
-    let axum: &[&str] = if quick {
-        &["bare", "ctx"]
-    } else {
-        &["bare", "ctx", "ctx-timeout"]
-    };
-    for label in axum {
-        all.push(case(label, "axum", false));
     }
     all
 }
@@ -270,7 +324,7 @@ pub(crate) fn under_valgrind(
     cmd.args(tool)
         .arg(&bins.server)
         .args(["--variant", case.variant, "--serve", case.serve])
-        .args(["--port", "0", "--workers", "1"]);
+        .args(["--port", "0", "--runtime", "current-thread"]);
     let server = Spawned::start(cmd, Some(dir.join(format!("valgrind.{name}.log"))))?;
     let url = format!("http://{}{}", server.addr, case.path);
     let mut load = Command::new("h2load");

@@ -21,9 +21,24 @@ mod wallclock;
 
 use procs::{Bins, Spawned, pinned, run};
 
+/// The measurements `--only` may name.
+const KINDS: [&str; 8] = [
+    "instructions",
+    "callgrind",
+    "allocations",
+    "wallclock",
+    "detect",
+    "lateness",
+    "memory",
+    "fanout",
+];
+
 const USAGE: &str = "usage:
   bench run [--quick] [--md PATH] [--svg PATH] [--template PATH] [--work DIR]
             [--go-peer PATH] [--only instructions,callgrind,allocations,wallclock,detect,lateness,memory,fanout]
+            [--repeats N]
+            (--only: the sections not named keep their text from --template;
+             --repeats: two-point measurements per instruction case, 2 by default)
   bench detect --trials N [--patience-ms MS] [--give-up-after N]
   bench fanout --n N --reps R
   bench lateness-client --addr A --n N --probes P --lead-ms L --window-ms W
@@ -183,16 +198,26 @@ pub(crate) struct Results {
     pub(crate) memory: Measured<MemoryRuns>,
     pub(crate) fanout: Measured<Vec<fanout::Run>>,
     pub(crate) took: Vec<Step>,
+    /// `--only`'s list, if given: the other sections keep their last text.
+    pub(crate) only: Option<String>,
 }
 
 fn run_all(args: &[String]) -> Result<(), String> {
     let quick = args.iter().any(|a| a == "--quick");
-    let plan = if quick { Plan::quick() } else { Plan::full() };
+    let mut plan = if quick { Plan::quick() } else { Plan::full() };
+    if let Some(repeats) = flag::<usize>(args, "--repeats")? {
+        plan.ir.repeats = repeats.max(1);
+    }
     let md: PathBuf = flag(args, "--md")?.unwrap_or_else(|| "docs/benchmarks.md".into());
     let svg: PathBuf = flag(args, "--svg")?.unwrap_or_else(|| md.with_extension("svg"));
     let template: PathBuf = flag(args, "--template")?.unwrap_or_else(|| md.clone());
     let work: PathBuf = flag(args, "--work")?.unwrap_or_else(std::env::temp_dir);
     let only: Option<String> = flag(args, "--only")?;
+    if let Some(o) = &only {
+        if let Some(bad) = o.split(',').find(|k| !KINDS.contains(k)) {
+            return Err(format!("--only: no measurement {bad:?}\n{USAGE}"));
+        }
+    }
     let wanted = |kind: &str| {
         only.as_ref()
             .is_none_or(|o| o.split(',').any(|k| k == kind))
@@ -218,6 +243,7 @@ fn run_all(args: &[String]) -> Result<(), String> {
         memory: None,
         fanout: None,
         took: Vec::new(),
+        only: only.clone(),
     };
     let step = |name: &'static str, results: &mut Results, f: &mut dyn FnMut(&mut Results)| {
         eprintln!("bench: {name}…");
@@ -238,7 +264,7 @@ fn run_all(args: &[String]) -> Result<(), String> {
     }
     if wanted("callgrind") {
         step("callgrind", &mut results, &mut |r| {
-            let case = instructions::case("ctx", "reqctx", false);
+            let case = instructions::case("ctx", "axum", false);
             r.callgrind = Some(callgrind::measure(
                 &bins, &work, &case, plan.ir.n1, plan.ir.n2,
             ));
@@ -317,6 +343,21 @@ fn run_all(args: &[String]) -> Result<(), String> {
     }
 }
 
+/// The wall-clock servers: (label, variant, serve call); every ratio is to `bare`.
+pub(crate) const WALL: [(&str, &str, &str); 11] = [
+    ("bare", "bare", "axum"),
+    ("noop", "noop", "axum"),
+    ("ctx", "ctx", "axum"),
+    ("ctx-timeout", "ctx-timeout", "axum"),
+    ("tower-timeout", "tower-timeout", "axum"),
+    ("yield", "yield", "axum"),
+    ("ctx-timeout-yield", "ctx-timeout-yield", "axum"),
+    ("tower-timeout-yield", "tower-timeout-yield", "axum"),
+    ("ctx-run", "ctx-run", "axum"),
+    ("serve", "bare", "reqctx"),
+    ("serve-ctx-reqctx", "ctx-reqctx", "reqctx"),
+];
+
 fn wall_clock(
     bins: &Bins,
     work: &std::path::Path,
@@ -324,26 +365,28 @@ fn wall_clock(
     load: wallclock::Load,
 ) -> Result<wallclock::Rounds, String> {
     use wallclock::Entry;
-    let e = |label, variant, path| Entry {
-        label,
-        variant,
-        path,
-    };
-    let mut entries: Vec<Entry> = instructions::VARIANTS
+    let mut entries: Vec<Entry> = WALL
         .iter()
-        .map(|(label, _)| {
-            let (variant, path) = instructions::server_of(label);
-            e(label, variant, path)
+        .map(|(label, variant, serve)| Entry {
+            label,
+            variant,
+            serve,
+            path: "/",
         })
         .collect();
     if load == wallclock::Load::Wrk {
         if bins.go_peer.is_some() {
-            entries.push(e("go", "go", "/"));
+            entries.push(Entry {
+                label: "go",
+                variant: "go",
+                serve: "go",
+                path: "/",
+            });
         }
     } else {
         // HTTP/2 costs the client more per request; the comparison that matters, in half
         // the time. The Go peer's standard library has no h2c server (Go 1.19).
-        let keep = ["bare", "ctx", "ctx-timeout", "tower-timeout"];
+        let keep = ["bare", "ctx", "ctx-timeout", "tower-timeout", "serve"];
         entries.retain(|e| keep.contains(&e.label));
         if plan.quick {
             entries.retain(|e| e.label == "bare" || e.label == "ctx");
@@ -412,12 +455,19 @@ fn lateness_all(
 }
 
 /// The memory variants, with how the report names them.
-pub(crate) const MEMORY_VARIANTS: [(&str, &str); 3] = [
-    ("bare-slow", "bare (handler sleeps)"),
-    ("ctx-slow", "`ContextLayer` with a timeout (timer armed)"),
+pub(crate) const MEMORY_VARIANTS: [(&str, &str); 4] = [
+    ("park", "no layer, the handler parked on a `Notify`"),
     (
-        "ctx-run-slow",
-        "`ContextLayer` with a timeout, handler in `ctx.run`",
+        "ctx-park",
+        "`ContextLayer::new()`, the handler parked on a `Notify`",
+    ),
+    (
+        "ctx-timeout-park",
+        "`ContextLayer::new().timeout(2h)` (timer armed), the handler parked on a `Notify`",
+    ),
+    (
+        "ctx-timeout-cancelled",
+        "`ContextLayer::new().timeout(2h)`, the handler awaits `ctx.cancelled()`",
     ),
 ];
 
@@ -426,7 +476,7 @@ fn memory_all(bins: &Bins, work: &std::path::Path, plan: Plan) -> Result<MemoryR
     // duplicate): within this process's limit, with room for the rest.
     let serve_n = plan.memory_n.min(fd_limit().saturating_sub(200) / 2);
     let mut all: MemoryRuns = Vec::new();
-    for serve in ["reqctx", "axum"] {
+    for serve in ["axum", "reqctx"] {
         for (variant, _) in MEMORY_VARIANTS {
             all.push((serve, variant, Vec::new()));
         }
@@ -440,8 +490,8 @@ fn memory_all(bins: &Bins, work: &std::path::Path, plan: Plan) -> Result<MemoryR
             };
             let mut cmd = pinned(0, &bins.server);
             cmd.args(["--variant", variant, "--serve", serve]).args([
-                "--workers",
-                "1",
+                "--runtime",
+                "current-thread",
                 "--port",
                 "0",
             ]);

@@ -1,6 +1,6 @@
-//! Requests per second and latency: every server up at once, pinned to CPU 0 with one
-//! tokio worker (the Go peer with `GOMAXPROCS=1`), the load generator on CPU 1; rounds of
-//! one run per server in random order; ratios taken within a round.
+//! Requests per second and latency: every server up at once, pinned to CPU 0 on a
+//! current-thread runtime (the Go peer with `GOMAXPROCS=1`), the load generator on CPU 1;
+//! rounds of one run per server in random order; ratios taken within a round.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -11,8 +11,9 @@ use crate::procs::{Bins, Rng, Spawned, pinned, run};
 /// One server in the wall-clock comparison.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Entry {
-    pub(crate) label: &'static str,
+    pub(crate) label: &'static str,   // unique within a run
     pub(crate) variant: &'static str, // "go" for the Go peer
+    pub(crate) serve: &'static str,   // the server's `--serve`
     pub(crate) path: &'static str,
 }
 
@@ -75,7 +76,8 @@ pub(crate) fn measure(
             cmd
         } else {
             let mut cmd = pinned(0, &bins.server);
-            cmd.args(["--variant", e.variant, "--workers", "1", "--port", "0"]);
+            cmd.args(["--variant", e.variant, "--serve", e.serve])
+                .args(["--runtime", "current-thread", "--port", "0"]);
             cmd
         };
         let log = dir.join(format!("wallclock-{}-{:?}.log", e.label, load));

@@ -10,7 +10,7 @@ use axum::body::Body;
 use axum::routing::get;
 use reqctx::{Cause, DeadlineOrigin};
 use reqctx_tests::{BOUND, Running, Server, connect, endless};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tower_reqctx::{ContextLayer, ReqCtx};
 
@@ -80,6 +80,24 @@ async fn an_http1_client_that_never_reads() {
             .unwrap();
         // The client keeps the socket open and reads nothing.
         all_woke(&mut rx, &format!("{server:?}")).await;
+        if server == Server::Serve {
+            // serve closes the connection at the deadline: what was buffered, then the end
+            // (a clean close or a reset), never more data for ever.
+            let mut sink = vec![0u8; 1 << 16];
+            let ended = tokio::time::timeout(BOUND, async {
+                loop {
+                    match s.read(&mut sink).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+            })
+            .await;
+            assert!(
+                ended.is_ok(),
+                "serve should close a stalled HTTP/1 connection"
+            );
+        }
         drop(s);
         running.abort();
     }

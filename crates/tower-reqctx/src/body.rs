@@ -222,6 +222,12 @@ where
                         // The body waits: any cause (the deadline included, whoever times
                         // it) ends it.
                         if wait.is_none() {
+                            if let Some(o) = owner.as_mut() {
+                                o.streaming();
+                            }
+                            let Some(o) = owner.as_ref() else {
+                                return Poll::Pending;
+                            };
                             let w = wait.insert(Box::pin(o.driver().context().cancelled()));
                             if w.as_mut().poll(cx).is_ready() {
                                 let cause = o.cause().unwrap_or(Cause::Cancelled);

@@ -5,6 +5,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
+use std::task::Waker;
 
 use reqctx::{Cause, Context};
 
@@ -35,11 +36,50 @@ struct Inner {
     remote: Option<SocketAddr>,
     held: Mutex<Vec<Held>>, // what requests left here to outlive their response (upgrades)
     spoke: AtomicBool,      // the client sent bytes: set by `WatchedIo`'s first read of data
+    abort: Arc<Abort>,      // shared with the HTTP/1 request being served (`ConnectionAbort`)
+}
+
+/// A request's way to close its HTTP/1 connection when its deadline passes while hyper
+/// is stalled on a client that does not read: hyper polls neither the body nor anything
+/// of ours then, only the socket. `WatchedIo` keeps the waker of a write that would block
+/// once a request armed this, and fails the next write once it is requested.
+#[derive(Default)]
+pub(crate) struct Abort {
+    armed: AtomicBool, // a streaming response may ask: writes that block keep a waker
+    requested: AtomicBool, // fail every write from now on
+    waker: Mutex<Option<Waker>>,
 }
 
 /// What a request hands its connection to keep until the connection ends: the connection
 /// knows nothing of it but that dropping it is how it learns the connection is over.
 pub(crate) type Held = Box<dyn Send + 'static>;
+
+/// The connection's [`Abort`], held by the owner of an HTTP/1 request on it.
+#[derive(Clone)]
+pub(crate) struct ConnectionAbort(Arc<Abort>);
+
+impl ConnectionAbort {
+    /// A streaming response may ask to close the connection: from now on, writes that
+    /// would block leave their waker.
+    pub(crate) fn arm(&self) {
+        self.0.armed.store(true, Ordering::Relaxed);
+    }
+
+    /// Closes the connection at the next write: wakes the connection's task if a write is
+    /// blocked, and fails it (and every later one).
+    pub(crate) fn abort(&self) {
+        self.0.requested.store(true, Ordering::Release);
+        let waker = self
+            .0
+            .waker
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+}
 
 /// The cause of a connection context whose connection the server closed while it was not
 /// shutting down: keep-alive over (`connection: close`, a header-read timeout, an HTTP/2
@@ -90,6 +130,7 @@ impl ConnectionContext {
                 remote,
                 held: Mutex::new(Vec::new()),
                 spoke: AtomicBool::new(false),
+                abort: Arc::default(),
             }),
         }
     }
@@ -134,6 +175,37 @@ impl ConnectionContext {
     /// The connection ended: drops what requests left here, in order, before the
     /// connection's context is cancelled with a cause of its own (so a held request records
     /// its own end first).
+    /// The handle an HTTP/1 request's owner keeps, to close the connection (see [`Abort`]).
+    pub(crate) fn abort_handle(&self) -> ConnectionAbort {
+        ConnectionAbort(self.inner.abort.clone())
+    }
+
+    /// For `WatchedIo`, before a write: `true` if the connection must fail it.
+    #[inline]
+    pub(crate) fn aborted(&self) -> bool {
+        let abort = &self.inner.abort;
+        abort.armed.load(Ordering::Relaxed) && abort.requested.load(Ordering::Acquire)
+    }
+
+    /// For `WatchedIo`, after a write that would block: keeps its waker if armed.
+    #[inline]
+    pub(crate) fn blocked(&self, waker: &Waker) {
+        let abort = &self.inner.abort;
+        if !abort.armed.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut slot = abort.waker.lock().unwrap_or_else(PoisonError::into_inner);
+        match &*slot {
+            Some(w) if w.will_wake(waker) => {}
+            _ => *slot = Some(waker.clone()),
+        }
+        drop(slot);
+        // An abort between the check before the write and now found no waker.
+        if abort.requested.load(Ordering::Acquire) {
+            waker.wake_by_ref();
+        }
+    }
+
     pub(crate) fn release_held(&self) {
         let held = std::mem::take(
             &mut *self

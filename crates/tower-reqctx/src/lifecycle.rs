@@ -60,12 +60,15 @@ use http_body::Body;
 use reqctx::{Cancelled, Cause, DeadlineDriver, DeadlineOrigin};
 
 use crate::body::ContextBody;
-use crate::conn::ConnectionContext;
+use crate::conn::{ConnectionAbort, ConnectionContext};
 
 /// The owner of one request's context: see the [module docs](self).
 pub(crate) struct Owner {
     driver: DeadlineDriver,
     kind: RequestKind,
+    // HTTP/1 under `serve` or `WatchedListener`: one request at a time on the connection,
+    // so a stalled response may close it.
+    abort: Option<ConnectionAbort>,
     reported: Cell<bool>, // the cause went to tracing and metrics (once, by the first `end`)
     // An upgrade request's connection: on an upgrade the owner is held there.
     upgrade: Option<ConnectionContext>,
@@ -86,9 +89,16 @@ impl Owner {
         Owner {
             driver,
             kind,
+            abort: None,
             reported: Cell::new(false),
             upgrade: None,
         }
+    }
+
+    /// An HTTP/1 request on a watched connection: a deadline that passes while hyper is
+    /// stalled closes the connection (see [`Owner::streaming`]).
+    pub(crate) fn closes_on_stall(&mut self, abort: ConnectionAbort) {
+        self.abort = Some(abort);
     }
 
     /// On an upgrade, hand the owner to `conn` instead of ending the context.
@@ -98,6 +108,25 @@ impl Owner {
 
     pub(crate) fn driver(&self) -> &DeadlineDriver {
         &self.driver
+    }
+
+    /// The body is waiting to be polled: on an HTTP/1 connection of `serve` or
+    /// `WatchedListener`, make sure a deadline (or shutdown) that passes while hyper is
+    /// stalled on a client that does not read closes the connection, since hyper polls
+    /// nothing of ours until the client reads. One `on_cancel` task per streaming response.
+    pub(crate) fn streaming(&mut self) {
+        // None under HTTP/2 (closing the connection would end every stream on it) and
+        // under plain axum::serve (no connection to close).
+        let Some(abort) = self.abort.take() else {
+            return;
+        };
+        abort.arm();
+        // Dropping the handle does not stop the callback.
+        let _ = self.driver.context().on_cancel(move |cause| {
+            if cause.is_deadline_exceeded() || *cause == Cause::Shutdown {
+                abort.abort();
+            }
+        });
     }
 
     /// Whether the context has a cause (recorded, or a deadline that has passed).

@@ -220,6 +220,9 @@ where
                     .is_some()
             })
             .cloned();
+        let abort = conn
+            .filter(|_| req.version() <= http::Version::HTTP_11)
+            .map(ConnectionContext::abort_handle);
         let (ctx, driver) = parent.with_driven_deadline(deadline);
         let ctx = with_request_values(ctx, &req, conn, config);
         record_route(&req);
@@ -235,6 +238,9 @@ where
             client,
         });
         let mut owner = Owner::new(driver, kind);
+        if let Some(abort) = abort {
+            owner.closes_on_stall(abort);
+        }
         if let Some(conn) = upgrade {
             owner.upgrades_on(conn);
         }

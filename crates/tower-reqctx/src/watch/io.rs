@@ -218,6 +218,29 @@ impl<I: AsyncRead + AsSocket> AsyncRead for WatchedIo<I> {
     }
 }
 
+/// The error a write fails with once a request closed its connection (its deadline passed
+/// while the client did not read).
+fn aborted() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        "the request's deadline passed while the client was not reading",
+    )
+}
+
+/// A write's outcome, after [`gone_on_err`]; a write that would block leaves its waker
+/// with the connection, in case a request closes it meanwhile.
+fn written<T>(
+    watch: &Option<Watch>,
+    end: &Ending,
+    cx: &Context<'_>,
+    poll: Poll<io::Result<T>>,
+) -> Poll<io::Result<T>> {
+    if poll.is_pending() {
+        end.conn.blocked(cx.waker());
+    }
+    gone_on_err(watch, end, poll)
+}
+
 impl<I: AsyncWrite + AsSocket> AsyncWrite for WatchedIo<I> {
     #[inline]
     fn poll_write(
@@ -226,7 +249,11 @@ impl<I: AsyncWrite + AsSocket> AsyncWrite for WatchedIo<I> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
-        gone_on_err(this.watch, this.end, this.io.poll_write(cx, buf))
+        if this.end.conn.aborted() {
+            return Poll::Ready(Err(aborted()));
+        }
+        let poll = this.io.poll_write(cx, buf);
+        written(this.watch, this.end, cx, poll)
     }
 
     #[inline]
@@ -236,7 +263,11 @@ impl<I: AsyncWrite + AsSocket> AsyncWrite for WatchedIo<I> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
-        gone_on_err(this.watch, this.end, this.io.poll_write_vectored(cx, bufs))
+        if this.end.conn.aborted() {
+            return Poll::Ready(Err(aborted()));
+        }
+        let poll = this.io.poll_write_vectored(cx, bufs);
+        written(this.watch, this.end, cx, poll)
     }
 
     #[inline]
@@ -247,7 +278,11 @@ impl<I: AsyncWrite + AsSocket> AsyncWrite for WatchedIo<I> {
     #[inline]
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.project();
-        gone_on_err(this.watch, this.end, this.io.poll_flush(cx))
+        if this.end.conn.aborted() {
+            return Poll::Ready(Err(aborted()));
+        }
+        let poll = this.io.poll_flush(cx);
+        written(this.watch, this.end, cx, poll)
     }
 
     #[inline]

@@ -4,10 +4,9 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context as TaskContext, Poll, ready};
+use std::task::{Context as TaskContext, Poll};
 
 use pin_project_lite::pin_project;
-use tokio::time::{Sleep, sleep_until};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::cause::{Cancelled, Cause};
@@ -17,24 +16,20 @@ pin_project! {
     /// The future returned by [`Context::cancelled`](crate::Context::cancelled).
     ///
     /// It owns what it needs (no borrow of the context), so it can be stored in a struct
-    /// or moved into a task.
+    /// or moved into a task. It times nothing itself: on its first poll it makes sure each
+    /// deadline of the context's chain has its timer (one per deadline, shared by every
+    /// waiter) and then waits on the context's token, which those timers cancel.
     #[must_use = "futures do nothing unless polled"]
     pub struct WaitForCancel {
         node: Option<Arc<CancelNode>>, // None: a context that is never cancelled
         #[pin]
         wait: Option<WaitForCancellationFutureOwned>, // set on the first poll
-        #[pin]
-        sleep: Option<Sleep>, // the earliest deadline this waiter has to time itself
     }
 }
 
 impl WaitForCancel {
     pub(crate) fn new(node: Option<Arc<CancelNode>>) -> WaitForCancel {
-        WaitForCancel {
-            node,
-            wait: None,
-            sleep: None,
-        }
+        WaitForCancel { node, wait: None }
     }
 
     fn started(&self) -> bool {
@@ -60,7 +55,6 @@ impl fmt::Debug for WaitForCancel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WaitForCancel")
             .field("started", &self.started())
-            .field("timed", &self.sleep.is_some())
             .finish()
     }
 }
@@ -77,27 +71,15 @@ impl Future for WaitForCancel {
             if node.resolve(&mut LazyNow::new()).is_some() {
                 return Poll::Ready(());
             }
+            // Every deadline of the chain now has a timer that cancels its node's token
+            // when it passes, and so ours: the token is all there is to wait on.
+            node.arm_timers();
             this.wait.set(Some(node.token().cancelled_owned()));
-            if let Some(deadline) = node.timer_deadline() {
-                this.sleep.set(Some(sleep_until(deadline)));
-            }
         }
-        if let Some(wait) = this.wait.as_pin_mut() {
-            if wait.poll(cx).is_ready() {
-                return Poll::Ready(());
-            }
+        match this.wait.as_pin_mut() {
+            Some(wait) => wait.poll(cx),
+            None => Poll::Pending,
         }
-        if let Some(sleep) = this.sleep.as_mut().as_pin_mut() {
-            ready!(sleep.poll(cx));
-            // Records DeadlineExceeded on the node whose deadline passed, which cancels
-            // its token and so every token below it.
-            if node.resolve(&mut LazyNow::new()).is_some() {
-                return Poll::Ready(());
-            }
-            // Unreachable with tokio's clock (a sleep never ends early); stay correct anyway.
-            this.sleep.set(None);
-        }
-        Poll::Pending
     }
 }
 
@@ -155,12 +137,6 @@ impl<F: Future> Future for Run<F> {
 pub(crate) enum Which<A, B> {
     Left(A),
     Right(B),
-}
-
-impl<A, B> Which<A, B> {
-    pub(crate) fn is_right(&self) -> bool {
-        matches!(self, Which::Right(_))
-    }
 }
 
 pin_project! {

@@ -40,14 +40,13 @@ use crate::node::{CancelNode, LazyNow};
 /// # Cost and runtime
 ///
 /// A context with no deadline never creates a timer and works outside any runtime. A
-/// deadline costs nothing until something waits: the first waiter
-/// ([`cancelled`](Context::cancelled), [`run`](Context::run), [`spawn`](Context::spawn),
-/// [`token`](Context::token), [`on_cancel`](Context::on_cancel)) on a context or any of
-/// its descendants spawns one small timer task for that deadline, shared by every later
-/// waiter, which cancels the context when the deadline passes, whoever polls what. So
-/// waiting on a context with a deadline (its own or an ancestor's) needs a tokio runtime
-/// with the time driver, and panics outside one. A `CancellationToken` is created only
-/// when something waits.
+/// deadline costs nothing until something waits, and then reaches every waiter when it
+/// passes, whoever polls what: [`cancelled`](Context::cancelled), [`run`](Context::run)
+/// and [`spawn`](Context::spawn) time the earliest deadline of the chain themselves (they
+/// must be polled inside a tokio runtime with the time driver enabled), while
+/// [`token`](Context::token) and [`on_cancel`](Context::on_cancel) spawn one timer task
+/// for each deadline in the chain, once, and panic outside a tokio runtime if there is a
+/// deadline to time. A `CancellationToken` is created only when something waits.
 ///
 /// Timer tasks and `on_cancel` tasks never keep a context alive: they end when its last
 /// handle (clones, children, cancelers, waiters) is gone.
@@ -137,10 +136,10 @@ impl Context {
     /// layers that own a request's timer (see [`DeadlineDriver`]). Application code
     /// wants [`with_deadline`](Context::with_deadline) instead.
     ///
-    /// The driven deadline reaches waiters as any other does: the first waiter on the
-    /// child (or a descendant) arms one timer for it, which follows the deadline wherever
-    /// the driver moves it, so every waiter wakes when it passes even if the owner is not
-    /// polled. The owner may still call [`DeadlineDriver::expire`] from its own timer.
+    /// The driven deadline reaches waiters on the child (and its descendants) as a fixed
+    /// one does, wherever the driver moves it, so every waiter wakes when it passes even
+    /// if the owner is never polled. The owner may still call [`DeadlineDriver::expire`]
+    /// from its own timer, to learn the cause at once.
     pub fn with_driven_deadline(
         &self,
         deadline: Option<(Instant, DeadlineOrigin)>,
@@ -230,8 +229,8 @@ impl Context {
 
     /// Resolves once the context is cancelled; never, for a context that cannot be.
     ///
-    /// A deadline in the chain wakes it when it passes, through the deadline's own timer
-    /// (armed by the first poll), whether or not anything else is polled.
+    /// A deadline in the chain, fixed or driven, wakes it when it passes, whether or not
+    /// anything else is polled: it times the earliest itself from its first poll.
     ///
     /// # Cancellation safety
     ///

@@ -4,32 +4,40 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context as TaskContext, Poll};
+use std::task::{Context as TaskContext, Poll, ready};
+use std::time::Duration;
 
 use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep, sleep_until};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::cause::{Cancelled, Cause};
-use crate::node::{CancelNode, LazyNow};
+use crate::node::{CancelNode, LazyNow, wheel_instant};
 
 pin_project! {
     /// The future returned by [`Context::cancelled`](crate::Context::cancelled).
     ///
     /// It owns what it needs (no borrow of the context), so it can be stored in a struct
-    /// or moved into a task. It times nothing itself: on its first poll it makes sure each
-    /// deadline of the context's chain has its timer (one per deadline, shared by every
-    /// waiter) and then waits on the context's token, which those timers cancel.
+    /// or moved into a task. It times the earliest deadline of the context's chain, fixed
+    /// or driven, itself, so the deadline reaches it whoever else is polled; when a driven
+    /// deadline moves later or goes away, it sleeps again until the new one.
     #[must_use = "futures do nothing unless polled"]
     pub struct WaitForCancel {
         node: Option<Arc<CancelNode>>, // None: a context that is never cancelled
         #[pin]
         wait: Option<WaitForCancellationFutureOwned>, // set on the first poll
+        #[pin]
+        sleep: Option<Sleep>, // the earliest deadline of the chain, when it has one
     }
 }
 
 impl WaitForCancel {
     pub(crate) fn new(node: Option<Arc<CancelNode>>) -> WaitForCancel {
-        WaitForCancel { node, wait: None }
+        WaitForCancel {
+            node,
+            wait: None,
+            sleep: None,
+        }
     }
 
     fn started(&self) -> bool {
@@ -55,6 +63,7 @@ impl fmt::Debug for WaitForCancel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WaitForCancel")
             .field("started", &self.started())
+            .field("timed", &self.sleep.is_some())
             .finish()
     }
 }
@@ -71,15 +80,48 @@ impl Future for WaitForCancel {
             if node.resolve(&mut LazyNow::new()).is_some() {
                 return Poll::Ready(());
             }
-            // Every deadline of the chain now has a timer that cancels its node's token
-            // when it passes, and so ours: the token is all there is to wait on.
-            node.arm_timers();
             this.wait.set(Some(node.token().cancelled_owned()));
+            if let Some(deadline) = node.waiter_deadline() {
+                this.sleep.set(Some(sleep_until(wheel_instant(deadline))));
+            }
         }
-        match this.wait.as_pin_mut() {
-            Some(wait) => wait.poll(cx),
-            None => Poll::Pending,
+        if let Some(wait) = this.wait.as_pin_mut() {
+            if wait.poll(cx).is_ready() {
+                return Poll::Ready(());
+            }
         }
+        while let Some(sleep) = this.sleep.as_mut().as_pin_mut() {
+            let slept_until = sleep.deadline();
+            ready!(sleep.poll(cx));
+            // Records DeadlineExceeded on the node whose deadline passed, which cancels
+            // its token and so every token below it.
+            if node.resolve(&mut LazyNow::new()).is_some() {
+                return Poll::Ready(());
+            }
+            // A driven deadline moved later or went away: sleep until the chain's
+            // earliest one now, if any (a move earlier is timed by the node, invariant 5
+            // in `node.rs`).
+            match node.waiter_deadline().map(wheel_instant) {
+                None => this.sleep.set(None),
+                Some(deadline) => {
+                    // Not passed by the clock although the sleep ended (tokio's timer
+                    // never fires early; stay correct anyway): look again a millisecond
+                    // later rather than spin.
+                    let next = if deadline <= slept_until {
+                        match Instant::now().checked_add(Duration::from_millis(1)) {
+                            Some(later) => wheel_instant(later),
+                            None => return Poll::Pending, // the end of time: never passes
+                        }
+                    } else {
+                        deadline
+                    };
+                    if let Some(sleep) = this.sleep.as_mut().as_pin_mut() {
+                        sleep.reset(next);
+                    }
+                }
+            }
+        }
+        Poll::Pending
     }
 }
 

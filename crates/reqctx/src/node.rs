@@ -5,12 +5,17 @@
 //! them (`resolve`), and waiters learn of it through tokio-util tokens, which are created
 //! on demand as children of the parent's token.
 //!
-//! A deadline reaches waiters through one timer per node that has one: a small task
-//! ([`DeadlineTimer`]), spawned the first time something waits on the node or a
-//! descendant, that records the cause when the deadline passes and so cancels the node's
-//! token, and with it every token below. Waiters only wait on their token; nobody else
-//! times a deadline, so it arrives whoever polls what. A driven node's timer re-reads the
-//! deadline whenever the owner moves it.
+//! A deadline reaches every waiter when it passes, whoever polls what, in two ways:
+//! - A polled waiter (`WaitForCancel`: `cancelled`, `run`, `spawn`) times the earliest
+//!   deadline of its chain, fixed or driven, with a `Sleep` of its own, in its own task;
+//!   when it fires, it records the cause (or, if a driven deadline moved later or went
+//!   away, re-reads the chain and sleeps again). Marking each driven node it passes
+//!   `Waited` is how such a node learns that a move to an earlier deadline must be timed.
+//! - Everything else is timed by one task per node ([`DeadlineTimer`]): `token()` and
+//!   `on_cancel` arm it on each deadline of their chain, and a driven node spawns it when
+//!   its deadline moves earlier (or is set) while a waiter sleeps on the old one. It
+//!   records the cause when the deadline passes, which cancels the node's token and every
+//!   token below, and follows a driven deadline wherever it moves.
 //!
 //! Invariants:
 //! 1. `State::cause` is written once, under the lock, and never changed; `done` is set
@@ -27,10 +32,14 @@
 //!    the task ends, when a cause is recorded (a node with a cause never re-arms), when
 //!    the node is dropped, or when the task is dropped unfinished (its runtime shut
 //!    down), so that a later waiter arms a new one.
-//! 5. Every waiter calls `arm_timers` before it waits, so each node on its chain that has
-//!    a deadline has a running timer or a cause. A driven node with no deadline is marked
-//!    `Wanted` instead, and `set_driven` spawns its timer when a deadline is set. A node
-//!    without a deadline never has a timer.
+//! 5. Every deadline on a waiter's chain is timed no later than it passes: by the waiter's
+//!    own `Sleep` (armed for the earliest deadline of the chain when it started waiting;
+//!    a driven node on the chain is then at least `Waited`) or by the node's timer
+//!    (`token`/`on_cancel` call `arm_timers`: every deadline node gets one, a driven node
+//!    with no deadline becomes `Waited`). A driven deadline moved earlier, or set from
+//!    none, on a `Waited` node spawns the node's timer; one moved later or removed is
+//!    found by the waiter's `Sleep`, which re-reads the chain. A node without a deadline
+//!    never has a timer.
 //! 6. Tasks (timers, `on_cancel`) hold a node only by `Weak`: they never keep it alive.
 //!    The node's `Drop` wakes its timer and cancels `Hooks::gone`, so both end with the
 //!    node's last handle (clones, children, cancelers).
@@ -108,8 +117,10 @@ struct State {
 enum TimerSlot {
     /// Nothing waits on the node (or nothing did since its timer's runtime went away).
     Idle,
-    /// A driven node with no deadline, waited on: setting a deadline spawns the timer.
-    Wanted,
+    /// A driven node that something waits on without a timer of the node's (a waiter's
+    /// own `Sleep`, or a timer that ended when the deadline was removed): a deadline set
+    /// earlier than the one they time spawns the timer.
+    Waited,
     /// A timer task runs; the waker is its own, once it has polled.
     Running(Option<Waker>),
 }
@@ -198,23 +209,30 @@ impl CancelNode {
     /// What the node's last handle leaves behind: `on_cancel` tasks learn the cause it had
     /// (or that it had none) and end, its timer ends, the live count drops. Idempotent.
     fn release(&mut self) {
-        let hooks = self.lock().hooks.take();
-        if let Some(hooks) = hooks {
-            // The cause it has now, ancestors and its own passed deadline included: it was
-            // cancelled while it lived.
-            if let Some((cause, _)) = self.resolve(&mut LazyNow::new()) {
-                let _ = hooks.last_cause.set(cause);
-            }
-            hooks.gone.cancel();
-        }
         let st = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
-        if let TimerSlot::Running(Some(waker)) = std::mem::replace(&mut st.timer, TimerSlot::Idle) {
+        let hooks = st.hooks.take();
+        let timer = std::mem::replace(&mut st.timer, TimerSlot::Idle);
+        if let Some(hooks) = hooks {
+            self.hand_over(&hooks);
+        }
+        if let TimerSlot::Running(Some(waker)) = timer {
             waker.wake(); // it finds the node gone and ends
         }
         if self.driven {
             self.driven = false;
             LIVE_DRIVEN.fetch_sub(1, Ordering::Relaxed);
         }
+    }
+
+    /// Tells `on_cancel` tasks the cause the node has as its last handle goes (ancestors
+    /// and its own passed deadline included: it was cancelled while it lived), or that it
+    /// has none, and lets them end.
+    #[cold]
+    fn hand_over(&self, hooks: &Hooks) {
+        if let Some((cause, _)) = self.resolve(&mut LazyNow::new()) {
+            let _ = hooks.last_cause.set(cause);
+        }
+        hooks.gone.cancel();
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -256,6 +274,30 @@ impl CancelNode {
         best
     }
 
+    /// The earliest deadline of this node and its ancestors, for a waiter that is about
+    /// to time it with a `Sleep` of its own: each driven node on the way is marked
+    /// `Waited`, so that a move to an earlier deadline spawns its timer (invariant 5).
+    pub(crate) fn waiter_deadline(&self) -> Option<Instant> {
+        let mut best: Option<Instant> = None;
+        let mut node = Some(self);
+        while let Some(n) = node {
+            let own = if n.driven {
+                let mut st = n.lock();
+                if matches!(st.timer, TimerSlot::Idle) {
+                    st.timer = TimerSlot::Waited;
+                }
+                st.driven
+            } else {
+                n.fixed
+            };
+            if let Some((d, _)) = own {
+                best = Some(best.map_or(d, |b| b.min(d)));
+            }
+            node = n.parent.as_deref();
+        }
+        best
+    }
+
     pub(crate) fn is_done(&self) -> bool {
         self.done.load(Ordering::Acquire)
     }
@@ -266,6 +308,7 @@ impl CancelNode {
 
     /// Whether this node's own deadline has passed. Takes no lock unless a driven
     /// deadline was ever set.
+    #[inline]
     fn own_passed(&self, now: &mut LazyNow) -> bool {
         if self.driven {
             if !self.driven_set.load(Ordering::Acquire) {
@@ -444,7 +487,8 @@ impl CancelNode {
 
     /// Makes sure every deadline on the way to the root, fixed or driven, cancels its
     /// node's token when it passes, by spawning one timer task per node, once
-    /// (invariants 4 and 5). Called by every waiter before it waits.
+    /// (invariants 4 and 5). Called by `token()` and `on_cancel`, which have no `Sleep`
+    /// of their own.
     ///
     /// # Panics
     /// Outside a tokio runtime, if a deadline needs a timer.
@@ -466,7 +510,7 @@ impl CancelNode {
             }
             match self.own(&st) {
                 None => {
-                    st.timer = TimerSlot::Wanted; // only a driven node has no deadline here
+                    st.timer = TimerSlot::Waited; // only a driven node has no deadline here
                     return;
                 }
                 Some((at, _)) => {
@@ -495,9 +539,10 @@ impl CancelNode {
         });
     }
 
-    /// Sets a driven node's deadline, for everyone: its running timer re-reads it (so a
-    /// waiter neither sees a cause from a deadline that no longer applies, nor sleeps past
-    /// a new, earlier one), and a node waited on with no deadline gets its timer now.
+    /// Sets a driven node's deadline, for everyone: its running timer re-reads it, and a
+    /// node whose waiters sleep until a later deadline (or none) gets its timer now, so
+    /// nobody sleeps past the new one. A waiter whose deadline moved later or went away
+    /// finds out when its `Sleep` fires, and records no cause that no longer applies.
     /// Returns `false` for a node whose deadline is fixed.
     ///
     /// # Panics
@@ -510,14 +555,15 @@ impl CancelNode {
         let mut spawn_at = None;
         {
             let mut st = self.lock();
-            st.driven = deadline;
+            let old = std::mem::replace(&mut st.driven, deadline);
             if deadline.is_some() {
                 self.driven_set.store(true, Ordering::Release);
             }
             if st.cause.is_none() {
                 match (&mut st.timer, deadline) {
                     (TimerSlot::Running(waker), _) => wake = waker.take(),
-                    (TimerSlot::Wanted, Some((at, _))) => {
+                    // Waiters sleep until the old deadline (or none): time the earlier one.
+                    (TimerSlot::Waited, Some((at, _))) if old.is_none_or(|(o, _)| at < o) => {
                         st.timer = TimerSlot::Running(None);
                         spawn_at = Some(at);
                     }
@@ -629,8 +675,8 @@ impl Future for DeadlineTimer {
                     return Poll::Ready(());
                 }
                 let Some((at, _)) = node.own(&st) else {
-                    // A driven deadline was removed: `set_driven` re-arms from `Wanted`.
-                    st.timer = TimerSlot::Wanted;
+                    // A driven deadline was removed: `set_driven` re-arms from `Waited`.
+                    st.timer = TimerSlot::Waited;
                     *this.ended = true;
                     return Poll::Ready(());
                 };
@@ -662,7 +708,7 @@ impl Future for DeadlineTimer {
 
 /// `at`, or a second earlier for a deadline within a millisecond of the end of time: tokio
 /// rounds a deadline up by adding just under a millisecond, which would overflow there.
-fn wheel_instant(at: Instant) -> Instant {
+pub(crate) fn wheel_instant(at: Instant) -> Instant {
     match at.checked_add(Duration::from_millis(1)) {
         Some(_) => at,
         None => at.checked_sub(Duration::from_secs(1)).unwrap_or(at),

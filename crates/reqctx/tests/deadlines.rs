@@ -162,13 +162,15 @@ async fn a_removed_driven_deadline_stops_its_timer_and_a_new_one_rearms_it() {
         DeadlineOrigin::Layer,
     )));
     let waiter = park_waiter(&ctx);
+    let token = ctx.token();
     assert_eq!(tasks_settle_to(base + 2).await, base + 2, "waiter + timer");
     // An upgrade: the tunnel outlives the request's deadline.
     driver.set_deadline(None);
     assert_eq!(tasks_settle_to(base + 1).await, base + 1, "the timer ended");
     tokio::time::sleep(Duration::from_secs(10)).await;
     assert!(!ctx.is_cancelled());
-    // A deadline set again reaches the waiter that is still parked.
+    assert!(!token.is_cancelled());
+    // A deadline set again reaches the waiter that is still parked, and the token.
     driver.set_deadline(Some((
         Instant::now() + Duration::from_millis(100),
         DeadlineOrigin::Layer,
@@ -176,6 +178,7 @@ async fn a_removed_driven_deadline_stops_its_timer_and_a_new_one_rearms_it() {
     let (woke_after, cause) = within_a_day(waiter).await.unwrap();
     assert_eq!(woke_after, Duration::from_millis(10_100));
     assert_eq!(cause, Some(layer_deadline()));
+    assert!(token.is_cancelled());
 }
 
 #[tokio::test(start_paused = true)]
@@ -199,7 +202,7 @@ async fn a_driven_context_waited_on_before_it_has_a_deadline_gets_one() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn one_timer_per_deadline_whatever_the_number_of_waiters() {
+async fn waiters_time_a_deadline_themselves_and_tokens_share_one_timer() {
     let (ctx, _c) = Context::background().with_timeout(Duration::from_secs(5));
     let base = alive_tasks();
     // Nothing is made until someone waits.
@@ -335,7 +338,8 @@ async fn a_timer_whose_runtime_went_away_is_rearmed_by_the_next_waiter() {
         });
     });
     let start = Instant::now();
-    tokio::time::timeout(Duration::from_secs(5), ctx.cancelled())
+    let token = ctx.token();
+    tokio::time::timeout(Duration::from_secs(5), token.cancelled())
         .await
         .expect("a new timer times the deadline");
     assert!(start.elapsed() <= Duration::from_secs(1));

@@ -308,17 +308,21 @@ impl CancelNode {
 
     /// Whether this node's own deadline has passed. Takes no lock unless a driven
     /// deadline was ever set.
-    #[inline]
+    #[inline(always)]
     fn own_passed(&self, now: &mut LazyNow) -> bool {
-        if self.driven {
-            if !self.driven_set.load(Ordering::Acquire) {
-                return false;
+        match self.fixed {
+            Some((d, _)) => now.get() >= d,
+            // A driven node has no fixed deadline.
+            None => {
+                self.driven && self.driven_set.load(Ordering::Acquire) && self.driven_passed(now)
             }
-            let own = self.lock().driven;
-            own.is_some_and(|(d, _)| now.get() >= d)
-        } else {
-            self.fixed.is_some_and(|(d, _)| now.get() >= d)
         }
+    }
+
+    #[inline(never)]
+    fn driven_passed(&self, now: &mut LazyNow) -> bool {
+        let own = self.lock().driven;
+        own.is_some_and(|(d, _)| now.get() >= d)
     }
 
     /// The cause this node has, recording it (on this node and on every ancestor up to
@@ -345,7 +349,19 @@ impl CancelNode {
         if top.is_none() && !passed {
             return None;
         }
-        // Then record top-down, each node from its parent's cause (invariant 3).
+        self.record_down(top, depth, now)
+    }
+
+    /// The rest of `resolve`, out of line so that the common check stays small: records
+    /// top-down, each of the `depth` nodes from `self` up from its parent's cause
+    /// (invariant 3), starting from `top`'s.
+    #[inline(never)]
+    fn record_down(
+        &self,
+        top: Option<&CancelNode>,
+        depth: usize,
+        now: &mut LazyNow,
+    ) -> Option<Recorded> {
         let mut inherited = top.and_then(CancelNode::recorded);
         let mut path = Path::new(self, depth);
         while let Some(n) = path.pop() {

@@ -221,6 +221,28 @@ async fn waiters_time_a_deadline_themselves_and_tokens_share_one_timer() {
     }
 }
 
+#[tokio::test(start_paused = true)]
+async fn run_loses_to_a_deadline_due_in_the_same_poll_fixed_or_driven() {
+    let (fixed, _c) = Context::background().with_timeout(Duration::from_millis(10));
+    let r = fixed
+        .run(tokio::time::sleep(Duration::from_millis(10)))
+        .await;
+    assert_eq!(
+        r.unwrap_err().cause(),
+        &Cause::DeadlineExceeded {
+            origin: DeadlineOrigin::Code
+        }
+    );
+    let (driven, _driver) = Context::background().with_driven_deadline(Some((
+        Instant::now() + Duration::from_millis(10),
+        DeadlineOrigin::Layer,
+    )));
+    let r = driven
+        .run(tokio::time::sleep(Duration::from_millis(10)))
+        .await;
+    assert_eq!(r.unwrap_err().cause(), &layer_deadline());
+}
+
 // --- leaks -------------------------------------------------------------------------------
 
 #[tokio::test(start_paused = true)]

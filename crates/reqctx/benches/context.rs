@@ -91,6 +91,88 @@ fn child_of_long_lived(c: &mut Criterion) {
     g.finish();
 }
 
+/// Waiting on a context with a deadline: the waiter is created, polled once (it registers
+/// and whatever times the deadline is armed), the context is cancelled before the
+/// deadline, and the runtime is given one turn so that anything spawned can finish. Each
+/// iteration runs inside `block_on` on a current-thread runtime; the first row is that
+/// frame alone, to subtract.
+fn deadline_waiters(c: &mut Criterion) {
+    let mut g = c.benchmark_group("a waiter on a deadline, cancelled before it");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let waker = std::task::Waker::noop();
+    let (parent, _keep) = Context::background().with_cancel();
+    g.bench_function("runtime frame only: block_on + yield", |b| {
+        b.iter(|| rt.block_on(tokio::task::yield_now()))
+    });
+    g.bench_function("raw token + tokio::time::sleep, polled once", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let mut cx = std::task::Context::from_waker(waker);
+                let token = CancellationToken::new();
+                let mut wait = std::pin::pin!(token.clone().cancelled_owned());
+                let mut sleep = std::pin::pin!(tokio::time::sleep(Duration::from_secs(30)));
+                assert!(wait.as_mut().poll(&mut cx).is_pending());
+                assert!(sleep.as_mut().poll(&mut cx).is_pending());
+                token.cancel();
+                assert!(wait.as_mut().poll(&mut cx).is_ready());
+                tokio::task::yield_now().await;
+            })
+        })
+    });
+    g.bench_function("reqctx: with_timeout(30 s) + a waiter", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let mut cx = std::task::Context::from_waker(waker);
+                let (ctx, cancel) = parent.with_timeout(Duration::from_secs(30));
+                let mut wait = std::pin::pin!(ctx.cancelled());
+                assert!(wait.as_mut().poll(&mut cx).is_pending());
+                cancel.cancel_with(Cause::Completed);
+                assert!(wait.as_mut().poll(&mut cx).is_ready());
+                tokio::task::yield_now().await;
+            })
+        })
+    });
+    g.bench_function(
+        "reqctx: driven 30 s deadline + a waiter (a handler waits)",
+        |b| {
+            b.iter(|| {
+                rt.block_on(async {
+                    let mut cx = std::task::Context::from_waker(waker);
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+                    let (ctx, driver) = parent
+                        .with_driven_deadline(Some((deadline, reqctx::DeadlineOrigin::Layer)));
+                    let mut wait = std::pin::pin!(ctx.cancelled());
+                    assert!(wait.as_mut().poll(&mut cx).is_pending());
+                    driver.cancel_with(Cause::Completed);
+                    assert!(wait.as_mut().poll(&mut cx).is_ready());
+                    tokio::task::yield_now().await;
+                })
+            })
+        },
+    );
+    g.bench_function(
+        "reqctx: with_timeout(30 s) + a waiter, 10 waits on one context",
+        |b| {
+            b.iter(|| {
+                rt.block_on(async {
+                    let mut cx = std::task::Context::from_waker(waker);
+                    let (ctx, cancel) = parent.with_timeout(Duration::from_secs(30));
+                    for _ in 0..10 {
+                        let mut wait = std::pin::pin!(ctx.cancelled());
+                        assert!(wait.as_mut().poll(&mut cx).is_pending());
+                    }
+                    cancel.cancel_with(Cause::Completed);
+                    tokio::task::yield_now().await;
+                })
+            })
+        },
+    );
+    g.finish();
+}
+
 fn reads(c: &mut Criterion) {
     let mut g = c.benchmark_group("reads");
     let token = CancellationToken::new();
@@ -115,6 +197,6 @@ criterion_group! {
     config = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
-    targets = fresh_tree, child_of_long_lived, reads
+    targets = fresh_tree, child_of_long_lived, deadline_waiters, reads
 }
 criterion_main!(benches);

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::cause::{Cancelled, Cause, DeadlineOrigin};
-use crate::future::{Run, WaitForCancel};
+use crate::future::{Run, WaitForCancel, Which, first};
 use crate::node::{CancelNode, LazyNow};
 
 /// A cancellation signal with a typed cause, an optional deadline, and request-scoped
@@ -40,12 +40,16 @@ use crate::node::{CancelNode, LazyNow};
 /// # Cost and runtime
 ///
 /// A context with no deadline never creates a timer and works outside any runtime. A
-/// deadline costs nothing until something waits: [`cancelled`](Context::cancelled),
-/// [`run`](Context::run) and [`spawn`](Context::spawn) time it themselves (they must be
-/// polled inside a tokio runtime with the time driver enabled), while
+/// deadline costs nothing until something waits, and then reaches every waiter when it
+/// passes, whoever polls what: [`cancelled`](Context::cancelled), [`run`](Context::run)
+/// and [`spawn`](Context::spawn) time the earliest deadline of the chain themselves (they
+/// must be polled inside a tokio runtime with the time driver enabled), while
 /// [`token`](Context::token) and [`on_cancel`](Context::on_cancel) spawn one timer task
 /// for each deadline in the chain, once, and panic outside a tokio runtime if there is a
 /// deadline to time. A `CancellationToken` is created only when something waits.
+///
+/// Timer tasks and `on_cancel` tasks never keep a context alive: they end when its last
+/// handle (clones, children, cancelers, waiters) is gone.
 ///
 /// ```
 /// use std::time::Duration;
@@ -132,9 +136,10 @@ impl Context {
     /// layers that own a request's timer (see [`DeadlineDriver`]). Application code
     /// wants [`with_deadline`](Context::with_deadline) instead.
     ///
-    /// Waiters on the child (and its descendants) do not time the driven deadline; the
-    /// driver must call [`DeadlineDriver::expire`] when it passes. `is_cancelled` and
-    /// `cause` still compare it with the clock.
+    /// The driven deadline reaches waiters on the child (and its descendants) as a fixed
+    /// one does, wherever the driver moves it, so every waiter wakes when it passes even
+    /// if the owner is never polled. The owner may still call [`DeadlineDriver::expire`]
+    /// from its own timer, to learn the cause at once.
     pub fn with_driven_deadline(
         &self,
         deadline: Option<(Instant, DeadlineOrigin)>,
@@ -224,13 +229,16 @@ impl Context {
 
     /// Resolves once the context is cancelled; never, for a context that cannot be.
     ///
+    /// A deadline in the chain, fixed or driven, wakes it when it passes, whether or not
+    /// anything else is polled: it times the earliest itself from its first poll.
+    ///
     /// # Cancellation safety
     ///
     /// Cancel-safe: dropping the future loses nothing, and a new call waits for the same
     /// event. Use it in `tokio::select!` freely.
     ///
     /// Polling it needs a tokio runtime with the time driver if the context (or an
-    /// ancestor) has a deadline of its own.
+    /// ancestor) has a deadline, fixed or driven.
     pub fn cancelled(&self) -> WaitForCancel {
         WaitForCancel::new(self.cancel.clone())
     }
@@ -328,6 +336,11 @@ impl Context {
 
     /// Spawns `work` on the current tokio runtime, bound to this context: when the context
     /// is cancelled, the task's future is dropped and the handle yields `Err(Cancelled)`.
+    /// The task holds a clone of the context while it runs.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Dropping the `JoinHandle` detaches the task; it still ends when the context does.
     ///
     /// # Panics
     /// Outside a tokio runtime, as `tokio::spawn`.
@@ -343,15 +356,21 @@ impl Context {
     /// `CancellationToken`. Cancelling the returned token (or a clone) does **not** cancel
     /// the context: read the cause from the context, not the token.
     ///
+    /// A token follows its context while the context lives: once the context's last
+    /// handle (clones, children, cancelers) is gone uncancelled, its deadline no longer
+    /// reaches the token, which is then cancelled only by a cancelled ancestor.
+    ///
     /// # Panics
-    /// Outside a tokio runtime, if the context or an ancestor has a deadline of its own
-    /// (one timer task is spawned for each such deadline, once).
+    /// Outside a tokio runtime, if the context or an ancestor has a deadline (one timer
+    /// task is spawned for each such deadline, once).
     pub fn token(&self) -> CancellationToken {
         match &self.cancel {
             Some(node) => {
-                node.arm_timers();
-                // A deadline already passed but not yet recorded cancels the token now.
-                node.resolve(&mut LazyNow::new());
+                // A deadline already passed but not yet recorded cancels the token now;
+                // one still to come gets its timer.
+                if node.resolve(&mut LazyNow::new()).is_none() {
+                    node.arm_timers();
+                }
                 // A child: cancelling what we hand out must not cancel the context.
                 node.token().child_token()
             }
@@ -361,6 +380,11 @@ impl Context {
 
     /// Runs `f` with the cause once the context is cancelled, on a tokio task of its own
     /// (Go's `AfterFunc`). If the context is already cancelled, `f` runs soon.
+    ///
+    /// `f` runs if the context is cancelled while it lives: the task does not keep the
+    /// context alive, and once the context's last handle (clones, children, cancelers)
+    /// is gone uncancelled, the task ends without running `f`. (Dropping an armed
+    /// [`Canceler`] cancels first, so `f` runs.)
     ///
     /// Dropping the returned [`OnCancel`] does not stop `f`; [`OnCancel::stop`] does.
     ///
@@ -375,19 +399,42 @@ impl Context {
         let Some(node) = &self.cancel else {
             return OnCancel { state, task: None };
         };
-        let _ = node;
-        let wait = self.cancelled(); // times any deadline itself: no timer task needed
-        let ctx = self.clone();
         let st = state.clone();
-        let task = tokio::spawn(async move {
-            wait.await;
-            if st
-                .compare_exchange(PENDING, RAN, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-            {
-                f(&ctx.cause().unwrap_or(Cause::Cancelled));
+        let run = move |cause: Option<Cause>| {
+            if let Some(cause) = cause {
+                if st
+                    .compare_exchange(PENDING, RAN, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    f(&cause);
+                }
             }
-        });
+        };
+        let task = match node.resolve(&mut LazyNow::new()) {
+            Some((cause, _)) => tokio::spawn(async move { run(Some(cause)) }),
+            None => {
+                // Nothing here holds the node itself (invariant 6 in `node.rs`).
+                node.arm_timers();
+                let token = node.token();
+                let hooks = node.hooks();
+                let weak = Arc::downgrade(node);
+                tokio::spawn(async move {
+                    let cause = match first(token.cancelled(), hooks.gone()).await {
+                        Which::Left(()) => match weak.upgrade() {
+                            Some(node) => node.resolve(&mut LazyNow::new()).map(|(c, _)| c),
+                            // Its last handle is being dropped right now: `Drop` says
+                            // whether it was cancelled first.
+                            None => {
+                                hooks.gone().await;
+                                hooks.last_cause()
+                            }
+                        },
+                        Which::Right(()) => hooks.last_cause(),
+                    };
+                    run(cause);
+                })
+            }
+        };
         OnCancel {
             state,
             task: Some(task.abort_handle()),
@@ -492,11 +539,15 @@ pub struct DeadlineDriver {
 }
 
 impl DeadlineDriver {
-    /// Replaces the context's own deadline (`None` removes it). Contexts derived from it
-    /// see the new deadline; a deadline already passed is not undone once a cause is
-    /// recorded.
+    /// Replaces the context's own deadline (`None` removes it), for everyone: contexts
+    /// derived from it see the new deadline, and waiters wake at the new deadline, not
+    /// the old one. A deadline already passed is not undone once a cause is recorded.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime, when something waits on the context and `deadline` is
+    /// `Some` (its timer is spawned then).
     pub fn set_deadline(&self, deadline: Option<(Instant, DeadlineOrigin)>) {
-        self.canceler.node.set_driven(deadline);
+        CancelNode::set_driven(&self.canceler.node, deadline);
     }
 
     /// The context's own deadline and its origin.
@@ -521,9 +572,9 @@ impl DeadlineDriver {
         }
     }
 
-    /// To be called when the deadline's timer fires: records
-    /// [`Cause::DeadlineExceeded`] if the deadline has passed and the context had no
-    /// cause yet. Returns the context's cause, if it has one now.
+    /// Records [`Cause::DeadlineExceeded`] if the deadline has passed and the context had
+    /// no cause yet, for an owner whose own timer fired (the context's timer does the same
+    /// for waiters). Returns the context's cause, if it has one now.
     pub fn expire(&self) -> Option<Cause> {
         self.canceler
             .node
@@ -557,10 +608,13 @@ pub struct DeadlineHandle {
 }
 
 impl DeadlineHandle {
-    /// As [`DeadlineDriver::set_deadline`]: the driver's owner sees the new deadline the
-    /// next time it reads [`DeadlineDriver::deadline`].
+    /// As [`DeadlineDriver::set_deadline`]: waiters follow the new deadline at once, and
+    /// the driver's owner sees it the next time it reads [`DeadlineDriver::deadline`].
+    ///
+    /// # Panics
+    /// As [`DeadlineDriver::set_deadline`].
     pub fn set_deadline(&self, deadline: Option<(Instant, DeadlineOrigin)>) {
-        self.node.set_driven(deadline);
+        CancelNode::set_driven(&self.node, deadline);
     }
 
     /// The context's own deadline and its origin.
@@ -611,11 +665,27 @@ trait ValueEntry: Send + Sync {
     fn value(&self) -> &dyn Any;
     fn parent(&self) -> Option<&dyn ValueEntry>;
     fn type_name(&self) -> &'static str;
+    fn take_parent(&mut self) -> Option<Arc<dyn ValueEntry>>;
 }
 
 struct ValueNode<T> {
-    parent: Option<Arc<dyn ValueEntry>>,
+    parent: Option<Arc<dyn ValueEntry>>, // taken only by `Drop`
     value: T,
+}
+
+impl<T> Drop for ValueNode<T> {
+    fn drop(&mut self) {
+        // Unlink the ancestors this node held last, one by one: a recursive `Arc` drop
+        // would use stack in proportion to the chain's length.
+        let mut next = self.parent.take();
+        while let Some(mut entry) = next {
+            next = match Arc::get_mut(&mut entry) {
+                Some(unique) => unique.take_parent(),
+                None => None, // shared: whoever drops it last unlinks the rest
+            };
+            // `entry` drops here with no parent, or is shared and only decremented.
+        }
+    }
 }
 
 impl<T: Send + Sync + 'static> ValueEntry for ValueNode<T> {
@@ -629,5 +699,9 @@ impl<T: Send + Sync + 'static> ValueEntry for ValueNode<T> {
 
     fn type_name(&self) -> &'static str {
         std::any::type_name::<T>()
+    }
+
+    fn take_parent(&mut self) -> Option<Arc<dyn ValueEntry>> {
+        self.parent.take()
     }
 }

@@ -5,26 +5,29 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll, ready};
+use std::time::Duration;
 
 use pin_project_lite::pin_project;
-use tokio::time::{Sleep, sleep_until};
+use tokio::time::{Instant, Sleep, sleep_until};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::cause::{Cancelled, Cause};
-use crate::node::{CancelNode, LazyNow};
+use crate::node::{CancelNode, LazyNow, wheel_instant};
 
 pin_project! {
     /// The future returned by [`Context::cancelled`](crate::Context::cancelled).
     ///
     /// It owns what it needs (no borrow of the context), so it can be stored in a struct
-    /// or moved into a task.
+    /// or moved into a task. It times the earliest deadline of the context's chain, fixed
+    /// or driven, itself, so the deadline reaches it whoever else is polled; when a driven
+    /// deadline moves later or goes away, it sleeps again until the new one.
     #[must_use = "futures do nothing unless polled"]
     pub struct WaitForCancel {
         node: Option<Arc<CancelNode>>, // None: a context that is never cancelled
         #[pin]
         wait: Option<WaitForCancellationFutureOwned>, // set on the first poll
         #[pin]
-        sleep: Option<Sleep>, // the earliest deadline this waiter has to time itself
+        sleep: Option<Sleep>, // the earliest deadline of the chain, when it has one
     }
 }
 
@@ -78,8 +81,8 @@ impl Future for WaitForCancel {
                 return Poll::Ready(());
             }
             this.wait.set(Some(node.token().cancelled_owned()));
-            if let Some(deadline) = node.timer_deadline() {
-                this.sleep.set(Some(sleep_until(deadline)));
+            if let Some(deadline) = node.waiter_deadline() {
+                this.sleep.set(Some(sleep_until(wheel_instant(deadline))));
             }
         }
         if let Some(wait) = this.wait.as_pin_mut() {
@@ -87,15 +90,36 @@ impl Future for WaitForCancel {
                 return Poll::Ready(());
             }
         }
-        if let Some(sleep) = this.sleep.as_mut().as_pin_mut() {
+        while let Some(sleep) = this.sleep.as_mut().as_pin_mut() {
+            let slept_until = sleep.deadline();
             ready!(sleep.poll(cx));
             // Records DeadlineExceeded on the node whose deadline passed, which cancels
             // its token and so every token below it.
             if node.resolve(&mut LazyNow::new()).is_some() {
                 return Poll::Ready(());
             }
-            // Unreachable with tokio's clock (a sleep never ends early); stay correct anyway.
-            this.sleep.set(None);
+            // A driven deadline moved later or went away: sleep until the chain's
+            // earliest one now, if any (a move earlier is timed by the node, invariant 5
+            // in `node.rs`).
+            match node.waiter_deadline().map(wheel_instant) {
+                None => this.sleep.set(None),
+                Some(deadline) => {
+                    // Not passed by the clock although the sleep ended (tokio's timer
+                    // never fires early; stay correct anyway): look again a millisecond
+                    // later rather than spin.
+                    let next = if deadline <= slept_until {
+                        match Instant::now().checked_add(Duration::from_millis(1)) {
+                            Some(later) => wheel_instant(later),
+                            None => return Poll::Pending, // the end of time: never passes
+                        }
+                    } else {
+                        deadline
+                    };
+                    if let Some(sleep) = this.sleep.as_mut().as_pin_mut() {
+                        sleep.reset(next);
+                    }
+                }
+            }
         }
         Poll::Pending
     }
@@ -155,12 +179,6 @@ impl<F: Future> Future for Run<F> {
 pub(crate) enum Which<A, B> {
     Left(A),
     Right(B),
-}
-
-impl<A, B> Which<A, B> {
-    pub(crate) fn is_right(&self) -> bool {
-        matches!(self, Which::Right(_))
-    }
 }
 
 pin_project! {

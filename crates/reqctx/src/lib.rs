@@ -38,6 +38,11 @@
 //!   client disconnect), the one recorded first wins, and every later reader sees it; a
 //!   deadline counts from the instant it passed, even if nobody looked until later.
 //! - Values are immutable, inherited by children, looked up by type; the nearest wins.
+//! - A deadline reaches every waiter when it passes, whoever polls what, and a deadline
+//!   moved by its owner ([`DeadlineDriver::set_deadline`]) moves for every waiter.
+//! - Nothing this crate spawns keeps a context alive: a token follows its context while
+//!   the context lives, and an [`on_cancel`](Context::on_cancel) callback runs if the
+//!   context is cancelled while it lives.
 //!
 //! # Cancellation safety
 //!
@@ -48,9 +53,11 @@
 //! # Cost
 //!
 //! Deriving a context allocates once and takes no lock. No `CancellationToken` exists
-//! until something waits on the context, no timer until something waits on a deadline,
-//! and a context without a deadline never reads the clock. See [`Context`] for which
-//! methods need a tokio runtime.
+//! until something waits on the context, no timer until something waits on a deadline
+//! (a waiter's own `Sleep`; for tokens and `on_cancel`, one task per deadline, ending
+//! with the context), and a context without a deadline never reads the clock. Chains of
+//! any depth are walked and dropped in constant stack. See [`Context`] for which methods
+//! need a tokio runtime.
 //!
 //! # Features
 //!

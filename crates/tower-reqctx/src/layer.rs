@@ -168,6 +168,11 @@ impl ContextLayer {
     /// How long after the deadline the handler may still answer for itself (its context is
     /// cancelled at the deadline). After that the layer drops the handler's future and
     /// answers with the [`timeout_status`](Self::timeout_status). Default zero.
+    ///
+    /// Which answer wins: with no grace, the layer's. A handler that waits on its context
+    /// wakes at the same instant as the layer's timer, so a response that arrives once the
+    /// deadline has passed is dropped and the layer answers, whichever woke first. With a
+    /// grace, the handler's response wins until the grace runs out.
     pub fn grace(self, grace: Duration) -> ContextLayer {
         self.with(|c| c.grace = grace)
     }

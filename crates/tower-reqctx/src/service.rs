@@ -598,7 +598,7 @@ where
                 expired,
                 grace,
                 on_timeout,
-            } => {
+            } => 'owner: {
                 // A panic that unwinds through here is the handler's, whatever catches it
                 // further out (tower-http's CatchPanicLayer drops us only after catching).
                 let polled = match catch_unwind(AssertUnwindSafe(|| inner.as_mut().poll(cx))) {
@@ -611,6 +611,21 @@ where
                     }
                 };
                 if let Poll::Ready(result) = polled {
+                    // Without a grace, the layer answers at the deadline: a response that
+                    // arrives once it has passed (the handler saw the deadline at the same
+                    // instant as our timer, or ran past it without yielding) loses, so the
+                    // status never depends on which of two wakeups ran first. Checked only
+                    // for a handler that was pending under a deadline.
+                    if result.is_ok()
+                        && timer.is_some()
+                        && !*expired
+                        && grace.is_zero()
+                        && owner.as_ref().is_some_and(|o| {
+                            matches!(o.cause(), Some(Cause::DeadlineExceeded { .. }))
+                        })
+                    {
+                        break 'owner Some(Answer::from(*on_timeout));
+                    }
                     let Some(o) = owner.take() else {
                         panic!("ResponseFuture polled after completion");
                     };

@@ -398,6 +398,35 @@ async fn shutdown_of_the_root_ends_an_endless_stream() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn without_grace_an_answer_after_the_deadline_loses() {
+    // The handler's own wait sees the deadline at the same instant as the layer's timer;
+    // whichever wakes first, the layer answers, so the status never depends on the order.
+    for _ in 0..20 {
+        let app = Router::new()
+            .route(
+                "/",
+                get(|ctx: ReqCtx| async move {
+                    ctx.cancelled().await;
+                    "late"
+                }),
+            )
+            .layer(
+                ContextLayer::new()
+                    .timeout(Duration::from_millis(20))
+                    .timeout_status(StatusCode::SERVICE_UNAVAILABLE),
+            );
+        let start = Instant::now();
+        let res = app.oneshot(get_req("/")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(start.elapsed(), Duration::from_millis(20));
+        assert_eq!(
+            body_text(res).await,
+            "request cancelled: deadline exceeded (set by the server's timeout)"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn grace_lets_the_handler_answer_for_itself() {
     let app = Router::new()
         .route(

@@ -186,10 +186,6 @@ async fn a_stream_that_ends_completes() {
 /// trailers carrying `DEADLINE_EXCEEDED` (not an h2 reset, which a tonic client reads as
 /// `INTERNAL`), and the context's cause names the header as the deadline's origin.
 #[tokio::test]
-#[ignore = "library bug: once the response is answered nothing times the driven deadline \
-            (the owner's timer lives in ResponseFuture only, and `cancelled()` on a driven \
-            context does not time it), so the stream runs to its end (2 s, all 40 replies) \
-            and only its final trailers read DEADLINE_EXCEEDED; waiters wake then too"]
 async fn a_deadline_mid_stream_is_deadline_exceeded() {
     const COUNT: u32 = 40; // 2 s of replies, against a 200 ms deadline
     let mut grpc = Grpc::start().await;

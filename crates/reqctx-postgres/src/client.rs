@@ -261,11 +261,12 @@ impl ContextClient {
         ContextClient::wrap(Inner::Pooled(Arc::new(client)), target, options).await
     }
 
-    /// deadpool-postgres's wrapper, when no statement task holds it (after `settle`).
+    /// deadpool-postgres's wrapper: `None` for a plain connection, `Some(None)` while a
+    /// statement task still holds it (never after `settle`).
     #[cfg(feature = "deadpool")]
-    pub(crate) fn pooled_mut(&mut self) -> Option<&mut deadpool_postgres::ClientWrapper> {
+    pub(crate) fn pooled_mut(&mut self) -> Option<Option<&mut deadpool_postgres::ClientWrapper>> {
         match &mut self.client {
-            Inner::Pooled(w) => Arc::get_mut(w),
+            Inner::Pooled(w) => Some(Arc::get_mut(w)),
             Inner::Plain(_) => None,
         }
     }

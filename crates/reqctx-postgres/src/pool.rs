@@ -89,8 +89,14 @@ impl managed::Manager for Manager {
             .reset_for_reuse()
             .await
             .map_err(RecycleError::Backend)?;
-        let Some(inner) = client.pooled_mut() else {
-            return Ok(());
+        let inner = match client.pooled_mut() {
+            None => return Ok(()),
+            Some(Some(inner)) => inner,
+            Some(None) => {
+                return Err(RecycleError::message(
+                    "a statement task still holds the connection",
+                ));
+            }
         };
         managed::Manager::recycle(&self.inner, inner, metrics)
             .await
@@ -101,7 +107,7 @@ impl managed::Manager for Manager {
     }
 
     fn detach(&self, client: &mut ContextClient) {
-        if let Some(inner) = client.pooled_mut() {
+        if let Some(Some(inner)) = client.pooled_mut() {
             managed::Manager::detach(&self.inner, inner);
         }
     }

@@ -91,6 +91,11 @@ async fn main() {
         ms(latencies[0]),
         ms(latencies[RUNS - 1])
     );
-    let slowest: Vec<String> = latencies.iter().rev().take(5).map(|d| format!("{:.2}", ms(*d))).collect();
+    let slowest: Vec<String> = latencies
+        .iter()
+        .rev()
+        .take(5)
+        .map(|d| format!("{:.2}", ms(*d)))
+        .collect();
     println!("slowest five (ms): {}", slowest.join(", "));
 }

@@ -83,3 +83,44 @@ impl fmt::Display for Reported {
 }
 
 impl StdError for Reported {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wire(e: &Encoded, ty: &Type) -> Result<Option<Vec<u8>>, String> {
+        let mut out = BytesMut::new();
+        match e.to_sql_checked(ty, &mut out) {
+            Ok(IsNull::Yes) => Ok(None),
+            Ok(IsNull::No) => Ok(Some(out.to_vec())),
+            Err(err) => Err(err.to_string()),
+        }
+    }
+
+    #[test]
+    fn values_nulls_and_formats_survive_encoding() {
+        let none: Option<i32> = None;
+        let params: [&(dyn ToSql + Sync); 3] = [&7_i32, &none, &"hi"];
+        let types = [Type::INT4, Type::INT4, Type::TEXT];
+        let enc = Encoded::all(&params, &types);
+        assert_eq!(
+            wire(&enc[0], &types[0]),
+            Ok(Some(7_i32.to_be_bytes().to_vec()))
+        );
+        assert_eq!(wire(&enc[1], &types[1]), Ok(None));
+        assert_eq!(wire(&enc[2], &types[2]), Ok(Some(b"hi".to_vec())));
+        assert!(matches!(enc[0].encode_format(&types[0]), Format::Binary));
+    }
+
+    #[test]
+    fn a_wrong_type_is_reported_once_with_the_drivers_error() {
+        let params: [&(dyn ToSql + Sync); 1] = [&7_i32];
+        let enc = Encoded::all(&params, &[Type::TEXT]);
+        let first = wire(&enc[0], &Type::TEXT).unwrap_err();
+        assert!(first.contains("i32") || first.contains("text"), "{first}");
+        assert_eq!(
+            wire(&enc[0], &Type::TEXT).unwrap_err(),
+            "parameter could not be encoded"
+        );
+    }
+}

@@ -75,6 +75,42 @@ async fn cancel_stops_the_statement_on_the_server_and_keeps_the_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parameters_rows_and_driver_errors_pass_through() {
+    let Some(db) = db() else { return };
+    let mut conn = connect(db).await;
+    let bg = Context::background();
+    let none: Option<String> = None;
+    let rows = conn
+        .query(
+            &bg,
+            "SELECT $1::int4 + 1, $2::text, $3::text IS NULL",
+            &[&41_i32, &"x", &none],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows[0].get::<_, i32>(0), 42);
+    assert_eq!(rows[0].get::<_, String>(1), "x");
+    assert!(rows[0].get::<_, bool>(2));
+    // A prepared statement, and `execute`'s count.
+    let stmt = conn
+        .client()
+        .prepare("SELECT generate_series(1, $1)")
+        .await
+        .unwrap();
+    assert_eq!(conn.execute(&bg, &stmt, &[&3_i32]).await.unwrap(), 3);
+    // Wrong type, wrong count, bad SQL: the driver's errors, and the connection stays.
+    for result in [
+        conn.query(&bg, "SELECT $1::int4", &[&"not a number"]).await,
+        conn.query(&bg, "SELECT $1::int4", &[]).await,
+        conn.query(&bg, "SELEC 1", &[]).await,
+    ] {
+        assert!(matches!(result, Err(Error::Postgres(_))), "{result:?}");
+    }
+    assert!(conn.is_usable());
+    assert_eq!(conn.query(&bg, "SELECT 1", &[]).await.unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_deadline_travels_as_statement_timeout_and_is_restored() {
     let Some(db) = db() else { return };
     let mut conn = connect(db).await;

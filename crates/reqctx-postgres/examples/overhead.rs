@@ -13,7 +13,7 @@ use reqctx::Context;
 use reqctx_postgres::{ContextClient, Options};
 
 const N: usize = 10_000;
-const ROUNDS: usize = 9;
+const ROUNDS: usize = 15;
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -34,28 +34,27 @@ async fn main() {
     let (plain_ctx, _c1) = Context::background().with_cancel();
     let (deadline_ctx, _c2) = Context::background().with_timeout(Duration::from_secs(3600));
 
-    let (mut raw, mut helper, mut timed) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        let t = Instant::now();
-        for _ in 0..N {
-            conn.client().query(&stmt, &[]).await.unwrap();
+    // Three ways, their order rotated each round so drift in the machine's load spreads evenly.
+    let mut times: [Vec<Duration>; 3] = Default::default();
+    for round in 0..ROUNDS {
+        for k in 0..3 {
+            let way = (round + k) % 3;
+            let t = Instant::now();
+            for _ in 0..N {
+                match way {
+                    0 => drop(conn.client().query(&stmt, &[]).await.unwrap()),
+                    1 => drop(conn.query(&plain_ctx, &stmt, &[]).await.unwrap()),
+                    _ => drop(conn.query(&deadline_ctx, &stmt, &[]).await.unwrap()),
+                }
+            }
+            times[way].push(t.elapsed());
+            // Back to the session's default, so the plain rounds run as they would without us.
+            conn.query(&Context::background(), &stmt, &[])
+                .await
+                .unwrap();
         }
-        raw.push(t.elapsed());
-        let t = Instant::now();
-        for _ in 0..N {
-            conn.query(&plain_ctx, &stmt, &[]).await.unwrap();
-        }
-        helper.push(t.elapsed());
-        let t = Instant::now();
-        for _ in 0..N {
-            conn.query(&deadline_ctx, &stmt, &[]).await.unwrap();
-        }
-        timed.push(t.elapsed());
-        // Back to the default, so the plain rounds run as they would without us.
-        conn.query(&Context::background(), &stmt, &[])
-            .await
-            .unwrap();
     }
+    let [raw, helper, timed] = times;
     let (raw, helper, timed) = (median(raw), median(helper), median(timed));
     let per = |d: Duration| d.as_secs_f64() * 1e6 / N as f64;
     let pct = |d: Duration| (d.as_secs_f64() / raw.as_secs_f64() - 1.0) * 100.0;

@@ -571,6 +571,42 @@ mod http {
         }
     }
 
+    /// A transaction whose last statement is slow.
+    async fn tx(
+        ReqCtx(ctx): ReqCtx,
+        State(app): State<App>,
+    ) -> Result<&'static str, (StatusCode, String)> {
+        let mut db = app
+            .pool
+            .get()
+            .await
+            .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+        let _ = app.seen.send((ctx.clone(), db.backend_pid()));
+        let err = |e: Error| (StatusCode::GATEWAY_TIMEOUT, e.to_string());
+        db.batch_execute(&ctx, "BEGIN").await.map_err(err)?;
+        db.execute(&ctx, "INSERT INTO http_tx VALUES (1)", &[])
+            .await
+            .map_err(err)?;
+        db.query(&ctx, "SELECT pg_sleep(10)", &[])
+            .await
+            .map_err(err)?;
+        db.batch_execute(&ctx, "COMMIT").await.map_err(err)?;
+        Ok("committed")
+    }
+
+    /// What the next user of a pooled connection finds.
+    async fn probe(State(app): State<App>) -> String {
+        let db = app.pool.get().await.unwrap();
+        let c = db.client();
+        let timeout = super::timeout_setting(c).await;
+        let rows: i64 = c
+            .query_one("SELECT count(*) FROM http_tx", &[])
+            .await
+            .unwrap()
+            .get(0);
+        format!("pid={} timeout={timeout} rows={rows}", db.backend_pid())
+    }
+
     /// Drops the handler's future when told to, as hyper does when a client leaves.
     async fn droppable(State(app): State<App>, req: Request, next: Next) -> Response {
         tokio::select! {
@@ -579,21 +615,27 @@ mod http {
         }
     }
 
-    async fn start(
-        db: &support::Db,
-    ) -> (
+    type Started = (
         std::net::SocketAddr,
         App,
         mpsc::UnboundedReceiver<(Context, i32)>,
-    ) {
+    );
+
+    async fn start(db: &support::Db) -> Started {
+        start_with(db, 2).await
+    }
+
+    async fn start_with(db: &support::Db, pool_size: usize) -> Started {
         let (seen, rx) = mpsc::unbounded_channel();
         let app = App {
-            pool: pool(db, 2),
+            pool: pool(db, pool_size),
             seen,
             drop_now: Arc::new(Notify::new()),
         };
         let router = Router::new()
             .route("/sleep", get(sleep))
+            .route("/tx", get(tx))
+            .route("/probe", get(probe))
             .route(
                 "/drop",
                 get(sleep).layer(middleware::from_fn_with_state(app.clone(), droppable)),
@@ -691,5 +733,45 @@ mod http {
             pids.contains(&pid),
             "the connection was discarded: {pids:?}"
         );
+    }
+
+    async fn body_of(mut stream: TcpStream) -> String {
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.unwrap();
+        answer
+            .split("\r\n\r\n")
+            .nth(1)
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_transaction_cut_by_the_deadline_is_rolled_back_and_its_connection_reused() {
+        let Some(db) = db() else { return };
+        let monitor = db.monitor().await;
+        monitor
+            .batch_execute("CREATE TABLE IF NOT EXISTS http_tx (x int)")
+            .await
+            .unwrap();
+        let (addr, _app, mut seen) = start_with(db, 1).await;
+        let mut stream = request(addr, "/tx?timeout=300ms").await;
+        let (ctx, pid) = seen.recv().await.unwrap();
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await.unwrap();
+        assert_eq!(&head, b"HTTP/1.1 504");
+        assert_eq!(
+            ctx.cause(),
+            Some(Cause::DeadlineExceeded {
+                origin: DeadlineOrigin::Query
+            })
+        );
+        // The only connection: the same backend, out of the transaction, its insert undone,
+        // and the request's statement_timeout gone.
+        let mut probe = TcpStream::connect(addr).await.unwrap();
+        probe
+            .write_all(b"GET /probe HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(body_of(probe).await, format!("pid={pid} timeout=0 rows=0"));
     }
 }

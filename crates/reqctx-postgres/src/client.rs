@@ -14,9 +14,7 @@ use reqctx::{Cancelled, Cause, Context, DeadlineOrigin};
 use tokio::sync::oneshot;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{
-    CancelToken, Client, Config, NoTls, Row, RowStream, SimpleQueryStream, Statement,
-};
+use tokio_postgres::{CancelToken, Client, Config, NoTls, Row, Statement};
 
 use crate::cancel::{CancelTarget, send_cancel};
 use crate::params::Encoded;
@@ -354,11 +352,11 @@ impl ContextClient {
         let set = self.before(ctx).await?;
         let client = self.client.clone();
         let sql_owned = sql.to_owned();
-        let start: Start = Box::pin(async move {
-            let c = client.get();
-            pipelined(c, set, c.simple_query_raw(&sql_owned), Flow::simple).await
+        let statement = in_flight(set, &self.client, async move {
+            let stream = pin!(client.get().simple_query_raw(&sql_owned).await?);
+            drain(stream).await
         });
-        self.drive(ctx, start).await?;
+        self.drive(ctx, statement).await?;
         if sql
             .trim_start()
             .get(..8)
@@ -390,11 +388,13 @@ impl ContextClient {
         };
         let params = Encoded::all(params, statement.params());
         let client = self.client.clone();
-        let start: Start = Box::pin(async move {
-            let c = client.get();
-            pipelined(c, set, c.query_raw(&statement, params), Flow::rows).await
+        let statement = in_flight(set, &self.client, async move {
+            let mut stream = pin!(client.get().query_raw(&statement, params).await?);
+            let mut done = drain(stream.as_mut()).await?;
+            done.affected = stream.rows_affected();
+            Ok(done)
         });
-        self.drive(ctx, start).await
+        self.drive(ctx, statement).await
     }
 
     /// Waits for a dropped statement's cleanup, checks the context and the budget, and
@@ -427,16 +427,13 @@ impl ContextClient {
     }
 
     /// Races the statement against `ctx`; on cancellation, cancels it on the server.
-    async fn drive(&mut self, ctx: &Context, start: Start) -> Result<Done, Error> {
+    async fn drive(&mut self, ctx: &Context, statement: InFlight) -> Result<Done, Error> {
         let mut flight = Flight {
             state: &mut self.state,
             token: &self.token,
             target: &self.target,
             wait: self.options.cancel_wait,
-            inflight: InFlight {
-                stage: Stage::Starting(start),
-                set: None,
-            },
+            inflight: Some(statement),
         };
         let mut ended_ctx = pin!(ctx.cancelled());
         let ended = poll_fn(|cx| {
@@ -453,7 +450,7 @@ impl ContextClient {
             None => {
                 let (target, token, wait) = (flight.target, flight.token, flight.wait);
                 let keep = cancel_and_end(target, token, wait, |cx| flight.poll_end(cx)).await;
-                flight.inflight.stage = Stage::Finished; // given up, if it had not ended
+                flight.inflight = None; // given up, if it had not ended
                 flight.state.cancelled = true;
                 if !keep {
                     flight.state.health = Health::Unusable;
@@ -537,56 +534,46 @@ fn cancelled(ctx: &Context) -> Error {
     Cancelled::new(ctx.cause().unwrap_or(Cause::Cancelled)).into()
 }
 
-/// The statement's first phase (an optional `SET`, then bind and execute), owning all it
-/// needs. With the extended protocol the server sends `BindComplete` only with the
-/// statement's first results, so this phase lasts as long as the statement itself.
-type Start = Pin<Box<dyn Future<Output = Started> + Send>>;
+/// A statement in flight, owning everything it needs (the shared client, its encoded
+/// parameters, its responses), so that it can move to a spawned task if its caller's
+/// future is dropped. One allocation per statement.
+///
+/// With the extended protocol the server sends `BindComplete` only with the statement's
+/// first results, so the driver's `query_raw` itself lasts as long as the statement: the
+/// whole statement, not only its rows, has to be movable.
+type InFlight = Pin<Box<dyn Future<Output = Ended> + Send>>;
 
-/// Sends `set` (if any) and the statement back to back, without waiting in between.
-async fn pipelined<S, F>(
-    client: &Client,
-    set: Option<Set>,
-    statement: F,
-    flow: fn(S) -> Flow,
-) -> Started
+/// How a statement ended: the pipelined `SET`'s outcome, if one was sent, and its result
+/// read up to its `ReadyForQuery`.
+struct Ended {
+    set: Option<(Set, bool)>,
+    result: Result<Done, tokio_postgres::Error>,
+}
+
+/// Boxes `work`, preceded by `set` (if any) without waiting in between: both are written
+/// to the connection back to back, so a `SET` costs no round trip.
+fn in_flight<F>(set: Option<Set>, client: &Inner, work: F) -> InFlight
 where
-    F: Future<Output = Result<S, tokio_postgres::Error>>,
+    F: Future<Output = Result<Done, tokio_postgres::Error>> + Send + 'static,
 {
     match set {
-        None => Started {
-            set: None,
-            flow: statement.await.map(flow),
-        },
-        Some(s) => {
-            let sql = s.sql();
-            let (set_result, result) = tokio::join!(client.batch_execute(&sql), statement);
-            Started {
-                set: Some((s, set_result.is_ok())),
-                flow: result.map(flow),
+        None => Box::pin(async move {
+            Ended {
+                set: None,
+                result: work.await,
             }
+        }),
+        Some(set) => {
+            let client = client.clone();
+            Box::pin(async move {
+                let sql = set.sql();
+                let (set_result, result) = tokio::join!(client.get().batch_execute(&sql), work);
+                Ended {
+                    set: Some((set, set_result.is_ok())),
+                    result,
+                }
+            })
         }
-    }
-}
-
-/// What the first phase gave.
-struct Started {
-    set: Option<(Set, bool)>,
-    flow: Result<Flow, tokio_postgres::Error>,
-}
-
-/// The running statement's responses, owned.
-enum Flow {
-    Rows(Pin<Box<RowStream>>),
-    Simple(Pin<Box<SimpleQueryStream>>),
-}
-
-impl Flow {
-    fn rows(s: RowStream) -> Flow {
-        Flow::Rows(Box::pin(s))
-    }
-
-    fn simple(s: SimpleQueryStream) -> Flow {
-        Flow::Simple(Box::pin(s))
     }
 }
 
@@ -596,90 +583,49 @@ struct Done {
     affected: Option<u64>,
 }
 
-/// Reads a statement's responses up to its `ReadyForQuery`, keeping the rows and the
-/// first error.
-struct Drain {
-    flow: Flow,
-    done: Done,
-    error: Option<tokio_postgres::Error>,
+/// Something a statement's responses can become: a row, or a simple-query message (of
+/// which we keep nothing).
+trait Response {
+    fn into_row(self) -> Option<Row>;
 }
 
-impl Drain {
-    fn poll(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<Done, tokio_postgres::Error>> {
-        loop {
-            let item = match &mut self.flow {
-                Flow::Rows(s) => ready!(s.as_mut().poll_next(cx)).map(|r| r.map(Some)),
-                Flow::Simple(s) => ready!(s.as_mut().poll_next(cx)).map(|r| r.map(|_| None)),
-            };
-            match item {
-                Some(Ok(row)) => {
-                    if self.error.is_none() {
-                        self.done.rows.extend(row);
-                    }
-                }
-                Some(Err(e)) => {
-                    // The statement's `ReadyForQuery` follows its error; a second error
-                    // (the connection closed) ends the wait.
-                    if self.error.is_some() || e.is_closed() {
-                        return Poll::Ready(Err(self.error.take().unwrap_or(e)));
-                    }
-                    self.error = Some(e);
-                }
-                None => {
-                    if let Some(e) = self.error.take() {
-                        return Poll::Ready(Err(e));
-                    }
-                    if let Flow::Rows(s) = &self.flow {
-                        self.done.affected = s.rows_affected();
-                    }
-                    return Poll::Ready(Ok(mem::take(&mut self.done)));
-                }
-            }
-        }
+impl Response for Row {
+    fn into_row(self) -> Option<Row> {
+        Some(self)
     }
 }
 
-enum Stage {
-    Starting(Start),
-    Running(Drain),
-    Finished,
+impl Response for tokio_postgres::SimpleQueryMessage {
+    fn into_row(self) -> Option<Row> {
+        None
+    }
 }
 
-/// A statement in flight, owning everything: it can move to a spawned task.
-struct InFlight {
-    stage: Stage,
-    set: Option<(Set, bool)>, // the pipelined SET's outcome, once known
-}
-
-impl InFlight {
-    fn poll_end(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<Done, tokio_postgres::Error>> {
-        loop {
-            match &mut self.stage {
-                Stage::Starting(start) => {
-                    let started = ready!(start.as_mut().poll(cx));
-                    self.set = started.set;
-                    match started.flow {
-                        Ok(flow) => {
-                            self.stage = Stage::Running(Drain {
-                                flow,
-                                done: Done::default(),
-                                error: None,
-                            });
-                        }
-                        Err(e) => {
-                            self.stage = Stage::Finished;
-                            return Poll::Ready(Err(e));
-                        }
-                    }
+/// Reads a statement's responses up to its `ReadyForQuery` (the stream's end), keeping
+/// the rows and the first error: after an error the driver still delivers the
+/// `ReadyForQuery`, and the statement is over only then.
+async fn drain<S, T>(mut stream: Pin<&mut S>) -> Result<Done, tokio_postgres::Error>
+where
+    S: Stream<Item = Result<T, tokio_postgres::Error>>,
+    T: Response,
+{
+    let mut done = Done::default();
+    let mut error = None;
+    loop {
+        match poll_fn(|cx| stream.as_mut().poll_next(cx)).await {
+            Some(Ok(item)) => {
+                if error.is_none() {
+                    done.rows.extend(item.into_row());
                 }
-                Stage::Running(drain) => {
-                    let result = ready!(drain.poll(cx));
-                    self.stage = Stage::Finished;
-                    return Poll::Ready(result);
-                }
-                // Never polled again once finished.
-                Stage::Finished => return Poll::Pending,
             }
+            Some(Err(e)) => {
+                // A second error (the connection closed) ends the wait.
+                if error.is_some() || e.is_closed() {
+                    return Err(error.unwrap_or(e));
+                }
+                error = Some(e);
+            }
+            None => return error.map_or(Ok(done), Err),
         }
     }
 }
@@ -692,37 +638,42 @@ struct Flight<'a> {
     token: &'a CancelToken,
     target: &'a CancelTarget,
     wait: Duration,
-    inflight: InFlight,
+    inflight: Option<InFlight>, // None once it ended (or was given up)
 }
 
 impl Flight<'_> {
     fn poll_end(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<Done, tokio_postgres::Error>> {
-        let result = self.inflight.poll_end(cx);
-        if let Some((set, ok)) = self.inflight.set.take() {
+        let Some(statement) = self.inflight.as_mut() else {
+            return Poll::Pending; // never polled again once it ended
+        };
+        let ended = ready!(statement.as_mut().poll(cx));
+        self.inflight = None;
+        if let Some((set, ok)) = ended.set {
             self.state.timeout = if ok { set.known() } else { Known::Unknown };
         }
-        result
+        Poll::Ready(ended.result)
     }
 }
 
 impl Drop for Flight<'_> {
     fn drop(&mut self) {
-        let stage = mem::replace(&mut self.inflight.stage, Stage::Finished);
-        if matches!(stage, Stage::Finished) {
+        let Some(mut statement) = self.inflight.take() else {
             return;
-        }
+        };
         self.state.cancelled = true;
         self.state.timeout = Known::Unknown; // a pipelined SET's outcome is not ours to see
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             self.state.health = Health::Unusable;
             return;
         };
-        let mut inflight = InFlight { stage, set: None };
         let (tx, rx) = oneshot::channel();
         let (target, token, wait) = (self.target.clone(), self.token.clone(), self.wait);
         runtime.spawn(async move {
-            let keep = cancel_and_end(&target, &token, wait, |cx| inflight.poll_end(cx)).await;
-            drop(inflight); // release the shared client before the connection is reused
+            let keep = cancel_and_end(&target, &token, wait, |cx| {
+                statement.as_mut().poll(cx).map(|ended| ended.result)
+            })
+            .await;
+            drop(statement); // release the shared client before the connection is reused
             let _ = tx.send(keep);
         });
         self.state.health = Health::Cleanup(rx);

@@ -47,11 +47,20 @@ async fn main() {
     let (deadline_ctx, _c2) = Context::background().with_timeout(Duration::from_secs(3600));
 
     // Three ways, their order rotated each round so drift in the machine's load spreads evenly.
+    // `--only N` runs one way alone (0 plain, 1 helper, 2 helper with a deadline), for
+    // `perf stat`.
+    let only: Option<usize> = std::env::args()
+        .skip_while(|a| a != "--only")
+        .nth(1)
+        .and_then(|n| n.parse().ok());
     let mut times: [Vec<Duration>; 3] = Default::default();
     let mut cpus: [Vec<Duration>; 3] = Default::default();
     for round in 0..ROUNDS {
         for k in 0..3 {
             let way = (round + k) % 3;
+            if only.is_some_and(|o| o != way) {
+                continue;
+            }
             let (t, c) = (Instant::now(), cpu());
             for _ in 0..N {
                 match way {
@@ -69,6 +78,9 @@ async fn main() {
                 .await
                 .unwrap();
         }
+    }
+    if only.is_some() {
+        return;
     }
     let [raw, helper, timed] = times;
     let cpu_us: Vec<f64> = cpus

@@ -349,11 +349,14 @@ impl ContextClient {
     /// # Cancellation safety
     /// As [`query`](ContextClient::query).
     pub async fn batch_execute(&mut self, ctx: &Context, sql: &str) -> Result<(), Error> {
-        let set = self.before(ctx).await?;
-        let client = self.client.clone();
+        let set = match self.before_fast(ctx) {
+            Some(set) => set?,
+            // Cold and rare: boxed, so the common path's future stays small.
+            None => Box::pin(self.before(ctx)).await?,
+        };
         let sql_owned = sql.to_owned();
-        let statement = in_flight(set, &self.client, async move {
-            let stream = pin!(client.get().simple_query_raw(&sql_owned).await?);
+        let statement = in_flight(set, &self.client, move |c: Inner| async move {
+            let stream = pin!(c.get().simple_query_raw(&sql_owned).await?);
             drain(stream).await
         });
         self.drive(ctx, statement).await?;
@@ -376,25 +379,57 @@ impl ContextClient {
     where
         S: ?Sized + SqlStatement,
     {
-        let set = self.before(ctx).await?;
+        let set = match self.before_fast(ctx) {
+            Some(set) => set?,
+            // Cold and rare: boxed, so the common path's future stays small.
+            None => Box::pin(self.before(ctx)).await?,
+        };
         let statement = match statement.as_sql() {
             Err(prepared) => prepared.clone(),
             // Preparing runs nothing: dropping it mid-way needs no cancel.
-            Ok(sql) => tokio::select! {
-                biased;
-                () = ctx.cancelled() => return Err(cancelled(ctx)),
-                prepared = self.client.prepare(sql) => prepared.map_err(|e| self.failed(ctx, e))?,
-            },
+            Ok(sql) => Box::pin(self.prepare(ctx, sql)).await?,
         };
         let params = Encoded::all(params, statement.params());
-        let client = self.client.clone();
-        let statement = in_flight(set, &self.client, async move {
-            let mut stream = pin!(client.get().query_raw(&statement, params).await?);
+        let statement = in_flight(set, &self.client, move |c: Inner| async move {
+            let mut stream = pin!(c.get().query_raw(&statement, params).await?);
             let mut done = drain(stream.as_mut()).await?;
             done.affected = stream.rows_affected();
             Ok(done)
         });
         self.drive(ctx, statement).await
+    }
+
+    /// Prepares `sql` (through the pool's statement cache when pooled), while `ctx` lasts.
+    async fn prepare(&mut self, ctx: &Context, sql: &str) -> Result<Statement, Error> {
+        tokio::select! {
+            biased;
+            () = ctx.cancelled() => Err(cancelled(ctx)),
+            prepared = self.client.prepare(sql) => prepared.map_err(|e| self.failed(ctx, e)),
+        }
+    }
+
+    /// [`before`](Self::before) without waiting, for the common case: `None` if it would
+    /// have to wait (a dropped statement's cleanup, a budget below the margin).
+    fn before_fast(&mut self, ctx: &Context) -> Option<Result<Option<Set>, Error>> {
+        if !matches!(self.state.health, Health::Ready) || self.client.get().is_closed() {
+            return None;
+        }
+        if let Err(c) = ctx.check() {
+            return Some(Err(c.into()));
+        }
+        if !self.options.statement_timeout {
+            return Some(Ok(None));
+        }
+        let remaining = ctx.remaining();
+        if remaining.is_some_and(|left| left < self.options.min_budget) {
+            return None;
+        }
+        Some(Ok(plan(
+            self.state.timeout,
+            remaining,
+            self.baseline_ms,
+            self.options.timeout_tolerance,
+        )))
     }
 
     /// Waits for a dropped statement's cleanup, checks the context and the budget, and
@@ -449,7 +484,10 @@ impl ContextClient {
             Some(Err(e)) => Err(classify(ctx, flight.state, e)),
             None => {
                 let (target, token, wait) = (flight.target, flight.token, flight.wait);
-                let keep = cancel_and_end(target, token, wait, |cx| flight.poll_end(cx)).await;
+                let keep = Box::pin(cancel_and_end(target, token, wait, |cx| {
+                    flight.poll_end(cx)
+                }))
+                .await;
                 flight.inflight = None; // given up, if it had not ended
                 flight.state.cancelled = true;
                 if !keep {
@@ -552,28 +590,31 @@ struct Ended {
 
 /// Boxes `work`, preceded by `set` (if any) without waiting in between: both are written
 /// to the connection back to back, so a `SET` costs no round trip.
-fn in_flight<F>(set: Option<Set>, client: &Inner, work: F) -> InFlight
+///
+/// `work` makes its future inside the box: a future captured by an async block and then
+/// awaited is stored twice, and this allocation is on every statement's path.
+fn in_flight<W, F>(set: Option<Set>, client: &Inner, work: W) -> InFlight
 where
+    W: FnOnce(Inner) -> F + Send + 'static,
     F: Future<Output = Result<Done, tokio_postgres::Error>> + Send + 'static,
 {
+    let client = client.clone();
     match set {
         None => Box::pin(async move {
             Ended {
                 set: None,
-                result: work.await,
+                result: work(client).await,
             }
         }),
-        Some(set) => {
-            let client = client.clone();
-            Box::pin(async move {
-                let sql = set.sql();
-                let (set_result, result) = tokio::join!(client.get().batch_execute(&sql), work);
-                Ended {
-                    set: Some((set, set_result.is_ok())),
-                    result,
-                }
-            })
-        }
+        Some(set) => Box::pin(async move {
+            let sql = set.sql();
+            let c = client.clone();
+            let (set_result, result) = tokio::join!(client.get().batch_execute(&sql), work(c));
+            Ended {
+                set: Some((set, set_result.is_ok())),
+                result,
+            }
+        }),
     }
 }
 

@@ -47,17 +47,18 @@ async fn main() {
     let (deadline_ctx, _c2) = Context::background().with_timeout(Duration::from_secs(3600));
 
     // Three ways, their order rotated each round so drift in the machine's load spreads evenly.
-    // `--only N` runs one way alone (0 plain, 1 helper, 2 helper with a deadline), for
+    // `--only N` runs one way alone (0 plain, 1 helper, 2 helper with a deadline, 3
+    // `ctx.run` around the plain client), for
     // `perf stat`.
     let only: Option<usize> = std::env::args()
         .skip_while(|a| a != "--only")
         .nth(1)
         .and_then(|n| n.parse().ok());
-    let mut times: [Vec<Duration>; 3] = Default::default();
-    let mut cpus: [Vec<Duration>; 3] = Default::default();
+    let mut times: [Vec<Duration>; 4] = Default::default();
+    let mut cpus: [Vec<Duration>; 4] = Default::default();
     for round in 0..ROUNDS {
-        for k in 0..3 {
-            let way = (round + k) % 3;
+        for k in 0..4 {
+            let way = (round + k) % 4;
             if only.is_some_and(|o| o != way) {
                 continue;
             }
@@ -66,7 +67,15 @@ async fn main() {
                 match way {
                     0 => drop(conn.client().query(&stmt, &[]).await.unwrap()),
                     1 => drop(conn.query(&plain_ctx, &stmt, &[]).await.unwrap()),
-                    _ => drop(conn.query(&deadline_ctx, &stmt, &[]).await.unwrap()),
+                    2 => drop(conn.query(&deadline_ctx, &stmt, &[]).await.unwrap()),
+                    // Future-level cancellation only, for comparison: what reqctx alone costs.
+                    _ => drop(
+                        plain_ctx
+                            .run(conn.client().query(&stmt, &[]))
+                            .await
+                            .unwrap()
+                            .unwrap(),
+                    ),
                 }
             }
             times[way].push(t.elapsed());
@@ -82,7 +91,7 @@ async fn main() {
     if only.is_some() {
         return;
     }
-    let [raw, helper, timed] = times;
+    let [raw, helper, timed, run] = times;
     let cpu_us: Vec<f64> = cpus
         .into_iter()
         .map(|v| {
@@ -93,7 +102,7 @@ async fn main() {
             }
         })
         .collect();
-    let (raw, helper, timed) = (median(raw), median(helper), median(timed));
+    let (raw, helper, timed, run) = (median(raw), median(helper), median(timed), median(run));
     let per = |d: Duration| d.as_secs_f64() * 1e6 / N as f64;
     let pct = |d: Duration| (d.as_secs_f64() / raw.as_secs_f64() - 1.0) * 100.0;
     println!(
@@ -103,6 +112,7 @@ async fn main() {
         ("tokio-postgres Client::query", raw, cpu_us[0]),
         ("ContextClient::query, no deadline", helper, cpu_us[1]),
         ("ContextClient::query, 1 h deadline", timed, cpu_us[2]),
+        ("ctx.run(Client::query), no deadline", run, cpu_us[3]),
     ];
     for (name, wall, cpu) in rows {
         println!(

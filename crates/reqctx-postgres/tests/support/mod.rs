@@ -1,0 +1,219 @@
+//! A PostgreSQL server for the tests: `DATABASE_URL` when set, otherwise a throwaway
+//! cluster (`initdb` + `pg_ctl`, run as the `postgres` user when we are root) in a
+//! temporary directory on a free port, stopped by a watchdog when the test process exits.
+//!
+//! No server at all: the tests fail under `REQCTX_PG_REQUIRED=1` (CI), and otherwise say
+//! loudly that they were skipped.
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// A reachable server.
+#[derive(Debug)]
+pub struct Db {
+    /// A connection string for it.
+    pub url: String,
+}
+
+impl Db {
+    pub fn config(&self) -> tokio_postgres::Config {
+        self.url.parse().expect("the test URL parses")
+    }
+
+    /// A plain connection (its task spawned) for watching the server.
+    pub async fn monitor(&self) -> tokio_postgres::Client {
+        let (client, conn) = self
+            .config()
+            .connect(tokio_postgres::NoTls)
+            .await
+            .expect("connect the monitor");
+        tokio::spawn(conn);
+        client
+    }
+}
+
+static DB: OnceLock<Option<Db>> = OnceLock::new();
+
+/// The server, or `None` (after saying so) when there is none and none is required.
+pub fn db() -> Option<&'static Db> {
+    let db = DB.get_or_init(|| match find_or_start() {
+        Ok(db) => Some(db),
+        Err(why) => {
+            if std::env::var("REQCTX_PG_REQUIRED").as_deref() == Ok("1") {
+                panic!("REQCTX_PG_REQUIRED=1 but no PostgreSQL server: {why}");
+            }
+            None
+        }
+    });
+    if db.is_none() {
+        eprintln!(
+            "\n!!! SKIPPED: no PostgreSQL server (set DATABASE_URL, or install PostgreSQL so \
+             initdb is found; REQCTX_PG_REQUIRED=1 makes this a failure) !!!\n"
+        );
+    }
+    db.as_ref()
+}
+
+fn find_or_start() -> Result<Db, String> {
+    if let Ok(url) = std::env::var("DATABASE_URL") {
+        return Ok(Db { url });
+    }
+    let bin = find_bindir().ok_or("no initdb under /usr/lib/postgresql/*/bin or on PATH")?;
+    start_cluster(&bin)
+}
+
+fn find_bindir() -> Option<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|bin| bin.join("initdb").exists())
+        .collect();
+    found.sort(); // the newest version last
+    found.pop()
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.trim_ascii() == b"0")
+        .unwrap_or(false)
+}
+
+/// `program` with `args`, as the `postgres` user when we are root.
+fn as_server_user(root: bool, program: &Path) -> Command {
+    if root {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+fn run(mut cmd: Command, what: &str) -> Result<(), String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{what}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{what} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(())
+}
+
+fn start_cluster(bin: &Path) -> Result<Db, String> {
+    let root = is_root();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let dir = std::env::temp_dir().join(format!("reqctx-pg-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    if root {
+        let mut chown = Command::new("chown");
+        chown.arg("postgres:").arg(&dir);
+        run(chown, "chown the cluster directory to postgres")?;
+    }
+    let data = dir.join("data");
+    let mut initdb = as_server_user(root, &bin.join("initdb"));
+    initdb.arg("-D").arg(&data).args([
+        "-U",
+        "postgres",
+        "--auth=trust",
+        "-E",
+        "UTF8",
+        "--no-sync",
+        "--no-instructions",
+    ]);
+    run(initdb, "initdb")?;
+
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("find a free port: {e}"))?
+        .port();
+    let mut start = as_server_user(root, &bin.join("pg_ctl"));
+    start
+        .arg("-D")
+        .arg(&data)
+        .arg("-l")
+        .arg(dir.join("log"))
+        .args([
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            &format!(
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+                dir.display()
+            ),
+            "start",
+        ]);
+    run(start, "pg_ctl start")?;
+
+    // Stop the cluster and remove it once this test process has exited.
+    let stop = format!(
+        "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; {runuser}{pg_ctl} -D {data} -m immediate stop; rm -rf {dir}",
+        pid = std::process::id(),
+        runuser = if root { "runuser -u postgres -- " } else { "" },
+        pg_ctl = bin.join("pg_ctl").display(),
+        data = data.display(),
+        dir = dir.display(),
+    );
+    Command::new("sh")
+        .args(["-c", &stop])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("spawn the watchdog: {e}"))?;
+
+    Ok(Db {
+        url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+    })
+}
+
+/// Polls `pg_stat_activity` until `pid` is idle; the time it took, or `None` after `limit`.
+pub async fn wait_idle(
+    monitor: &tokio_postgres::Client,
+    pid: i32,
+    limit: Duration,
+) -> Option<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if state_of(monitor, pid).await.as_deref() != Some("active") {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    None
+}
+
+/// Polls until `pid` runs a statement (so a test cancels a statement that really runs).
+pub async fn wait_active(monitor: &tokio_postgres::Client, pid: i32) {
+    let started = Instant::now();
+    while state_of(monitor, pid).await.as_deref() != Some("active") {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "backend {pid} never became active"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// The backend's `state` in `pg_stat_activity` (`None`: no such backend any more).
+pub async fn state_of(monitor: &tokio_postgres::Client, pid: i32) -> Option<String> {
+    monitor
+        .query_opt("SELECT state FROM pg_stat_activity WHERE pid = $1", &[&pid])
+        .await
+        .expect("read pg_stat_activity")
+        .and_then(|row| row.get::<_, Option<String>>(0))
+}

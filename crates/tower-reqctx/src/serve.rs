@@ -87,10 +87,10 @@ const FALLBACK_MAX_CONNECTIONS: usize = 10_000;
 ///
 /// The contexts form a tree: the [`root`](Serve::root) → one per connection → one per
 /// request (made by [`ContextLayer`](crate::ContextLayer) under the connection's). Each
-/// request's extensions hold a [`ConnectionContext`] and, with the `axum` feature,
-/// [`ConnectInfo<SocketAddr>`](https://docs.rs/axum/0.8/axum/extract/struct.ConnectInfo.html) (so handlers written for
-/// `axum::serve` with connect info keep working) when the listener gives the peer's
-/// [`SocketAddr`] (TCP and TLS over TCP do; a Unix socket does not).
+/// request's extensions hold a [`ConnectionContext`] (its
+/// [`remote_addr`](ConnectionContext::remote_addr) is the peer's address) and, when asked
+/// for with [`connect_info`](Serve::connect_info), axum's
+/// [`ConnectInfo<SocketAddr>`](https://docs.rs/axum/0.8/axum/extract/struct.ConnectInfo.html).
 ///
 /// A connection's context ends when the connection does, from either side:
 /// - with [`Cause::ClientDisconnected`] when the client closes (FIN) or resets the
@@ -202,6 +202,7 @@ where
         builder,
         max_connections: default_max_connections(),
         half_close: false,
+        connect_info: false,
         first_bytes_timeout: Some(HEADER_READ_TIMEOUT),
     }
 }
@@ -236,6 +237,7 @@ pub struct Serve<S, L = TcpListener> {
     builder: Builder<TokioExecutor>,
     max_connections: usize,
     half_close: bool,
+    connect_info: bool,
     first_bytes_timeout: Option<Duration>, // a connection must say something within it
 }
 
@@ -324,6 +326,32 @@ impl<S, L: Listener> Serve<S, L> {
         self
     }
 
+    /// Puts axum's `ConnectInfo<SocketAddr>` (the peer's address) in every request's
+    /// extensions, as `axum::serve` does with `into_make_service_with_connect_info`, for
+    /// handlers that extract it. Off by default, as in `axum::serve`: it costs an extensions
+    /// entry per request, and the address is also at hand without it, through the request's
+    /// [`ConnectionContext::remote_addr`]. Only a listener that gives the peer's
+    /// [`SocketAddr`] (TCP, TLS over TCP) has one to give; a Unix socket does not.
+    ///
+    /// ```no_run
+    /// use axum::{Router, extract::ConnectInfo, routing::get};
+    /// use std::net::SocketAddr;
+    ///
+    /// # async fn run() -> std::io::Result<()> {
+    /// let app = Router::new().route(
+    ///     "/",
+    ///     get(|ConnectInfo(peer): ConnectInfo<SocketAddr>| async move { peer.to_string() }),
+    /// );
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+    /// tower_reqctx::serve(listener, app).connect_info(true).await
+    /// # }
+    /// ```
+    #[cfg(feature = "axum")]
+    pub fn connect_info(mut self, connect_info: bool) -> Self {
+        self.connect_info = connect_info;
+        self
+    }
+
     /// Changes hyper-util's connection settings: HTTP/1 and HTTP/2 options, timeouts, or
     /// one protocol only.
     ///
@@ -392,6 +420,7 @@ impl<S, L: Listener> Serve<S, L> {
             builder,
             max_connections,
             half_close,
+            connect_info,
             first_bytes_timeout,
         } = self;
         // Our own child, so shutdown never cancels the caller's root.
@@ -425,7 +454,7 @@ impl<S, L: Listener> Serve<S, L> {
                     let service = WithConnection {
                         inner: service.clone(),
                         conn: io.connection().clone(),
-                        peer,
+                        peer: peer.filter(|_| connect_info),
                     };
                     tasks.spawn(serve_connection(
                         Arc::clone(&builder),
@@ -616,7 +645,7 @@ async fn serve_connection<I, S, B>(
     }
 }
 
-/// Puts the connection's context (and, with `axum`, `ConnectInfo<SocketAddr>`) in every
+/// Puts the connection's context (and, when asked for, `ConnectInfo<SocketAddr>`) in every
 /// request's extensions.
 #[derive(Clone)]
 struct WithConnection<S> {

@@ -105,7 +105,7 @@ async fn unix_socket_client_leaving_is_client_disconnected() {
     let _ = std::fs::remove_file(&path);
     let listener = tokio::net::UnixListener::bind(&path).unwrap();
     let (router, mut reports) = app();
-    let server = serve(listener, router);
+    let server = serve(listener, router).connect_info(true); // asked for, but none to give
     assert_eq!(
         server.local_addr().unwrap().as_pathname(),
         Some(path.as_path())
@@ -174,7 +174,7 @@ mod tls {
     async fn tls_client_leaving_is_client_disconnected() {
         let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (router, mut reports) = app();
-        let server = serve(TlsListener::new(tcp, server_config()), router);
+        let server = serve(TlsListener::new(tcp, server_config()), router).connect_info(true);
         let addr = server.local_addr().unwrap();
         let task = tokio::spawn(server.into_future());
 

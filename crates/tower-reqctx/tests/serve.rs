@@ -336,19 +336,29 @@ async fn http2_prior_knowledge_and_idle_keep_alive_closed_at_shutdown() {
 }
 
 #[tokio::test]
-async fn connect_info_socket_addr_is_present() {
-    let (router, _reports) = app();
-    let server = Server::start(router, Duration::from_secs(10)).await;
+async fn connect_info_socket_addr_only_when_asked_for() {
+    for asked in [false, true] {
+        let (router, _reports) = app();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve(listener, router).connect_info(asked).into_future());
 
-    let mut client = send(
-        server.addr,
-        b"GET /peer HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n",
-    )
-    .await;
-    let local = client.local_addr().unwrap();
-    let response = read_response(&mut client).await;
-    assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
-    assert!(response.ends_with(&local.to_string()), "{response}");
+        let mut client = send(
+            addr,
+            b"GET /peer HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        let local = client.local_addr().unwrap();
+        let response = read_response(&mut client).await;
+        if asked {
+            assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+            assert!(response.ends_with(&local.to_string()), "{response}");
+        } else {
+            // axum's extractor refuses a request without it, as under plain axum::serve.
+            assert!(response.starts_with("HTTP/1.1 500"), "{response}");
+        }
+        server.abort();
+    }
 }
 
 #[tokio::test]

@@ -321,7 +321,11 @@ async fn start(
     };
     let listener = TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
-    tokio::spawn(tower_reqctx::serve(listener, server(app, log)).into_future());
+    tokio::spawn(
+        tower_reqctx::serve(listener, server(app, log))
+            .connect_info(true) // the access log's peer address, through axum's extractor
+            .into_future(),
+    );
     Ok((addr, seen))
 }
 

@@ -42,6 +42,15 @@
 //! whoever polls what; the owner's timer (in the response future) only decides when the
 //! layer answers `504` in the handler's place.
 //!
+//! A client that stops reading a streamed response: every waiter still wakes at the
+//! deadline (or shutdown), since the context times itself. The body fails the next time
+//! hyper polls it. Over HTTP/1 under `serve` or `WatchedListener`, hyper polls nothing of
+//! ours while the socket is full, so the owner closes the connection (one request at a
+//! time is on it). Over HTTP/2 the stream stays open: hyper waits for flow-control window
+//! without polling the body and gives no handle to reset one stream from outside, and
+//! closing the connection would end every other stream on it; the stream ends when the
+//! client reads (the body then fails), resets it, or the connection ends.
+//!
 //! # The seam with the connection
 //!
 //! An upgraded request outlives its response: the owner hands itself to its connection

@@ -412,9 +412,8 @@ fn lateness_all(
     work: &std::path::Path,
     plan: Plan,
 ) -> Result<Vec<lateness::Lateness>, String> {
-    // `serve` holds two descriptors per connection: within this process's limit.
     let [small, large] = plan.lateness_n;
-    let serve_large = large.min(fd_limit().saturating_sub(200) / 2);
+    let serve_large = large.min(serve_capacity());
     let mut all = Vec::new();
     for (serve, n) in [("reqctx", small), ("reqctx", serve_large), ("axum", large)] {
         let mut cmd = pinned(0, &bins.server);
@@ -471,10 +470,16 @@ pub(crate) const MEMORY_VARIANTS: [(&str, &str); 4] = [
     ),
 ];
 
+/// How many connections `serve` holds in a server process under this limit: one
+/// descriptor per connection, up to its default `max_connections` (the soft limit less a
+/// sixteenth, at least 64), less a margin for the process's other descriptors.
+fn serve_capacity() -> usize {
+    let limit = fd_limit();
+    limit.saturating_sub((limit / 16).max(64)).saturating_sub(100)
+}
+
 fn memory_all(bins: &Bins, work: &std::path::Path, plan: Plan) -> Result<MemoryRuns, String> {
-    // `serve` holds two descriptors per connection (the socket and the watcher's
-    // duplicate): within this process's limit, with room for the rest.
-    let serve_n = plan.memory_n.min(fd_limit().saturating_sub(200) / 2);
+    let serve_n = plan.memory_n.min(serve_capacity());
     let mut all: MemoryRuns = Vec::new();
     for serve in ["axum", "reqctx"] {
         for (variant, _) in MEMORY_VARIANTS {

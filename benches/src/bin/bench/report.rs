@@ -1035,8 +1035,8 @@ fn lateness(s: &mut String, r: &Results) {
         "How late after its deadline a handler waiting on `ctx.cancelled()` wakes: \
          `Instant::now() − ctx.deadline()` in the handler, returned as its answer. Over \
          loopback, in two processes (10k sockets on each side exceed one process's 20,000 \
-         file descriptors; `tower_reqctx::serve` holds two per connection, so it gets as \
-         many as fit): the server (`lateness` variant, `ContextLayer::new()` with a \
+         file descriptors; `tower_reqctx::serve` holds one per connection, up to its \
+         default `max_connections`): the server (`lateness` variant, `ContextLayer::new()` with a \
          grace period so the handler answers for itself, one tokio worker, CPU 0) and a \
          client (CPU 1) that opens N connections, paced, each with one request carrying \
          its own `?timeout=`. A sample of them (one in four, at most 1,000) have deadlines \
@@ -1097,9 +1097,9 @@ fn memory(s: &mut String, r: &Results) {
          after every handler has started, minus VmRSS after the first request, over N: \
          the request and its connection together. The difference to `park` under the \
          same serve call is the layer's. Median of {} run(s), each on a fresh server. N \
-         is {} under plain `axum::serve`; under `tower_reqctx::serve` it is what fits in \
-         the process's file descriptors, as `serve` holds two per connection (the socket, \
-         and the duplicate in its watcher's epoll set).\n",
+         is {} under plain `axum::serve`; under `tower_reqctx::serve` the same, unless \
+         its default `max_connections` (one file descriptor per connection, the soft limit \
+         less a sixteenth) is lower.\n",
         r.plan.memory_reps,
         int(r.plan.memory_n as f64),
     );

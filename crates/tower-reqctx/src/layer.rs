@@ -149,7 +149,10 @@ impl ContextLayer {
         self.with(|c| c.policy = policy)
     }
 
-    /// The query parameter a client sets its timeout with (`"timeout"` by default).
+    /// The query parameter a client sets its timeout with (`"timeout"` by default), in Go
+    /// duration syntax (`300ms`, `1.5s`, `2m`). Given more than once
+    /// (`?timeout=300ms&timeout=1ms`), the first one counts and the rest are ignored; a
+    /// value that does not parse is a `400` naming the parameter.
     pub fn query_param(self, name: &'static str) -> ContextLayer {
         self.with(|c| c.query_param = Some(name))
     }

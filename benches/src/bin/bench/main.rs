@@ -475,7 +475,9 @@ pub(crate) const MEMORY_VARIANTS: [(&str, &str); 4] = [
 /// sixteenth, at least 64), less a margin for the process's other descriptors.
 fn serve_capacity() -> usize {
     let limit = fd_limit();
-    limit.saturating_sub((limit / 16).max(64)).saturating_sub(100)
+    limit
+        .saturating_sub((limit / 16).max(64))
+        .saturating_sub(100)
 }
 
 fn memory_all(bins: &Bins, work: &std::path::Path, plan: Plan) -> Result<MemoryRuns, String> {

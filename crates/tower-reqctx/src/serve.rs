@@ -337,6 +337,7 @@ impl<S, L: Listener> Serve<S, L> {
     /// use axum::{Router, extract::ConnectInfo, routing::get};
     /// use std::net::SocketAddr;
     ///
+    /// # #[allow(dead_code)]
     /// # async fn run() -> std::io::Result<()> {
     /// let app = Router::new().route(
     ///     "/",

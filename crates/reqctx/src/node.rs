@@ -247,6 +247,10 @@ impl CancelNode {
     /// This node's own deadline (not its ancestors').
     pub(crate) fn own_deadline(&self) -> Option<Deadline> {
         if self.driven {
+            // Never set: no lock (a server without a timeout reads this on every poll).
+            if !self.driven_set.load(Ordering::Acquire) {
+                return None;
+            }
             self.lock().driven
         } else {
             self.fixed

@@ -612,18 +612,18 @@ where
                 };
                 if let Poll::Ready(result) = polled {
                     // Without a grace, the layer answers at the deadline: a response that
-                    // arrives once it has passed (the handler saw the deadline at the same
-                    // instant as our timer, or ran past it without yielding) loses, so the
-                    // status never depends on which of two wakeups ran first. Checked only
-                    // for a handler that was pending under a deadline.
+                    // arrives once our timer has fired (the handler saw the deadline at the
+                    // same instant, its own wait fired in the same pass of the timer wheel)
+                    // loses, so the status never depends on which of two wakeups ran first.
+                    // `is_elapsed` reads the timer's state: no clock, no lock.
                     if result.is_ok()
-                        && timer.is_some()
                         && !*expired
                         && grace.is_zero()
-                        && owner.as_ref().is_some_and(|o| {
-                            matches!(o.cause(), Some(Cause::DeadlineExceeded { .. }))
-                        })
+                        && timer.as_ref().is_some_and(|t| t.is_elapsed())
                     {
+                        if let Some(o) = owner.as_ref() {
+                            o.expire();
+                        }
                         break 'owner Some(Answer::from(*on_timeout));
                     }
                     let Some(o) = owner.take() else {

@@ -79,8 +79,8 @@ use crate::{Error, Options};
 ///
 /// A cancel inside a transaction leaves it aborted: roll it back yourself on a plain
 /// connection (nothing here rolls back behind your back, or your next statements would
-/// run outside the transaction). The pool ([`pool`](crate::pool)) rolls back before
-/// handing the connection to anyone. A `SET` done inside a transaction that is rolled back
+/// run outside the transaction). The pool ([`pool`](crate::pool)) rolls back after any
+/// cancelled or failed statement before handing the connection to anyone. A `SET` done inside a transaction that is rolled back
 /// is undone by the server; after a failed statement, or after `ROLLBACK` through
 /// [`batch_execute`](ContextClient::batch_execute), the cached value is forgotten and set
 /// again. A `ROLLBACK` through [`client`](ContextClient::client) is not seen: call
@@ -125,7 +125,9 @@ impl Inner {
 struct State {
     timeout: Known,
     health: Health,
-    cancelled: bool, // a statement was cancelled since the pool handed us out: roll back before reuse
+    // A statement failed or was cancelled since the pool handed us out: any transaction it
+    // ran in is aborted, so roll back before reuse.
+    rollback: bool,
 }
 
 enum Health {
@@ -245,7 +247,7 @@ impl ContextClient {
             state: State {
                 timeout: Known::Default,
                 health: Health::Ready,
-                cancelled: false,
+                rollback: false,
             },
         })
     }
@@ -489,7 +491,7 @@ impl ContextClient {
                 }))
                 .await;
                 flight.inflight = None; // given up, if it had not ended
-                flight.state.cancelled = true;
+                flight.state.rollback = true;
                 if !keep {
                     flight.state.health = Health::Unusable;
                 }
@@ -533,7 +535,7 @@ impl ContextClient {
     #[cfg(feature = "deadpool")]
     pub(crate) async fn reset_for_reuse(&mut self) -> Result<(), Error> {
         self.settle(None).await?;
-        let rollback = mem::take(&mut self.state.cancelled);
+        let rollback = mem::take(&mut self.state.rollback);
         let reset = self.state.timeout != Known::Default;
         let client = self.client.get();
         let (a, b) = tokio::join!(
@@ -701,7 +703,7 @@ impl Drop for Flight<'_> {
         let Some(mut statement) = self.inflight.take() else {
             return;
         };
-        self.state.cancelled = true;
+        self.state.rollback = true;
         self.state.timeout = Known::Unknown; // a pipelined SET's outcome is not ours to see
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             self.state.health = Health::Unusable;
@@ -729,8 +731,11 @@ fn is_query_canceled(e: &tokio_postgres::Error) -> bool {
 /// `statement_timeout` was set and the context's deadline has passed.
 fn classify(ctx: &Context, state: &mut State, e: tokio_postgres::Error) -> Error {
     let our_timeout = matches!(state.timeout, Known::Ms(_));
-    // After an error a transaction may be rolled back, undoing a SET made inside it.
+    // After an error a transaction may be rolled back, undoing a SET made inside it; or
+    // left aborted (the server's `statement_timeout` can fire just before our cancel), in
+    // which case the next `SET` fails: roll back before reuse.
     state.timeout = Known::Unknown;
+    state.rollback = true;
     if e.is_closed() {
         state.health = Health::Unusable;
     }

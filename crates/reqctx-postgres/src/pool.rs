@@ -6,7 +6,8 @@
 //! 1. wait for the cleanup of a statement whose future was dropped (its cancel and the
 //!    statement's end), and discard the connection if that cleanup could not confirm the
 //!    cancel;
-//! 2. after a cancel, `ROLLBACK` (a cancel inside a transaction leaves it aborted);
+//! 2. after a cancel or a failed statement, `ROLLBACK` (either leaves a transaction
+//!    aborted);
 //! 3. restore the session's default `statement_timeout` if a budget was set on it;
 //!
 //! 2 and 3 are pipelined, and cost nothing on a connection that needed neither.

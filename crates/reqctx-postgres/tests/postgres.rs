@@ -332,6 +332,42 @@ async fn a_cancel_inside_a_transaction_is_rolled_back_before_reuse() {
     assert_eq!(state.as_deref(), Some("idle"), "left in a transaction");
 }
 
+/// Any failed statement leaves its transaction aborted, as a cancel does: the case where
+/// the server's `statement_timeout` fires a moment before our cancel is sent ends this
+/// way too. Before reuse the pool rolls back; a timeout reset sent into the aborted
+/// transaction would fail and cost the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_statement_inside_a_transaction_is_rolled_back_before_reuse() {
+    let Some(db) = db() else { return };
+    let monitor = db.monitor().await;
+    let pool = pool(db, 1);
+    for deadline in [None, Some(Duration::from_secs(30))] {
+        let mut conn = pool.get().await.unwrap();
+        let pid = conn.backend_pid();
+        let (ctx, _cancel) = match deadline {
+            Some(d) => Context::background().with_timeout(d),
+            None => Context::background().with_cancel(),
+        };
+        conn.batch_execute(&ctx, "BEGIN").await.unwrap();
+        let err = conn.query(&ctx, "SELECT 1 / 0", &[]).await.unwrap_err();
+        assert!(err.cancelled().is_none(), "{err}");
+        drop(conn);
+        let conn = pool.get().await.unwrap();
+        assert_eq!(
+            conn.backend_pid(),
+            pid,
+            "{deadline:?}: connection discarded"
+        );
+        assert_eq!(timeout_setting(conn.client()).await, 0, "{deadline:?}");
+        let state = state_of(&monitor, pid).await;
+        assert_eq!(
+            state.as_deref(),
+            Some("idle"),
+            "{deadline:?}: left in a transaction"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pool_waits_for_a_dropped_statements_cleanup() {
     let Some(db) = db() else { return };

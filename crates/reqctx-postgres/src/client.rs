@@ -485,16 +485,12 @@ impl ContextClient {
             Some(Ok(done)) => Ok(done),
             Some(Err(e)) => Err(classify(ctx, flight.state, e)),
             None => {
-                let (target, token, wait) = (flight.target, flight.token, flight.wait);
-                let keep = Box::pin(cancel_and_end(target, token, wait, |cx| {
-                    flight.poll_end(cx)
-                }))
-                .await;
-                flight.inflight = None; // given up, if it had not ended
-                flight.state.rollback = true;
-                if !keep {
-                    flight.state.health = Health::Unusable;
-                }
+                // The same path as a dropped statement: the cancel and the wait run in a
+                // task and the connection records that it waits for them, so dropping this
+                // future while it waits can neither skip the rollback nor send a second
+                // cancel behind the first.
+                drop(flight);
+                let _ = self.settle(None).await;
                 Err(cancelled(ctx))
             }
         }

@@ -43,6 +43,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// hyper's HTTP/1 header-read timeout (also how long an idle keep-alive connection is kept).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest header-read timeout: hyper computes `now + timeout`, which must not overflow.
+const MAX_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
 /// HTTP/2 keep-alive: a PING after this long without a frame from the client...
 const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(60);
 /// ...and the connection is closed if its answer takes longer than this.
@@ -298,13 +300,15 @@ impl<S, L: Listener> Serve<S, L> {
     /// end of each response (so also how long an idle keep-alive connection stays open).
     /// `serve` applies it to the first bytes of every connection too (HTTP/1 or HTTP/2),
     /// which hyper-util awaits without a timeout: a client that connects and says nothing
-    /// is dropped when it passes. `None` turns both off. Defaults to 30 seconds.
+    /// is dropped when it passes. `None` turns both off. Defaults to 30 seconds; a value
+    /// above a year counts as a year (hyper adds it to the clock, which a longer one
+    /// could overflow).
     ///
     /// Prefer this to `http1().header_read_timeout` in
     /// [`http_builder`](Serve::http_builder), which leaves the first-bytes timeout at
     /// its own value.
     pub fn header_read_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
-        let timeout = timeout.into();
+        let timeout = timeout.into().map(|t| t.min(MAX_HEADER_READ_TIMEOUT));
         self.first_bytes_timeout = timeout;
         self.builder.http1().header_read_timeout(timeout);
         self

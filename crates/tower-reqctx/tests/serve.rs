@@ -860,3 +860,30 @@ async fn a_silent_connection_is_closed_at_the_header_read_timeout() {
         .unwrap_or(0);
     assert_eq!(n, 0);
 }
+
+/// A header-read timeout too long for the clock is a long timeout, not a panic in every
+/// connection's task.
+#[tokio::test]
+async fn an_endless_header_read_timeout_does_not_overflow() {
+    let (router, _reports) = app();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = serve(listener, router).header_read_timeout(Duration::MAX);
+    let _server = tokio::spawn(server.into_future());
+    let mut stream = send(addr, b"GET /hello HTTP/1.1\r\nhost: test\r\n\r\n").await;
+    let mut buf = [0; 1024];
+    let mut response = Vec::new();
+    while !response.ends_with(b"hello") {
+        let n = timeout(BOUND, stream.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_ne!(
+            n,
+            0,
+            "the connection ended: {:?}",
+            String::from_utf8_lossy(&response)
+        );
+        response.extend_from_slice(&buf[..n]);
+    }
+}

@@ -190,19 +190,20 @@ impl Owner {
         if self.reported.replace(true) {
             return;
         }
-        crate::metrics::cause(cause.kind());
+        let kind = kind(&cause);
+        crate::metrics::cause(kind);
         if !tracing::dispatcher::has_been_set() {
             return; // no subscriber was ever installed: nothing would see the rest
         }
         // Fills `cause` on the request's span, if it declares one (see the crate docs):
         // the span is current while a tracing layer outside ours polls us.
-        tracing::Span::current().record("cause", cause.kind());
+        tracing::Span::current().record("cause", kind);
         match cause {
             Cause::Completed => {
                 tracing::trace!(target: "tower_reqctx", "request context completed");
             }
             cause => {
-                tracing::debug!(target: "tower_reqctx", cause = %cause, kind = cause.kind(), "request context cancelled");
+                tracing::debug!(target: "tower_reqctx", cause = %cause, kind, "request context cancelled");
             }
         }
     }
@@ -310,6 +311,24 @@ pub(crate) fn is_grpc(content_type: Option<&HeaderValue>) -> bool {
 /// The cause of a request whose handler (or response body) panicked: it is not the
 /// client's doing. Check for it with [`Cause::downcast_ref`].
 ///
+/// The label of a request's cause in metrics and on its span: [`Cause::kind`], with the
+/// layer's own custom causes named (`service_failed`, `handler_panicked`,
+/// `response_body_failed`) rather than lumped under `custom`.
+pub(crate) fn kind(cause: &Cause) -> &'static str {
+    if let Cause::Custom(_) = cause {
+        if cause.downcast_ref::<ServiceFailed>().is_some() {
+            return "service_failed";
+        }
+        if cause.downcast_ref::<HandlerPanicked>().is_some() {
+            return "handler_panicked";
+        }
+        if cause.downcast_ref::<ResponseBodyFailed>().is_some() {
+            return "response_body_failed";
+        }
+    }
+    cause.kind()
+}
+
 /// Recorded when the panic unwinds through the [`ContextLayer`](crate::ContextLayer)'s
 /// future or body, whatever catches it further out (tower-http's `CatchPanicLayer`
 /// outside the layer, as usual, or hyper). With `CatchPanicLayer` *inside* the layer,

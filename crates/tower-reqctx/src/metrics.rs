@@ -2,7 +2,10 @@
 //!
 //! - `reqctx_requests_total{cause}` (counter): requests whose context ended, by the
 //!   [`kind`](reqctx::Cause::kind) of the first cause recorded (`completed`,
-//!   `client_disconnected`, `deadline_exceeded`, `shutdown`, `cancelled`, `custom`),
+//!   `client_disconnected`, `deadline_exceeded`, `shutdown`, `cancelled`, `custom`), with
+//!   the layer's own causes named: `service_failed` ([`ServiceFailed`](crate::ServiceFailed)),
+//!   `handler_panicked` ([`HandlerPanicked`](crate::HandlerPanicked)) and
+//!   `response_body_failed` ([`ResponseBodyFailed`](crate::ResponseBodyFailed)),
 //!   incremented once per request by [`ContextLayer`](crate::ContextLayer) when it records
 //!   the cause.
 //! - `reqctx_live_request_contexts` (gauge): [`live_request_contexts`](crate::live_request_contexts()),
@@ -33,7 +36,10 @@ pub(crate) fn cause(kind: &'static str) {
         "deadline_exceeded",
         "shutdown",
         "cancelled",
-        "custom"
+        "custom",
+        "service_failed",
+        "handler_panicked",
+        "response_body_failed"
     )
     .increment(1);
 }

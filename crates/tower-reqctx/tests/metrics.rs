@@ -110,6 +110,27 @@ async fn each_request_counts_its_cause_once() {
     assert_eq!(count("deadline_exceeded"), Some(1));
 }
 
+/// An inner service's error is counted as `service_failed`, not lumped under `custom`.
+#[tokio::test(flavor = "current_thread")]
+async fn an_inner_error_is_counted_as_service_failed() {
+    use tower::Layer;
+    let recorder = Tiny::default();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    let failing = tower::service_fn(|_req: http::Request<Body>| async {
+        Err::<http::Response<Body>, &'static str>("shed")
+    });
+    let req = http::Request::get("/").body(Body::empty()).unwrap();
+    let err = ContextLayer::new().layer(failing).oneshot(req).await;
+    assert_eq!(
+        err.err(),
+        Some("shed"),
+        "the error passes through unchanged"
+    );
+    let count = |kind: &str| recorder.get(&format!("reqctx_requests_total{{cause={kind}}}"));
+    assert_eq!(count("service_failed"), Some(1));
+    assert_eq!(count("custom"), None);
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn record_metrics_sets_the_live_request_contexts_gauge() {
     let recorder = Tiny::default();

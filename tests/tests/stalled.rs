@@ -8,6 +8,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::routing::get;
+use futures_util::stream::repeat_with;
 use reqctx::{Cause, DeadlineOrigin};
 use reqctx_tests::{BOUND, Running, Server, connect, endless};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -17,9 +18,18 @@ use tower_reqctx::{ContextLayer, ReqCtx};
 /// What each waiter saw, sent when it woke.
 type Woke = mpsc::UnboundedSender<(&'static str, Option<Cause>)>;
 
-/// A handler that parks four kinds of work on its context, then streams without end
-/// (64 KiB every millisecond: far more than a socket buffer holds).
-fn app(woke: Woke) -> Router {
+/// How the endless response body produces its chunks.
+#[derive(Clone, Copy, Debug)]
+enum Chunks {
+    /// 64 KiB every millisecond: the body is pending between chunks.
+    Timed,
+    /// 64 KiB whenever polled: the body is never pending, hyper alone stops polling it.
+    AlwaysReady,
+}
+
+/// A handler that parks four kinds of work on its context, then streams without end (far
+/// more than a socket buffer holds).
+fn app(woke: Woke, chunks: Chunks) -> Router {
     Router::new()
         .route(
             "/",
@@ -47,7 +57,14 @@ fn app(woke: Woke) -> Router {
                         let _ = w4.send(("on_cancel", Some(cause.clone())));
                     });
                     static CHUNK: [u8; 65536] = [b'x'; 65536];
-                    Body::from_stream(endless(&CHUNK, Duration::from_millis(1)))
+                    match chunks {
+                        Chunks::Timed => {
+                            Body::from_stream(endless(&CHUNK, Duration::from_millis(1)))
+                        }
+                        Chunks::AlwaysReady => Body::from_stream(repeat_with(|| {
+                            Ok::<_, std::io::Error>(bytes::Bytes::from_static(&CHUNK))
+                        })),
+                    }
                 }
             }),
         )
@@ -71,15 +88,18 @@ async fn all_woke(rx: &mut mpsc::UnboundedReceiver<(&'static str, Option<Cause>)
 
 #[tokio::test]
 async fn an_http1_client_that_never_reads() {
-    for server in [Server::Serve, Server::AxumPlain] {
+    let cases = [Server::Serve, Server::AxumPlain]
+        .into_iter()
+        .flat_map(|server| [(server, Chunks::Timed), (server, Chunks::AlwaysReady)]);
+    for (server, chunks) in cases {
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let running = Running::start(server, app(tx), BOUND).await;
+        let running = Running::start(server, app(tx, chunks), BOUND).await;
         let mut s = connect(running.addr).await;
         s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
             .unwrap();
         // The client keeps the socket open and reads nothing.
-        all_woke(&mut rx, &format!("{server:?}")).await;
+        all_woke(&mut rx, &format!("{server:?}, {chunks:?}")).await;
         if server == Server::Serve {
             // serve closes the connection at the deadline: what was buffered, then the end
             // (a clean close or a reset), never more data for ever.
@@ -95,7 +115,7 @@ async fn an_http1_client_that_never_reads() {
             .await;
             assert!(
                 ended.is_ok(),
-                "serve should close a stalled HTTP/1 connection"
+                "serve should close a stalled HTTP/1 connection ({chunks:?})"
             );
         }
         drop(s);
@@ -106,7 +126,7 @@ async fn an_http1_client_that_never_reads() {
 #[tokio::test]
 async fn an_http2_stream_with_no_window() {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let running = Running::start(Server::Serve, app(tx), BOUND).await;
+    let running = Running::start(Server::Serve, app(tx, Chunks::Timed), BOUND).await;
     let tcp = connect(running.addr).await;
     let (mut h2, conn) = h2::client::Builder::new()
         .initial_window_size(0)

@@ -215,6 +215,11 @@ where
                                     return cut_short(cause, *grpc, ended);
                                 }
                             }
+                        } else if wait.is_none() {
+                            // More to come: a body that is never pending streams too, and
+                            // hyper alone stops polling it when the client stops reading.
+                            // A cause that is already there cuts it at the next poll.
+                            let _ = arm(owner, wait, cx);
                         }
                         Poll::Ready(Some(Ok(frame)))
                     }
@@ -222,15 +227,7 @@ where
                         // The body waits: any cause (the deadline included, whoever times
                         // it) ends it.
                         if wait.is_none() {
-                            if let Some(o) = owner.as_mut() {
-                                o.streaming();
-                            }
-                            let Some(o) = owner.as_ref() else {
-                                return Poll::Pending;
-                            };
-                            let w = wait.insert(Box::pin(o.driver().context().cancelled()));
-                            if w.as_mut().poll(cx).is_ready() {
-                                let cause = o.cause().unwrap_or(Cause::Cancelled);
+                            if let Some(cause) = arm(owner, wait, cx) {
                                 *owner = None;
                                 return cut_short(cause, *grpc, ended);
                             }
@@ -272,6 +269,22 @@ where
             }
         }
     }
+}
+
+/// The body streams (it is pending, or yielded a frame that is not its last): arms what
+/// ends it when its context does, once. Returns the cause if the context has one already.
+fn arm(
+    owner: &mut Option<Owner>,
+    wait: &mut Option<Pin<Box<WaitForCancel>>>,
+    cx: &mut TaskContext<'_>,
+) -> Option<Cause> {
+    let o = owner.as_mut()?;
+    o.streaming();
+    let w = wait.insert(Box::pin(o.driver().context().cancelled()));
+    w.as_mut()
+        .poll(cx)
+        .is_ready()
+        .then(|| o.cause().unwrap_or(Cause::Cancelled))
 }
 
 /// How a body whose context ended while it streamed ends: with an error, so the client

@@ -46,7 +46,8 @@
 //! deadline (or shutdown), since the context times itself. The body fails the next time
 //! hyper polls it. Over HTTP/1 under `serve` or `WatchedListener`, hyper polls nothing of
 //! ours while the socket is full, so the owner closes the connection (one request at a
-//! time is on it). Over HTTP/2 the stream stays open: hyper waits for flow-control window
+//! time is on it); it arms that close once the body streams, that is once it is pending
+//! or has yielded a frame that is not its last (a body that is never pending included). Over HTTP/2 the stream stays open: hyper waits for flow-control window
 //! without polling the body and gives no handle to reset one stream from outside, and
 //! closing the connection would end every other stream on it; the stream ends when the
 //! client reads (the body then fails), resets it, or the connection ends.
@@ -119,10 +120,11 @@ impl Owner {
         &self.driver
     }
 
-    /// The body is waiting to be polled: on an HTTP/1 connection of `serve` or
-    /// `WatchedListener`, make sure a deadline (or shutdown) that passes while hyper is
-    /// stalled on a client that does not read closes the connection, since hyper polls
-    /// nothing of ours until the client reads. One `on_cancel` task per streaming response.
+    /// The body streams (it is pending, or yielded a frame that is not its last): on an
+    /// HTTP/1 connection of `serve` or `WatchedListener`, make sure a deadline (or
+    /// shutdown) that passes while hyper is stalled on a client that does not read closes
+    /// the connection, since hyper polls nothing of ours until the client reads. One
+    /// `on_cancel` task per streaming response.
     pub(crate) fn streaming(&mut self) {
         // None under HTTP/2 (closing the connection would end every stream on it) and
         // under plain axum::serve (no connection to close).

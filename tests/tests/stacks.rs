@@ -415,6 +415,40 @@ async fn a_long_grace_does_not_overflow() {
     running.abort();
 }
 
+/// A handler that answers after its deadline, in the grace, with a body of several
+/// frames (chunked, never pending) gets its whole answer to the client: the cancellation
+/// came before the answer, so it does not cut it, nor close the connection under it.
+#[tokio::test]
+async fn an_answer_streamed_in_the_grace_is_whole() {
+    let app = Router::new()
+        .route(
+            "/",
+            get(|ctx: ReqCtx| async move {
+                ctx.cancelled().await;
+                let frames = ["one,", "two,", "three"].map(|s| Ok::<_, Infallible>(Bytes::from(s)));
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Body::from_stream(futures_util::stream::iter(frames)),
+                )
+            }),
+        )
+        .layer(
+            ContextLayer::new()
+                .timeout(Duration::from_millis(20))
+                .grace(Duration::from_secs(60)),
+        );
+    for server in [Server::Serve, Server::AxumPlain] {
+        let running = Running::start(server, app.clone(), BOUND).await;
+        let (status, body) = http_get(running.addr, "/").await;
+        assert_eq!(status, 503, "{server:?}");
+        assert_eq!(
+            body, "4\r\none,\r\n4\r\ntwo,\r\n5\r\nthree\r\n0\r\n\r\n",
+            "{server:?}: the answer was cut"
+        );
+        running.abort();
+    }
+}
+
 #[tokio::test]
 async fn a_client_closed_request_has_a_reason_phrase() {
     let app = Router::new()

@@ -215,10 +215,11 @@ where
                                     return cut_short(cause, *grpc, ended);
                                 }
                             }
-                        } else if wait.is_none() {
+                        } else if *live && wait.is_none() {
                             // More to come: a body that is never pending streams too, and
                             // hyper alone stops polling it when the client stops reading.
-                            // A cause that is already there cuts it at the next poll.
+                            // A cause that is already there cuts it at the next poll. (An
+                            // answer made after the cancellation is left to run.)
                             let _ = arm(owner, wait, cx);
                         }
                         Poll::Ready(Some(Ok(frame)))

@@ -344,8 +344,9 @@ fn generated(r: &Results, old: &str, svg_name: &str) -> String {
          to re-measure the costs after a change (8 to 14 minutes here, about 5 to 9 with \
          `--repeats 1`; the sections it does not measure keep their last figures, each \
          stamped with the run and commit that made it), or \
-         `benches/run --quick` (every measurement with tiny counts, under a minute once \
-         built; its report goes under the target directory, `bench/quick/`).\n"
+         `benches/run --quick` (every measurement with tiny counts on dev-profile \
+         servers, under a minute once built; its report goes under the target directory, \
+         `bench/quick/`).\n"
     );
     let _ = writeln!(
         s,

@@ -125,8 +125,14 @@ async fn an_http1_client_that_never_reads() {
 
 #[tokio::test]
 async fn an_http2_stream_with_no_window() {
+    for chunks in [Chunks::Timed, Chunks::AlwaysReady] {
+        an_http2_stream_with_no_window_of(chunks).await;
+    }
+}
+
+async fn an_http2_stream_with_no_window_of(chunks: Chunks) {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let running = Running::start(Server::Serve, app(tx, Chunks::Timed), BOUND).await;
+    let running = Running::start(Server::Serve, app(tx, chunks), BOUND).await;
     let tcp = connect(running.addr).await;
     let (mut h2, conn) = h2::client::Builder::new()
         .initial_window_size(0)
@@ -143,7 +149,7 @@ async fn an_http2_stream_with_no_window() {
     let res = res.await.unwrap();
     assert_eq!(res.status(), 200);
     // The stream's window is zero and the client never releases capacity.
-    all_woke(&mut rx, "HTTP/2").await;
+    all_woke(&mut rx, &format!("HTTP/2, {chunks:?}")).await;
     drop((res, h2));
     conn.abort();
     running.abort();

@@ -80,8 +80,8 @@ use crate::{Error, Options};
 /// A cancel inside a transaction leaves it aborted: roll it back yourself on a plain
 /// connection (nothing here rolls back behind your back, or your next statements would
 /// run outside the transaction). The pool ([`pool`](crate::pool)) rolls back after any
-/// cancelled or failed statement before handing the connection to anyone. A `SET` done inside a transaction that is rolled back
-/// is undone by the server; after a failed statement, or after `ROLLBACK` through
+/// cancelled or failed statement before handing the connection to anyone. A `SET` done
+/// inside a transaction that is rolled back is undone by the server; after a failed statement, or after `ROLLBACK` through
 /// [`batch_execute`](ContextClient::batch_execute), the cached value is forgotten and set
 /// again. A `ROLLBACK` through [`client`](ContextClient::client) is not seen: call
 /// [`forget_statement_timeout`](ContextClient::forget_statement_timeout) after one.

@@ -47,10 +47,11 @@
 //! hyper polls it. Over HTTP/1 under `serve` or `WatchedListener`, hyper polls nothing of
 //! ours while the socket is full, so the owner closes the connection (one request at a
 //! time is on it); it arms that close once the body streams, that is once it is pending
-//! or has yielded a frame that is not its last (a body that is never pending included). Over HTTP/2 the stream stays open: hyper waits for flow-control window
-//! without polling the body and gives no handle to reset one stream from outside, and
-//! closing the connection would end every other stream on it; the stream ends when the
-//! client reads (the body then fails), resets it, or the connection ends.
+//! or has yielded a frame that is not its last (a body that is never pending included).
+//! Over HTTP/2 the stream stays open: hyper waits for flow-control window without polling
+//! the body and gives no handle to reset one stream from outside, and closing the
+//! connection would end every other stream on it; the stream ends when the client reads
+//! (the body then fails), resets it, or the connection ends.
 //!
 //! # The seam with the connection
 //!

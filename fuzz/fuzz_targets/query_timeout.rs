@@ -12,7 +12,7 @@ use http::{Request, Uri};
 use libfuzzer_sys::fuzz_target;
 use tower::ServiceExt;
 use tower_reqctx::ContextLayer;
-use tower_reqctx::propagate::DeadlineHeader;
+use tower_reqctx::header::DeadlineHeader;
 
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
@@ -29,7 +29,7 @@ fn fixed_lines() -> &'static [String] {
     static LINES: OnceLock<Vec<String>> = OnceLock::new();
     LINES.get_or_init(|| {
         use tower_reqctx::duration::ParseDurationError as P;
-        use tower_reqctx::propagate::HeaderError as H;
+        use tower_reqctx::header::HeaderError as H;
         let query = [
             P::Empty,
             P::Negative,

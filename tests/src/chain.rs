@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use reqctx::Cause;
 use tokio::sync::mpsc;
-use tower_reqctx::propagate::header::DeadlineHeader;
+use tower_reqctx::header::DeadlineHeader;
 use tower_reqctx::propagate::{ClientError, Propagation, ReqwestContextExt};
 use tower_reqctx::{ContextLayer, ReqCtx};
 

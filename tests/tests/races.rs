@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Barrier, Mutex, PoisonError};
 use std::time::Duration;
 
-use reqctx::{Canceler, Cause, Context, DeadlineDriver, DeadlineOrigin};
+use reqctx::{Canceller, Cause, Context, DeadlineDriver, DeadlineOrigin};
 use tokio::time::Instant;
 
 /// One round: the tree and what each thread did to it.
@@ -18,8 +18,8 @@ struct Round {
     root: Context,
     conn: Context,
     req: Context,
-    shutdown: Canceler,
-    disconnect: Canceler,
+    shutdown: Canceller,
+    disconnect: Canceller,
     driver: DeadlineDriver,
     deadline: Instant,
 }
@@ -149,7 +149,7 @@ fn first_cause_wins_exactly_once() {
         assert_eq!(round.root.cause(), Some(Cause::Shutdown), "round {i}");
         assert!(
             f.shutdown,
-            "round {i}: the root has one canceler; it must win"
+            "round {i}: the root has one canceller; it must win"
         );
         // The connection: its disconnect wins unless the shutdown reached it first.
         assert_eq!(

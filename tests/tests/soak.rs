@@ -23,8 +23,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinSet;
-use tower_reqctx::propagate::DeadlineHeader;
-use tower_reqctx::{ContextLayer, ReqCtx, live_request_contexts};
+use tower_reqctx::header::DeadlineHeader;
+use tower_reqctx::{ContextLayer, ReqCtx, RouteTimeout, live_request_contexts};
 
 /// Requests in flight at once.
 const IN_FLIGHT: usize = 32;
@@ -211,7 +211,7 @@ fn app(shared: Arc<Shared>) -> Router {
                 s3.begin(&ctx, &uri);
                 wait_for_cause(ctx).await
             })
-            .layer(ContextLayer::new().timeout(Duration::from_millis(ROUTE_TIMEOUT_MS))),
+            .layer(RouteTimeout::new(Duration::from_millis(ROUTE_TIMEOUT_MS))),
         )
         .route(
             "/upload",

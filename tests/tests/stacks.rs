@@ -542,8 +542,8 @@ async fn an_http2_websocket_keeps_its_context_until_the_tunnel_ends() {
 
 #[tokio::test]
 async fn several_deadline_headers_the_earliest_wins() {
-    use tower_reqctx::propagate::DeadlineHeader;
-    use tower_reqctx::propagate::header::ENVOY_EXPECTED_RQ_TIMEOUT_MS;
+    use tower_reqctx::header::DeadlineHeader;
+    use tower_reqctx::header::ENVOY_EXPECTED_RQ_TIMEOUT_MS;
 
     let (tx, mut probe) = reqctx_tests::probe();
     let app = Router::new()

@@ -17,7 +17,7 @@ use tokio::time::timeout;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Server};
 use tonic::{Code, Request, Response, Status};
-use tower_reqctx::propagate::DeadlineHeader;
+use tower_reqctx::header::DeadlineHeader;
 use tower_reqctx::{ContextLayer, request_context};
 
 /// The code generated from `proto/echo.proto`: `pub` items in a private module.

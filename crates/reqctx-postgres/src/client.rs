@@ -736,7 +736,10 @@ fn classify(ctx: &Context, state: &mut State, e: tokio_postgres::Error) -> Error
         state.health = Health::Unusable;
     }
     if is_query_canceled(&e) && our_timeout {
-        if let Some(cause) = ctx.cause().filter(Cause::is_deadline_exceeded) {
+        if let Some(cause) = ctx
+            .cause()
+            .filter(|c| matches!(c, Cause::DeadlineExceeded { .. }))
+        {
             return Cancelled::new(cause).into();
         }
     }

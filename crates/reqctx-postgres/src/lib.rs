@@ -13,6 +13,7 @@
 //! # #![allow(dead_code)]
 //! # #[cfg(feature = "deadpool")] mod wrapper {
 //! use axum::{Router, extract::State, http::StatusCode, routing::get};
+//! use reqctx::Cause;
 //! use reqctx_postgres::{Error, pool::Pool};
 //! use tower_reqctx::{ContextLayer, ReqCtx};
 //!
@@ -21,7 +22,7 @@
 //!     match db.query(&ctx, "SELECT count(*) FROM big WHERE slow($1)", &[&42_i32]).await {
 //!         Ok(rows) => Ok(rows[0].get::<_, i64>(0).to_string()),
 //!         // The client left or the deadline passed: the query has already stopped.
-//!         Err(Error::Cancelled(c)) if c.cause().is_deadline_exceeded() => {
+//!         Err(Error::Cancelled(c)) if matches!(c.cause(), Cause::DeadlineExceeded { .. }) => {
 //!             Err(StatusCode::GATEWAY_TIMEOUT)
 //!         }
 //!         Err(_) => Err(StatusCode::INTERNAL_SERVER_ERROR),

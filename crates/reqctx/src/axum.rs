@@ -10,7 +10,7 @@ use crate::cause::{Cancelled, Cause};
 const CLIENT_CLOSED_REQUEST: u16 = 499;
 
 /// `x-reqctx-deadline: exceeded` on a 504 for a deadline (tower-reqctx's
-/// `propagate::X_REQCTX_DEADLINE`, spelled here: this crate does not depend on it).
+/// `header::X_REQCTX_DEADLINE`, spelled here: this crate does not depend on it).
 const DEADLINE_MARKER: http::HeaderName = http::HeaderName::from_static("x-reqctx-deadline");
 
 impl Cancelled {
@@ -41,7 +41,7 @@ impl IntoResponse for Cancelled {
             CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
-        if self.cause().is_deadline_exceeded() {
+        if matches!(self.cause(), Cause::DeadlineExceeded { .. }) {
             // tower-reqctx's outbound clients read this as "the budget ran out downstream",
             // as opposed to some gateway's own timeout.
             headers.insert(DEADLINE_MARKER, HeaderValue::from_static("exceeded"));

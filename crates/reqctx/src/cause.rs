@@ -15,7 +15,7 @@ use std::sync::Arc;
 /// use reqctx::{Cause, DeadlineOrigin};
 ///
 /// let cause = Cause::DeadlineExceeded { origin: DeadlineOrigin::Query };
-/// assert!(cause.is_deadline_exceeded());
+/// assert!(matches!(cause, Cause::DeadlineExceeded { .. }));
 /// assert_eq!(cause.to_string(), "deadline exceeded (set by the client's query parameter)");
 /// ```
 #[derive(Clone)]
@@ -33,11 +33,11 @@ pub enum Cause {
     Completed,
     /// The server is shutting down.
     Shutdown,
-    /// Code cancelled the context through [`Canceler::cancel`](crate::Canceler::cancel)
-    /// (or by dropping the `Canceler`).
+    /// Code cancelled the context through [`Canceller::cancel`](crate::Canceller::cancel)
+    /// (or by dropping the `Canceller`).
     Cancelled,
     /// An application-defined reason, given to
-    /// [`Canceler::cancel_with`](crate::Canceler::cancel_with) (Go's `WithCancelCause`).
+    /// [`Canceller::cancel_with`](crate::Canceller::cancel_with) (Go's `WithCancelCause`).
     /// Two custom causes are equal only if they are clones of the same [`Cause::custom`] call.
     Custom(Arc<dyn Error + Send + Sync + 'static>),
 }
@@ -65,16 +65,6 @@ impl Cause {
     /// ```
     pub fn custom<E: Error + Send + Sync + 'static>(error: E) -> Cause {
         Cause::Custom(Arc::new(error))
-    }
-
-    /// `true` for [`Cause::DeadlineExceeded`], whatever its origin.
-    pub fn is_deadline_exceeded(&self) -> bool {
-        matches!(self, Cause::DeadlineExceeded { .. })
-    }
-
-    /// `true` for [`Cause::ClientDisconnected`].
-    pub fn is_client_disconnected(&self) -> bool {
-        matches!(self, Cause::ClientDisconnected)
     }
 
     /// The origin of the deadline that fired, for [`Cause::DeadlineExceeded`].
@@ -203,7 +193,8 @@ impl fmt::Display for DeadlineOrigin {
 ///
 /// let err = Cancelled::new(Cause::Shutdown);
 /// assert_eq!(err.cause(), &Cause::Shutdown);
-/// assert_eq!(err.to_string(), "cancelled: server shutting down");
+/// assert_eq!(err.to_string(), "context cancelled: server shutting down");
+/// assert_eq!(Cancelled::new(Cause::Cancelled).to_string(), "context cancelled");
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Cancelled {
@@ -246,7 +237,10 @@ impl From<Cause> for Cancelled {
 
 impl fmt::Display for Cancelled {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "cancelled: {}", self.cause)
+        match &self.cause {
+            Cause::Cancelled => f.write_str("context cancelled"),
+            cause => write!(f, "context cancelled: {cause}"),
+        }
     }
 }
 

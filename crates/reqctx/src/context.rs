@@ -1,4 +1,4 @@
-//! `Context`, `Canceler` and their handles.
+//! `Context`, `Canceller` and their handles.
 
 use std::any::Any;
 use std::fmt;
@@ -22,7 +22,7 @@ use crate::node::{CancelNode, LazyNow};
 /// clones see the same cancellation. New contexts are derived from existing ones:
 ///
 /// - [`with_cancel`](Context::with_cancel), [`with_deadline`](Context::with_deadline) and
-///   [`with_timeout`](Context::with_timeout) return a child and the [`Canceler`] that
+///   [`with_timeout`](Context::with_timeout) return a child and the [`Canceller`] that
 ///   cancels it;
 /// - [`with_value`](Context::with_value) returns a child carrying one more value;
 /// - [`detached`](Context::detached) keeps the values and drops cancellation.
@@ -49,7 +49,7 @@ use crate::node::{CancelNode, LazyNow};
 /// deadline to time. A `CancellationToken` is created only when something waits.
 ///
 /// Timer tasks and `on_cancel` tasks never keep a context alive: they end when its last
-/// handle (clones, children, cancelers, waiters) is gone.
+/// handle (clones, children, cancellers, waiters) is gone.
 ///
 /// ```
 /// use std::time::Duration;
@@ -82,7 +82,7 @@ impl Context {
         CancelNode::new(self.cancel.clone(), deadline, driven)
     }
 
-    /// A child that is cancelled when `self` is, or when the returned [`Canceler`] says so
+    /// A child that is cancelled when `self` is, or when the returned [`Canceller`] says so
     /// (or is dropped).
     ///
     /// ```
@@ -96,9 +96,9 @@ impl Context {
     /// cancel_parent.cancel_with(Cause::Shutdown);
     /// assert_eq!(parent.cause(), Some(Cause::Shutdown));
     /// ```
-    pub fn with_cancel(&self) -> (Context, Canceler) {
+    pub fn with_cancel(&self) -> (Context, Canceller) {
         let node = self.child(None, false);
-        (self.with_node(node.clone()), Canceler::new(node))
+        (self.with_node(node.clone()), Canceller::new(node))
     }
 
     /// A child whose deadline is the earlier of `deadline` and `self`'s. When it passes,
@@ -108,9 +108,9 @@ impl Context {
     /// cancelled.
     ///
     /// `deadline` is a `tokio::time::Instant`, so paused and advanced test clocks apply.
-    pub fn with_deadline(&self, deadline: Instant) -> (Context, Canceler) {
+    pub fn with_deadline(&self, deadline: Instant) -> (Context, Canceller) {
         let node = self.child(Some((deadline, DeadlineOrigin::Code)), false);
-        (self.with_node(node.clone()), Canceler::new(node))
+        (self.with_node(node.clone()), Canceller::new(node))
     }
 
     /// `with_deadline(Instant::now() + timeout)`.
@@ -125,7 +125,7 @@ impl Context {
     /// let (ctx, _cancel) = Context::background().with_timeout(Duration::MAX);
     /// assert_eq!(ctx.deadline(), None);
     /// ```
-    pub fn with_timeout(&self, timeout: Duration) -> (Context, Canceler) {
+    pub fn with_timeout(&self, timeout: Duration) -> (Context, Canceller) {
         match Instant::now().checked_add(timeout) {
             Some(deadline) => self.with_deadline(deadline),
             None => self.with_cancel(),
@@ -140,6 +140,9 @@ impl Context {
     /// one does, wherever the driver moves it, so every waiter wakes when it passes even
     /// if the owner is never polled. The owner may still call [`DeadlineDriver::expire`]
     /// from its own timer, to learn the cause at once.
+    /// Not part of the API: the plumbing of tower-reqctx's layer, which may change in any
+    /// release.
+    #[doc(hidden)]
     pub fn with_driven_deadline(
         &self,
         deadline: Option<(Instant, DeadlineOrigin)>,
@@ -148,7 +151,7 @@ impl Context {
         (
             self.with_node(node.clone()),
             DeadlineDriver {
-                canceler: Canceler::new(node),
+                canceller: Canceller::new(node),
             },
         )
     }
@@ -158,6 +161,7 @@ impl Context {
     /// clone, or a child of it) is still held somewhere. A cheap relaxed counter, for leak
     /// checks and metrics; it falls back to zero when every request is done and nothing
     /// kept its context.
+    #[doc(hidden)]
     pub fn live_driven_contexts() -> usize {
         crate::node::live_driven()
     }
@@ -357,7 +361,7 @@ impl Context {
     /// the context: read the cause from the context, not the token.
     ///
     /// A token follows its context while the context lives: once the context's last
-    /// handle (clones, children, cancelers) is gone uncancelled, its deadline no longer
+    /// handle (clones, children, cancellers) is gone uncancelled, its deadline no longer
     /// reaches the token, which is then cancelled only by a cancelled ancestor.
     ///
     /// # Panics
@@ -382,9 +386,9 @@ impl Context {
     /// (Go's `AfterFunc`). If the context is already cancelled, `f` runs soon.
     ///
     /// `f` runs if the context is cancelled while it lives: the task does not keep the
-    /// context alive, and once the context's last handle (clones, children, cancelers)
+    /// context alive, and once the context's last handle (clones, children, cancellers)
     /// is gone uncancelled, the task ends without running `f`. (Dropping an armed
-    /// [`Canceler`] cancels first, so `f` runs.)
+    /// [`Canceller`] cancels first, so `f` runs.)
     ///
     /// Dropping the returned [`OnCancel`] does not stop `f`; [`OnCancel::stop`] does.
     ///
@@ -461,22 +465,22 @@ impl fmt::Debug for Context {
 
 /// Cancels the context it was returned with, with [`Cause::Cancelled`] or a cause of your
 /// choice. Dropping it cancels too, so a forgotten cancel cannot leave a context alive;
-/// [`disarm`](Canceler::disarm) opts out.
+/// [`disarm`](Canceller::disarm) opts out.
 ///
 /// Cancelling is idempotent (the first cause wins) and does not wait for the work to stop.
-#[must_use = "dropping a Canceler cancels its context at once; bind it, or call disarm()"]
-pub struct Canceler {
+#[must_use = "dropping a Canceller cancels its context at once; bind it, or call disarm()"]
+pub struct Canceller {
     node: Arc<CancelNode>,
     armed: bool,
 }
 
-impl Canceler {
-    fn new(node: Arc<CancelNode>) -> Canceler {
-        Canceler { node, armed: true }
+impl Canceller {
+    fn new(node: Arc<CancelNode>) -> Canceller {
+        Canceller { node, armed: true }
     }
 
     /// Cancels with [`Cause::Cancelled`]. Returns `true` if this call's cause was
-    /// recorded, `false` if the context already had one (from this canceler, an ancestor
+    /// recorded, `false` if the context already had one (from this canceller, an ancestor
     /// or a passed deadline).
     pub fn cancel(&self) -> bool {
         self.node.cancel(Cause::Cancelled)
@@ -487,19 +491,19 @@ impl Canceler {
         self.node.cancel(cause)
     }
 
-    /// Whether the context this canceler cancels is cancelled, for whatever cause.
+    /// Whether the context this canceller cancels is cancelled, for whatever cause.
     pub fn is_cancelled(&self) -> bool {
         self.node.resolve(&mut LazyNow::new()).is_some()
     }
 
-    /// Drops the canceler without cancelling: the context then ends only with its parent
+    /// Drops the canceller without cancelling: the context then ends only with its parent
     /// or its deadline.
     pub fn disarm(mut self) {
         self.armed = false;
     }
 }
 
-impl Drop for Canceler {
+impl Drop for Canceller {
     fn drop(&mut self) {
         if self.armed {
             self.node.cancel(Cause::Cancelled);
@@ -507,9 +511,9 @@ impl Drop for Canceler {
     }
 }
 
-impl fmt::Debug for Canceler {
+impl fmt::Debug for Canceller {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Canceler")
+        f.debug_struct("Canceller")
             .field("armed", &self.armed)
             .field("done", &self.node.is_done())
             .finish()
@@ -517,7 +521,7 @@ impl fmt::Debug for Canceler {
 }
 
 /// The owner's handle of a context made by [`Context::with_driven_deadline`]: it moves the
-/// deadline and reports when it passes. It derefs to the [`Canceler`] of the context, and
+/// deadline and reports when it passes. It derefs to the [`Canceller`] of the context, and
 /// like it cancels (with [`Cause::Cancelled`]) when dropped unless the context already has
 /// a cause.
 ///
@@ -533,9 +537,10 @@ impl fmt::Debug for Canceler {
 /// driver.cancel_with(Cause::Completed);
 /// assert_eq!(ctx.cause(), Some(Cause::Completed));
 /// ```
+#[doc(hidden)]
 #[must_use = "dropping a DeadlineDriver cancels its context at once"]
 pub struct DeadlineDriver {
-    canceler: Canceler,
+    canceller: Canceller,
 }
 
 impl DeadlineDriver {
@@ -547,19 +552,19 @@ impl DeadlineDriver {
     /// Outside a tokio runtime, when something waits on the context and `deadline` is
     /// `Some` (its timer is spawned then).
     pub fn set_deadline(&self, deadline: Option<(Instant, DeadlineOrigin)>) {
-        CancelNode::set_driven(&self.canceler.node, deadline);
+        CancelNode::set_driven(&self.canceller.node, deadline);
     }
 
     /// The context's own deadline and its origin.
     pub fn deadline(&self) -> Option<(Instant, DeadlineOrigin)> {
-        self.canceler.node.own_deadline()
+        self.canceller.node.own_deadline()
     }
 
     /// A handle that can move the deadline but not cancel, for code that refines the
     /// deadline of a context it does not own (a route's layer under the server's).
     pub fn handle(&self) -> DeadlineHandle {
         DeadlineHandle {
-            node: self.canceler.node.clone(),
+            node: self.canceller.node.clone(),
         }
     }
 
@@ -567,7 +572,7 @@ impl DeadlineDriver {
     /// less any values its parent carried.
     pub fn context(&self) -> Context {
         Context {
-            cancel: Some(self.canceler.node.clone()),
+            cancel: Some(self.canceller.node.clone()),
             values: None,
         }
     }
@@ -576,7 +581,7 @@ impl DeadlineDriver {
     /// no cause yet, for an owner whose own timer fired (the context's timer does the same
     /// for waiters). Returns the context's cause, if it has one now.
     pub fn expire(&self) -> Option<Cause> {
-        self.canceler
+        self.canceller
             .node
             .resolve(&mut LazyNow::new())
             .map(|(cause, _)| cause)
@@ -584,10 +589,10 @@ impl DeadlineDriver {
 }
 
 impl std::ops::Deref for DeadlineDriver {
-    type Target = Canceler;
+    type Target = Canceller;
 
-    fn deref(&self) -> &Canceler {
-        &self.canceler
+    fn deref(&self) -> &Canceller {
+        &self.canceller
     }
 }
 
@@ -595,13 +600,14 @@ impl fmt::Debug for DeadlineDriver {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DeadlineDriver")
             .field("deadline", &self.deadline())
-            .field("done", &self.canceler.node.is_done())
+            .field("done", &self.canceller.node.is_done())
             .finish()
     }
 }
 
 /// Moves the deadline of a context made by [`Context::with_driven_deadline`], without the
 /// power to cancel it. Made by [`DeadlineDriver::handle`]; dropping it does nothing.
+#[doc(hidden)]
 #[derive(Clone)]
 pub struct DeadlineHandle {
     node: Arc<CancelNode>,

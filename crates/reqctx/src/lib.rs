@@ -32,14 +32,14 @@
 //!   never touches its parent.
 //! - A child's deadline is the earlier of its own and its parent's: if the parent's
 //!   deadline is already earlier, `with_deadline(d)` behaves as `with_cancel()`.
-//! - [`Canceler::cancel`] is idempotent and does not wait for the work to stop. Dropping a
-//!   [`Canceler`] cancels; [`Canceler::disarm`] opts out.
+//! - [`Canceller::cancel`] is idempotent and does not wait for the work to stop. Dropping a
+//!   [`Canceller`] cancels; [`Canceller::disarm`] opts out.
 //! - The first cause wins and never changes. When two causes race (say, a deadline and a
 //!   client disconnect), the one recorded first wins, and every later reader sees it; a
 //!   deadline counts from the instant it passed, even if nobody looked until later.
 //! - Values are immutable, inherited by children, looked up by type; the nearest wins.
-//! - A deadline reaches every waiter when it passes, whoever polls what, and a deadline
-//!   moved by its owner ([`DeadlineDriver::set_deadline`]) moves for every waiter.
+//! - A deadline reaches every waiter when it passes, whoever polls what; a deadline that
+//!   its middleware moves (a route's own timeout) moves for every waiter.
 //! - Nothing this crate spawns keeps a context alive: a token follows its context while
 //!   the context lives, and an [`on_cancel`](Context::on_cancel) callback runs if the
 //!   context is cancelled while it lives.
@@ -79,7 +79,9 @@ mod axum;
 mod stream;
 
 pub use crate::cause::{Cancelled, Cause, DeadlineOrigin};
-pub use crate::context::{Canceler, Context, DeadlineDriver, DeadlineHandle, OnCancel};
+pub use crate::context::{Canceller, Context, OnCancel};
+#[doc(hidden)]
+pub use crate::context::{DeadlineDriver, DeadlineHandle};
 pub use crate::future::{Run, WaitForCancel};
 #[cfg(feature = "stream")]
 pub use crate::stream::{Bound, BoundTry};

@@ -42,7 +42,7 @@
 //!    never has a timer.
 //! 6. Tasks (timers, `on_cancel`) hold a node only by `Weak`: they never keep it alive.
 //!    The node's `Drop` wakes its timer and cancels `Hooks::gone`, so both end with the
-//!    node's last handle (clones, children, cancelers).
+//!    node's last handle (clones, children, cancellers).
 //! 7. Walks up the tree and drops of long chains are loops, not recursion: a chain of any
 //!    depth is cancelled, resolved and dropped in constant stack.
 //!

@@ -32,7 +32,7 @@ impl Context {
     ///
     /// ```
     /// # use std::{pin::{Pin, pin}, task::{Context as Cx, Poll}, time::Duration};
-    /// # use reqctx::Context;
+    /// # use reqctx::{Cause, Context};
     /// # struct Ticks(tokio::time::Interval);
     /// # impl futures_core::Stream for Ticks {
     /// #     type Item = ();
@@ -52,7 +52,7 @@ impl Context {
     ///     n += 1;
     /// }
     /// assert_eq!(n, 4);
-    /// assert!(ticks.cause().is_some_and(|c| c.is_deadline_exceeded()));
+    /// assert!(matches!(ticks.cause(), Some(Cause::DeadlineExceeded { .. })));
     /// # }
     /// # use futures_core::Stream;
     /// ```

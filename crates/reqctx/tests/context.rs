@@ -99,7 +99,7 @@ fn child_of_cancelled_parent_is_born_cancelled() {
 }
 
 #[test]
-fn canceler_cancels_on_drop_and_disarm_opts_out() {
+fn canceller_cancels_on_drop_and_disarm_opts_out() {
     let (a, cancel_a) = Context::background().with_cancel();
     drop(cancel_a);
     assert_eq!(a.cause(), Some(Cause::Cancelled));
@@ -451,7 +451,7 @@ fn context_is_send_sync_static_and_small() {
     fn assert_traits<T: Clone + Send + Sync + 'static + std::fmt::Debug>() {}
     assert_traits::<Context>();
     fn assert_send_sync<T: Send + Sync>() {}
-    assert_send_sync::<reqctx::Canceler>();
+    assert_send_sync::<reqctx::Canceller>();
     assert_eq!(
         std::mem::size_of::<Context>(),
         3 * std::mem::size_of::<usize>()

@@ -309,7 +309,7 @@ async fn on_cancel_does_not_keep_a_context_that_is_never_cancelled() {
 
 #[tokio::test(start_paused = true)]
 async fn on_cancel_runs_for_a_context_cancelled_and_dropped_before_its_task_ran() {
-    // Cancelled by its own canceler, then dropped at once.
+    // Cancelled by its own canceller, then dropped at once.
     let (ctx, cancel) = Context::background().with_cancel();
     let (tx, rx) = oneshot::channel();
     ctx.on_cancel(move |c| tx.send(c.clone()).unwrap());

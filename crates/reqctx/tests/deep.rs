@@ -18,9 +18,9 @@ fn on_small_stack<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         .expect("the chain fits in a small stack")
 }
 
-/// `depth` nested `with_cancel` under a root whose canceler is returned; every other
-/// canceler is disarmed, so the chain is held only by its last context.
-fn nested_cancels(depth: usize) -> (Context, reqctx::Canceler) {
+/// `depth` nested `with_cancel` under a root whose canceller is returned; every other
+/// canceller is disarmed, so the chain is held only by its last context.
+fn nested_cancels(depth: usize) -> (Context, reqctx::Canceller) {
     let (root, cancel_root) = Context::background().with_cancel();
     let mut ctx = root;
     for _ in 0..depth {

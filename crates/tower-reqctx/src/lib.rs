@@ -68,10 +68,9 @@
 //!
 //! # Deadlines
 //!
-//! The deadline is the earliest of the effective server timeout (the innermost
-//! `ContextLayer`'s [`timeout`](ContextLayer::timeout), replaced per route by a route's own
-//! layer, longer or shorter, or removed by [`no_timeout`](ContextLayer::no_timeout)) and the
-//! client's `?timeout=` (Go duration syntax, see [`duration`]). A client can shorten the
+//! The deadline is the earliest of the effective server timeout (the `ContextLayer`'s
+//! [`timeout`](ContextLayer::timeout), replaced per route by a [`RouteTimeout`], longer,
+//! shorter or none) and the client's `?timeout=` (Go duration syntax, see [`duration`]). A client can shorten the
 //! server's deadline, never lengthen it. A `timeout` that does not parse, is zero or
 //! negative, or is rejected by [`ClampPolicy::Reject`] gets `400 Bad Request` with a
 //! one-line reason, and the handler never runs. No input panics or overflows.
@@ -112,9 +111,9 @@
 //! - `axum` (default): the `ReqCtx` extractor, `WatchedListener`, `IntoResponse` for
 //!   [`Cancelled`](reqctx::Cancelled) (504 deadline, 503 shutdown, 499 client gone, 500
 //!   otherwise).
-//! - `client` (off): `propagate::ContextClientLayer`, binding outbound requests of any
-//!   tower HTTP client (hyper-util's legacy `Client`) to a context, and sending the
-//!   remaining budget downstream. No extra dependency.
+//! - `server` (default): [`serve`], the connection watcher, the listeners and
+//!   `WatchedListener` (with `axum`): hyper's server. Without it the layer and the
+//!   clients still build, for a service served by something else or a client-only crate.
 //! - `reqwest` (off): `propagate::ReqwestContextExt`, the same for reqwest, with no TLS;
 //!   `reqwest-rustls` adds rustls (and its C-built crypto provider).
 //! - `tls` (off): `TlsListener`, [`serve`] over TLS with tokio-rustls
@@ -123,7 +122,18 @@
 //!   through the `metrics` facade, no exporter: see `record_metrics`.
 //!
 //! With `axum`, `sse()` is an event stream that ends with the request's
-//! context. [`serve`] takes any [`Listener`]: TCP, Unix domain sockets, TLS.
+//! context. `serve` takes any `Listener`: TCP, Unix domain sockets, TLS.
+//!
+//! # The crate's parts
+//!
+//! | module (in the source) | what | depends on |
+//! |---|---|---|
+//! | `wire` (public as [`duration`] and [`header`]) | Go durations, deadline headers and their names, `?timeout=`, gRPC statuses, [`ClampPolicy`] | nothing |
+//! | `cause` | the custom causes: [`ServiceFailed`], [`HandlerPanicked`], [`ResponseBodyFailed`], [`ServerClosed`] | nothing |
+//! | `connection` | [`ConnectionContext`], the seam between server and layer | nothing |
+//! | `layer` | [`ContextLayer`], [`RouteTimeout`], the lifecycle, `ReqCtx`, [`request_context`] | `wire`, `cause`, `connection` |
+//! | `server` (feature `server`) | `serve`, the listeners, the connection watcher | `cause`, `connection` |
+//! | [`propagate`] | outbound clients that carry the context and its budget | `wire` |
 //!
 //! # Deadlines across services
 //!
@@ -137,43 +147,30 @@
 
 pub use reqctx;
 
-mod body;
-mod conn;
-pub mod duration;
-#[cfg(feature = "axum")]
-mod extract;
+mod cause;
+mod connection;
 mod layer;
-mod lifecycle;
-mod listener;
-mod metrics;
 pub mod propagate;
-mod serve;
-mod service;
-#[cfg(feature = "axum")]
-mod sse;
-#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
-mod watch;
+#[cfg(feature = "server")]
+mod server;
+mod wire;
 
-pub use crate::body::{BoxError, ContextBody};
-pub use crate::conn::{ConnectionContext, ServerClosed};
-#[cfg(feature = "axum")]
-pub use crate::extract::{MissingContextLayer, ReqCtx};
-pub use crate::layer::{ClampPolicy, ContextLayer};
+pub use crate::cause::{HandlerPanicked, ResponseBodyFailed, ServerClosed, ServiceFailed};
+pub use crate::connection::ConnectionContext;
 #[cfg(feature = "catch-panic")]
-pub use crate::lifecycle::PanicResponse;
-pub use crate::lifecycle::{HandlerPanicked, ResponseBodyFailed, ServiceFailed};
-pub use crate::listener::Listener;
-#[cfg(feature = "axum")]
-pub use crate::listener::WatchedListener;
-#[cfg(feature = "tls")]
-pub use crate::listener::{TlsListener, TlsStream};
-#[cfg(feature = "metrics")]
-pub use crate::metrics::{describe_metrics, record_metrics};
-pub use crate::serve::{Serve, ServeFuture, serve};
-pub use crate::service::{
-    ContextService, PeerAddr, RequestId, ResponseFuture, live_request_contexts, parts_context,
-    request_context, set_request_value,
+pub use crate::layer::PanicResponse;
+pub use crate::layer::{
+    ContextBody, ContextLayer, ContextService, RequestId, ResponseFuture, RouteTimeout,
+    RouteTimeoutService, live_request_contexts, request_context, set_request_value,
 };
 #[cfg(feature = "axum")]
-pub use crate::sse::sse;
-pub use crate::watch::WatchedIo;
+pub use crate::layer::{MissingContextLayer, ReqCtx, sse};
+#[cfg(feature = "metrics")]
+pub use crate::layer::{describe_metrics, record_metrics};
+#[cfg(all(feature = "server", feature = "axum"))]
+pub use crate::server::WatchedListener;
+#[cfg(feature = "server")]
+pub use crate::server::{Listener, Serve, ServeFuture, WatchedIo, serve};
+#[cfg(feature = "tls")]
+pub use crate::server::{TlsListener, TlsStream};
+pub use crate::wire::{ClampPolicy, duration, header};

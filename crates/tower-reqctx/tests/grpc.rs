@@ -19,7 +19,7 @@ use tokio::time::{Instant, timeout};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::{Code, Status};
 use tower::{Layer, Service};
-use tower_reqctx::propagate::DeadlineHeader;
+use tower_reqctx::header::DeadlineHeader;
 use tower_reqctx::reqctx::{Cause, Context, DeadlineOrigin};
 use tower_reqctx::{ContextLayer, request_context, serve};
 

@@ -3,7 +3,7 @@
 #![cfg(feature = "axum")]
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -15,7 +15,7 @@ use reqctx::{Cause, Context, DeadlineOrigin};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tower::ServiceExt;
-use tower_reqctx::{ClampPolicy, ContextLayer, HandlerPanicked, ReqCtx};
+use tower_reqctx::{ClampPolicy, ContextLayer, HandlerPanicked, ReqCtx, RouteTimeout};
 
 type Seen = mpsc::UnboundedSender<Context>;
 
@@ -89,17 +89,15 @@ async fn route_timeout_and_query_the_earliest_wins() {
             seen.send(ctx.0.clone()).unwrap();
             ctx.run(std::future::pending::<()>()).await.into_response()
         };
-        let mut route_layer = ContextLayer::new();
-        if let Some(ms) = route {
-            route_layer = route_layer.timeout(Duration::from_millis(ms));
-        }
+        let method = match route {
+            Some(ms) => get(handler).layer(RouteTimeout::new(Duration::from_millis(ms))),
+            None => get(handler),
+        };
         let mut outer_layer = ContextLayer::new();
         if let Some(ms) = outer {
             outer_layer = outer_layer.timeout(Duration::from_millis(ms));
         }
-        let app = Router::new()
-            .route("/", get(handler).layer(route_layer))
-            .layer(outer_layer);
+        let app = Router::new().route("/", method).layer(outer_layer);
         let uri = query.map_or("/".to_owned(), |q| format!("/?timeout={q}"));
         let start = Instant::now();
         let res = app.oneshot(get_req(&uri)).await.unwrap();
@@ -125,7 +123,7 @@ async fn no_timeout_on_a_route_removes_the_servers() {
                 tokio::time::sleep(Duration::from_secs(5)).await;
                 "slow but allowed"
             })
-            .layer(ContextLayer::new().no_timeout()),
+            .layer(RouteTimeout::none()),
         )
         .layer(ContextLayer::new().timeout(Duration::from_millis(100)));
     let res = app.clone().oneshot(get_req("/stream")).await.unwrap();
@@ -620,7 +618,7 @@ async fn the_requests_span_records_the_cause() {
 
 mod deadline_header {
     use super::*;
-    use tower_reqctx::propagate::header::DeadlineHeader;
+    use tower_reqctx::header::DeadlineHeader;
 
     fn req(header: &str, value: &str) -> Request<Body> {
         Request::get("/")
@@ -957,4 +955,60 @@ async fn the_matched_route_goes_on_the_span() {
         .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(routes.lock().unwrap().as_slice(), ["/users/{id}"]);
+}
+
+/// One owner per request: a `ContextLayer` inside another answers 500 and names the fix,
+/// and the handler never runs.
+#[tokio::test]
+async fn a_context_layer_inside_another_is_a_500_naming_route_timeout() {
+    let ran = Arc::new(AtomicBool::new(false));
+    let flag = ran.clone();
+    let app = Router::new()
+        .route(
+            "/",
+            get(move || async move {
+                flag.store(true, Ordering::SeqCst);
+                "ran"
+            })
+            .layer(ContextLayer::new().timeout(Duration::from_secs(1))),
+        )
+        .layer(ContextLayer::new());
+    let res = app.oneshot(get_req("/")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    let body = body_text(res).await;
+    assert!(body.contains("RouteTimeout"), "{body}");
+    assert!(!ran.load(Ordering::SeqCst), "the handler must not run");
+}
+
+/// A `RouteTimeout` with no `ContextLayer` in front has no context to time: a 500 that
+/// names the missing layer, as `ReqCtx` does.
+#[tokio::test]
+async fn a_route_timeout_without_a_context_layer_is_a_500_naming_it() {
+    let app = Router::new().route(
+        "/",
+        get(|| async { "ran" }).layer(RouteTimeout::new(Duration::from_secs(1))),
+    );
+    let res = app.oneshot(get_req("/")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    let body = body_text(res).await;
+    assert!(body.contains("ContextLayer"), "{body}");
+}
+
+/// `RouteTimeout::none()` removes the app's timeout for its route; the client's still
+/// applies.
+#[tokio::test(start_paused = true)]
+async fn route_timeout_none_keeps_the_clients_timeout() {
+    let app = Router::new()
+        .route(
+            "/",
+            get(|ctx: ReqCtx| async move {
+                ctx.run(std::future::pending::<()>()).await.into_response()
+            })
+            .layer(RouteTimeout::none()),
+        )
+        .layer(ContextLayer::new().timeout(Duration::from_millis(50)));
+    let start = Instant::now();
+    let res = app.oneshot(get_req("/?timeout=300ms")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(start.elapsed(), Duration::from_millis(300));
 }

@@ -16,8 +16,7 @@ use tower_reqctx::ContextLayer;
 use tower_reqctx::duration::{
     MAX_INPUT_LEN, ParseDurationError, parse_duration, parse_duration_bytes,
 };
-use tower_reqctx::propagate::DeadlineHeader;
-use tower_reqctx::propagate::header::decode_grpc_timeout;
+use tower_reqctx::header::DeadlineHeader;
 
 const NS: u128 = 1;
 const US: u128 = 1_000;
@@ -299,7 +298,7 @@ proptest! {
             Some(bytes) => parse_duration_bytes(bytes).map_err(|_| ()),
             None => Err(()),
         };
-        let from_header = header.as_ref().map(decode_grpc_timeout);
+        let from_header = header.as_ref().map(|v| DeadlineHeader::grpc().decode(v));
         let expected = match (&from_query, &from_header) {
             (Err(()), _) | (_, Some(Err(_))) => Some(StatusCode::BAD_REQUEST),
             (Ok(q), h) => {

@@ -63,7 +63,7 @@ async fn a_client_leaving_ends_the_event_stream() {
     };
     let app = Router::new()
         .route("/events", get(handler))
-        .layer(ContextLayer::new().no_timeout());
+        .layer(ContextLayer::new());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(serve(listener, app).into_future());

@@ -39,10 +39,10 @@ use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
-use tower_reqctx::propagate::header::DeadlineHeader;
+use tower_reqctx::header::DeadlineHeader;
 use tower_reqctx::propagate::{ClientError, ReqwestContextExt};
 use tower_reqctx::reqctx::{Cause, Context};
-use tower_reqctx::{ContextLayer, ReqCtx};
+use tower_reqctx::{ContextLayer, ReqCtx, RouteTimeout};
 
 use crate::client_ip::TrustedProxies;
 use crate::page::{Deadline, Hit, Page, render};
@@ -278,7 +278,7 @@ fn server(app: App, log: bool) -> Router {
         // "I'm feeling lucky" must be quick: its own timeout replaces the server's.
         .route(
             "/lucky",
-            get(search).layer(ContextLayer::new().timeout(LUCKY_TIMEOUT)),
+            get(search).layer(RouteTimeout::new(LUCKY_TIMEOUT)),
         )
         .with_state(app);
     let router = match log {

@@ -31,7 +31,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, Interval, interval_at, timeout};
 use tower_reqctx::reqctx::{Cancelled, Cause, Context, DeadlineOrigin};
-use tower_reqctx::{ContextLayer, ReqCtx};
+use tower_reqctx::{ContextLayer, ReqCtx, RouteTimeout};
 
 type BoxError = Box<dyn Error + Send + Sync>;
 
@@ -53,7 +53,7 @@ fn app(stopped: mpsc::UnboundedSender<Stopped>) -> Router {
     Router::new()
         // An event stream has no server timeout: this route's layer removes the app's
         // 10 s. A client can still ask for one with ?timeout=.
-        .route("/ticks", get(ticks).layer(ContextLayer::new().no_timeout()))
+        .route("/ticks", get(ticks).layer(RouteTimeout::none()))
         .with_state(AppState { stopped })
         .layer(ContextLayer::new().timeout(Duration::from_secs(10)))
 }

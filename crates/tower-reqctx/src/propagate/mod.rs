@@ -34,7 +34,7 @@
 //!   dropped, and with it the HTTP/1 connection (closed) or the HTTP/2 stream (reset), so
 //!   the service called sees its client leave. The call fails with the context's cause.
 //! - **sends its budget**: the context's remaining time minus the margin, rounded down, in
-//!   a [deadline header](DeadlineHeader) (`grpc-timeout` by default), as a relative
+//!   a [deadline header](crate::header::DeadlineHeader) (`grpc-timeout` by default), as a relative
 //!   duration, never a wall-clock time. Any value of that header set by the caller is
 //!   replaced, or removed if the context has no deadline: the context is the one source
 //!   of the budget (derive a context with a shorter timeout to send less).
@@ -52,13 +52,14 @@
 //!
 //! The clients:
 //!
-//! - `ContextClientLayer` (feature `client`): a tower layer for hyper-util's legacy
+//! - `ContextClientLayer`: a tower layer for hyper-util's legacy
 //!   `Client` or any tower HTTP client; the context is attached to the request with
 //!   `RequestContextExt::with_context`.
 //! - `ReqwestContextExt` (feature `reqwest`): `.context(&ctx).send()` on a reqwest
 //!   `RequestBuilder`. reqwest comes with no TLS; the feature `reqwest-rustls` adds rustls.
 //!
-//! The [`header`] module holds the codecs, which the server side reads with too.
+//! The [`header`](crate::header) module holds the codecs and the header names, which the
+//! server side reads with too.
 //!
 //! # Build the hyper-util client with `TCP_NODELAY`
 //!
@@ -74,7 +75,7 @@
 //! # Example: service B calling C
 //!
 //! ```
-//! # #[cfg(all(feature = "client", feature = "axum"))] {
+//! # #[cfg(feature = "axum")] {
 //! use axum::body::Body;
 //! use axum::extract::State;
 //! use axum::http::StatusCode;
@@ -116,22 +117,16 @@
 //! # }
 //! ```
 
-#[cfg(feature = "client")]
 mod client;
 mod error;
-#[cfg(feature = "client")]
 mod future;
-pub mod header;
 mod propagation;
 #[cfg(feature = "reqwest")]
 mod reqwest;
 
-#[cfg(feature = "client")]
 pub use self::client::{ContextClient, ContextClientLayer, OutboundContext, RequestContextExt};
 pub use self::error::ClientError;
-#[cfg(feature = "client")]
 pub use self::future::ResponseFuture;
-pub use self::header::{DeadlineHeader, HeaderError};
-pub use self::propagation::{EXCEEDED, Propagation, X_REQCTX_DEADLINE};
+pub use self::propagation::Propagation;
 #[cfg(feature = "reqwest")]
 pub use self::reqwest::{ContextRequestBuilder, ReqwestContextExt};

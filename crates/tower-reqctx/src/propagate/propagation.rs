@@ -5,14 +5,7 @@ use std::time::Duration;
 use http::header::HeaderMap;
 use http::{HeaderName, HeaderValue, StatusCode};
 
-use super::header::DeadlineHeader;
-
-/// `x-reqctx-deadline`: with the value [`EXCEEDED`], marks a 504 as "my deadline passed",
-/// as opposed to a proxy's own timeout.
-pub const X_REQCTX_DEADLINE: HeaderName = HeaderName::from_static("x-reqctx-deadline");
-
-/// `exceeded`, the value of [`X_REQCTX_DEADLINE`] on a 504 that a deadline caused.
-pub const EXCEEDED: HeaderValue = HeaderValue::from_static("exceeded");
+use crate::wire::header::{DeadlineHeader, EXCEEDED, X_REQCTX_DEADLINE};
 
 /// `grpc-status`, and `4` (`DEADLINE_EXCEEDED`).
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
@@ -23,13 +16,13 @@ const GRPC_DEADLINE_EXCEEDED: &[u8] = b"4";
 ///
 /// ```
 /// use std::time::Duration;
-/// use tower_reqctx::propagate::{DeadlineHeader, Propagation};
-/// use tower_reqctx::propagate::header::REQUEST_TIMEOUT_MS;
+/// use tower_reqctx::header::{DeadlineHeader, REQUEST_TIMEOUT_MS};
+/// use tower_reqctx::propagate::Propagation;
 ///
 /// let propagation = Propagation::new()
 ///     .header(DeadlineHeader::millis(REQUEST_TIMEOUT_MS))
 ///     .margin(Duration::from_millis(20)); // a slower network than the default assumes
-/// assert_eq!(propagation.safety_margin(), Duration::from_millis(20));
+/// # let _ = propagation;
 /// ```
 ///
 /// # The safety margin
@@ -106,22 +99,13 @@ impl Propagation {
         self
     }
 
-    /// The header the budget is sent in.
-    pub fn deadline_header(&self) -> &DeadlineHeader {
-        &self.header
-    }
-
-    /// The safety margin.
-    pub fn safety_margin(&self) -> Duration {
-        self.margin
-    }
-
     /// Whether a response's head says the deadline passed downstream (see the [type's
     /// docs](Propagation)).
     ///
     /// ```
     /// use http::{HeaderMap, StatusCode};
-    /// use tower_reqctx::propagate::{EXCEEDED, Propagation, X_REQCTX_DEADLINE};
+    /// use tower_reqctx::header::{EXCEEDED, X_REQCTX_DEADLINE};
+    /// use tower_reqctx::propagate::Propagation;
     ///
     /// let p = Propagation::new();
     /// let mut headers = HeaderMap::new();
@@ -147,7 +131,6 @@ impl Propagation {
     }
 
     /// What an outbound call bound to `ctx` should do now.
-    #[cfg(any(feature = "client", feature = "reqwest"))]
     pub(crate) fn plan(&self, ctx: &reqctx::Context) -> Plan {
         if let Some(cause) = ctx.cause() {
             return Plan::Cancelled(cause);
@@ -174,7 +157,6 @@ impl Propagation {
     }
 
     /// Removes any value of the deadline header and sets `value`, if any.
-    #[cfg(any(feature = "client", feature = "reqwest"))]
     pub(crate) fn set_header(&self, headers: &mut HeaderMap, value: Option<HeaderValue>) {
         let name = self.header.name();
         match value {
@@ -212,7 +194,6 @@ impl ExceededCheck {
 }
 
 /// What [`Propagation::plan`] decided.
-#[cfg(any(feature = "client", feature = "reqwest"))]
 #[derive(Debug)]
 pub(crate) enum Plan {
     /// The context is cancelled: fail with this cause, send nothing.

@@ -9,23 +9,38 @@
 //!
 //! A server that hears from more than one kind of caller (gRPC clients sending
 //! `grpc-timeout`, Envoy sending [`x-envoy-expected-rq-timeout-ms`](ENVOY_EXPECTED_RQ_TIMEOUT_MS))
-//! reads them all with [`earliest_budget`]: the earliest budget wins.
+//! reads them all (one [`ContextLayer::deadline_header`](crate::ContextLayer::deadline_header)
+//! each): the earliest budget wins.
 //!
 //! ```
 //! use std::time::Duration;
 //! use http::HeaderValue;
-//! use tower_reqctx::propagate::header::{decode_grpc_timeout, encode_grpc_timeout};
+//! use tower_reqctx::header::DeadlineHeader;
 //!
-//! let value = encode_grpc_timeout(Duration::from_millis(1500));
+//! let grpc = DeadlineHeader::grpc();
+//! let value = grpc.encode(Duration::from_millis(1500));
 //! assert_eq!(value, "1500000u");
-//! assert_eq!(decode_grpc_timeout(&value), Ok(Duration::from_millis(1500)));
-//! assert!(decode_grpc_timeout(&HeaderValue::from_static("1.5S")).is_err());
+//! assert_eq!(grpc.decode(&value), Ok(Duration::from_millis(1500)));
+//! assert!(grpc.decode(&HeaderValue::from_static("1.5S")).is_err());
 //! ```
+//!
+//! Why a codec of our own: no maintained crate encodes `grpc-timeout` apart from a whole
+//! gRPC stack (tonic keeps its codec private), and the server side needs a decoder that is
+//! bounded in length and total on every input, which the fuzz targets check.
 
 use std::fmt;
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
+
+use super::split_digits;
+
+/// `x-reqctx-deadline`: with the value [`EXCEEDED`], marks a 504 as "my deadline passed",
+/// which the layer sends and the [`propagate`](crate::propagate) clients read.
+pub const X_REQCTX_DEADLINE: HeaderName = HeaderName::from_static("x-reqctx-deadline");
+
+/// `exceeded`, the value of [`X_REQCTX_DEADLINE`] on a 504 that a deadline caused.
+pub const EXCEEDED: HeaderValue = HeaderValue::from_static("exceeded");
 
 /// `grpc-timeout`, the header gRPC (and so tonic) reads a deadline from.
 pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
@@ -48,11 +63,11 @@ pub const ENVOY_EXPECTED_RQ_TIMEOUT_MS: HeaderName =
     HeaderName::from_static("x-envoy-expected-rq-timeout-ms");
 
 /// The most digits a `grpc-timeout` value may have (gRPC's HTTP/2 protocol spec).
-pub const GRPC_MAX_DIGITS: usize = 8;
+pub(crate) const GRPC_MAX_DIGITS: usize = 8;
 
 /// The most digits a milliseconds value may have: 19, enough for any `u64` of 19 digits
 /// (about 317 million years), so a value that passes the length check cannot overflow.
-pub const MILLIS_MAX_DIGITS: usize = 19;
+pub(crate) const MILLIS_MAX_DIGITS: usize = 19;
 
 /// The largest value of 8 digits.
 const GRPC_MAX_VALUE: u128 = 99_999_999;
@@ -80,8 +95,9 @@ const GRPC_UNITS: [(u8, u128); 6] = [
 ///
 /// ```
 /// use std::time::Duration;
-/// use tower_reqctx::propagate::header::encode_grpc_timeout;
+/// use tower_reqctx::header::DeadlineHeader;
 ///
+/// let encode_grpc_timeout = |d| DeadlineHeader::grpc().encode(d);
 /// assert_eq!(encode_grpc_timeout(Duration::from_nanos(99_999_999)), "99999999n");
 /// assert_eq!(encode_grpc_timeout(Duration::from_millis(250)), "250000u");
 /// // 100,000,000.9 s does not fit in 8 digits of seconds: 1,666,666 whole minutes.
@@ -89,7 +105,7 @@ const GRPC_UNITS: [(u8, u128); 6] = [
 /// assert_eq!(encode_grpc_timeout(Duration::MAX), "99999999H");
 /// assert_eq!(encode_grpc_timeout(Duration::ZERO), "0n");
 /// ```
-pub fn encode_grpc_timeout(budget: Duration) -> HeaderValue {
+pub(crate) fn encode_grpc_timeout(budget: Duration) -> HeaderValue {
     let nanos = budget.as_nanos();
     let (value, unit) = GRPC_UNITS
         .iter()
@@ -122,9 +138,9 @@ pub fn encode_grpc_timeout(budget: Duration) -> HeaderValue {
 /// ```
 /// use std::time::Duration;
 /// use http::HeaderValue;
-/// use tower_reqctx::propagate::header::{decode_grpc_timeout, HeaderError};
+/// use tower_reqctx::header::{DeadlineHeader, HeaderError};
 ///
-/// let decode = |s: &'static str| decode_grpc_timeout(&HeaderValue::from_static(s));
+/// let decode = |s: &'static str| DeadlineHeader::grpc().decode(&HeaderValue::from_static(s));
 /// assert_eq!(decode("2H"), Ok(Duration::from_secs(7200)));
 /// assert_eq!(decode("007m"), Ok(Duration::from_millis(7)));
 /// assert_eq!(decode("100"), Err(HeaderError::MissingUnit));
@@ -132,7 +148,7 @@ pub fn encode_grpc_timeout(budget: Duration) -> HeaderValue {
 /// assert_eq!(decode("123456789n"), Err(HeaderError::TooLong));
 /// assert_eq!(decode("-1S"), Err(HeaderError::NotDigits));
 /// ```
-pub fn decode_grpc_timeout(value: &HeaderValue) -> Result<Duration, HeaderError> {
+pub(crate) fn decode_grpc_timeout(value: &HeaderValue) -> Result<Duration, HeaderError> {
     let bytes = value.as_bytes();
     if bytes.is_empty() {
         return Err(HeaderError::Empty);
@@ -169,12 +185,13 @@ pub fn decode_grpc_timeout(value: &HeaderValue) -> Result<Duration, HeaderError>
 ///
 /// ```
 /// use std::time::Duration;
-/// use tower_reqctx::propagate::header::encode_millis;
+/// use tower_reqctx::header::{DeadlineHeader, REQUEST_TIMEOUT_MS};
 ///
+/// let encode_millis = |d| DeadlineHeader::millis(REQUEST_TIMEOUT_MS).encode(d);
 /// assert_eq!(encode_millis(Duration::from_micros(1999)), "1");
 /// assert_eq!(encode_millis(Duration::MAX), "9999999999999999999");
 /// ```
-pub fn encode_millis(budget: Duration) -> HeaderValue {
+pub(crate) fn encode_millis(budget: Duration) -> HeaderValue {
     let millis = budget.as_millis().min(MILLIS_MAX_VALUE);
     // At most 19 digits: below u64::MAX.
     HeaderValue::from(u64::try_from(millis).unwrap_or(u64::MAX))
@@ -186,15 +203,16 @@ pub fn encode_millis(budget: Duration) -> HeaderValue {
 /// ```
 /// use std::time::Duration;
 /// use http::HeaderValue;
-/// use tower_reqctx::propagate::header::{decode_millis, HeaderError};
+/// use tower_reqctx::header::{DeadlineHeader, HeaderError, REQUEST_TIMEOUT_MS};
 ///
-/// let decode = |s: &'static str| decode_millis(&HeaderValue::from_static(s));
+/// let millis = DeadlineHeader::millis(REQUEST_TIMEOUT_MS);
+/// let decode = |s: &'static str| millis.decode(&HeaderValue::from_static(s));
 /// assert_eq!(decode("250"), Ok(Duration::from_millis(250)));
 /// assert_eq!(decode("+250"), Err(HeaderError::NotDigits));
 /// assert_eq!(decode("250ms"), Err(HeaderError::NotDigits));
 /// assert_eq!(decode("12345678901234567890"), Err(HeaderError::TooLong));
 /// ```
-pub fn decode_millis(value: &HeaderValue) -> Result<Duration, HeaderError> {
+pub(crate) fn decode_millis(value: &HeaderValue) -> Result<Duration, HeaderError> {
     let bytes = value.as_bytes();
     if bytes.is_empty() {
         return Err(HeaderError::Empty);
@@ -206,16 +224,6 @@ pub fn decode_millis(value: &HeaderValue) -> Result<Duration, HeaderError> {
         return Err(HeaderError::NotDigits);
     }
     Ok(Duration::from_millis(parse_digits(bytes)))
-}
-
-/// Splits off the leading ASCII digits.
-#[inline]
-fn split_digits(bytes: &[u8]) -> (&[u8], &[u8]) {
-    let n = bytes
-        .iter()
-        .position(|b| !b.is_ascii_digit())
-        .unwrap_or(bytes.len());
-    bytes.split_at(n)
 }
 
 /// The value of at most 19 ASCII digits (below 10¹⁹, so below `u64::MAX`).
@@ -235,8 +243,8 @@ fn parse_digits(digits: &[u8]) -> u64 {
 ///
 /// ```
 /// use std::time::Duration;
-/// use tower_reqctx::propagate::DeadlineHeader;
-/// use tower_reqctx::propagate::header::REQUEST_TIMEOUT_MS;
+/// use tower_reqctx::header::DeadlineHeader;
+/// use tower_reqctx::header::REQUEST_TIMEOUT_MS;
 ///
 /// let header = DeadlineHeader::millis(REQUEST_TIMEOUT_MS);
 /// assert_eq!(header.name(), "x-request-timeout-ms");
@@ -248,10 +256,12 @@ fn parse_digits(digits: &[u8]) -> u64 {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum DeadlineHeader {
-    /// `grpc-timeout`, in gRPC's syntax: see [`encode_grpc_timeout`].
+    /// `grpc-timeout`, in gRPC's syntax: 1 to 8 digits and a unit (`H`, `M`, `S`, `m`, `u`,
+    /// `n`). Encoding takes the finest unit whose value fits, rounded down, so it is exact
+    /// to the nanosecond under 100 ms and never longer than the budget.
     #[default]
     GrpcTimeout,
-    /// Whole milliseconds under the given name: see [`encode_millis`].
+    /// Whole milliseconds under the given name: 1 to 19 digits, nothing else, rounded down.
     Millis(HeaderName),
 }
 
@@ -291,7 +301,6 @@ impl DeadlineHeader {
     }
 
     /// The smallest budget this format can carry: a budget below it encodes as zero.
-    #[cfg(any(feature = "client", feature = "reqwest"))]
     pub(crate) fn resolution(&self) -> Duration {
         match self {
             DeadlineHeader::GrpcTimeout => Duration::from_nanos(1),
@@ -316,27 +325,7 @@ impl DeadlineHeader {
 /// It reads nothing else: capping by a maximum, and where the budget counts from, are the
 /// caller's business. The work is one lookup per reader, and decoding is bounded.
 ///
-/// ```
-/// use std::time::Duration;
-/// use http::{HeaderMap, HeaderValue};
-/// use tower_reqctx::propagate::DeadlineHeader;
-/// use tower_reqctx::propagate::header::{earliest_budget, ENVOY_EXPECTED_RQ_TIMEOUT_MS};
-///
-/// let readers = [DeadlineHeader::grpc(), DeadlineHeader::millis(ENVOY_EXPECTED_RQ_TIMEOUT_MS)];
-/// let mut headers = HeaderMap::new();
-/// assert_eq!(earliest_budget(&headers, &readers), Ok(None));
-///
-/// headers.insert("grpc-timeout", HeaderValue::from_static("2S"));
-/// headers.insert("x-envoy-expected-rq-timeout-ms", HeaderValue::from_static("1500"));
-/// let (budget, from) = earliest_budget(&headers, &readers).unwrap().unwrap();
-/// assert_eq!(budget, Duration::from_millis(1500));
-/// assert_eq!(from.name(), "x-envoy-expected-rq-timeout-ms");
-///
-/// headers.insert("grpc-timeout", HeaderValue::from_static("soon"));
-/// let err = earliest_budget(&headers, &readers).unwrap_err();
-/// assert_eq!(err.to_string(), "invalid `grpc-timeout` header: not a whole number");
-/// ```
-pub fn earliest_budget<'r>(
+pub(crate) fn earliest_budget<'r>(
     headers: &HeaderMap,
     readers: &'r [DeadlineHeader],
 ) -> Result<Option<(Duration, &'r DeadlineHeader)>, InvalidDeadlineHeader> {
@@ -364,21 +353,9 @@ pub fn earliest_budget<'r>(
 /// Its [`Display`](fmt::Display) is one line, ``invalid `NAME` header: REASON``, that
 /// never repeats the value.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct InvalidDeadlineHeader {
+pub(crate) struct InvalidDeadlineHeader {
     name: HeaderName,
     error: HeaderError,
-}
-
-impl InvalidDeadlineHeader {
-    /// The header's name.
-    pub fn name(&self) -> &HeaderName {
-        &self.name
-    }
-
-    /// Why its value was refused.
-    pub fn error(&self) -> HeaderError {
-        self.error
-    }
 }
 
 impl fmt::Display for InvalidDeadlineHeader {
@@ -430,6 +407,32 @@ impl std::error::Error for HeaderError {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_earliest_budget_of_every_header_wins() {
+        let readers = [
+            DeadlineHeader::grpc(),
+            DeadlineHeader::millis(ENVOY_EXPECTED_RQ_TIMEOUT_MS),
+        ];
+        let mut headers = HeaderMap::new();
+        assert_eq!(earliest_budget(&headers, &readers), Ok(None));
+
+        headers.insert("grpc-timeout", HeaderValue::from_static("2S"));
+        headers.insert(
+            "x-envoy-expected-rq-timeout-ms",
+            HeaderValue::from_static("1500"),
+        );
+        let (budget, from) = earliest_budget(&headers, &readers).unwrap().unwrap();
+        assert_eq!(budget, Duration::from_millis(1500));
+        assert_eq!(from.name(), "x-envoy-expected-rq-timeout-ms");
+
+        headers.insert("grpc-timeout", HeaderValue::from_static("soon"));
+        let err = earliest_budget(&headers, &readers).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid `grpc-timeout` header: not a whole number"
+        );
+    }
 
     fn grpc(s: &'static str) -> Result<Duration, HeaderError> {
         decode_grpc_timeout(&HeaderValue::from_static(s))
@@ -609,8 +612,8 @@ mod tests {
     #[test]
     fn any_bad_value_is_an_error_naming_its_header() {
         let err = earliest(&[("grpc-timeout", "1S"), (ENVOY, "1.5")]).unwrap_err();
-        assert_eq!(err.name(), ENVOY);
-        assert_eq!(err.error(), HeaderError::NotDigits);
+        assert_eq!(err.name, ENVOY);
+        assert_eq!(err.error, HeaderError::NotDigits);
         assert_eq!(
             err.to_string(),
             "invalid `x-envoy-expected-rq-timeout-ms` header: not a whole number"
@@ -647,5 +650,66 @@ mod tests {
         }
         let err = grpc("5<script>").unwrap_err();
         assert!(!err.to_string().contains("script"));
+    }
+
+    mod props {
+        use std::time::Duration;
+
+        use http::HeaderValue;
+        use proptest::prelude::*;
+
+        use super::super::{DeadlineHeader, ENVOY_EXPECTED_RQ_TIMEOUT_MS, earliest_budget};
+
+        fn durations() -> impl Strategy<Value = Duration> {
+            prop_oneof![
+                (any::<u64>(), 0..1_000_000_000u32).prop_map(|(s, n)| Duration::new(s, n)),
+                (0..1_000_000_000u64).prop_map(Duration::from_nanos),
+                Just(Duration::ZERO),
+                Just(Duration::MAX),
+            ]
+        }
+
+        proptest! {
+            /// Several deadline headers, each with several values: the result is the least of what
+            /// each value decodes to, or the error of one that does not decode, never a panic.
+            #[test]
+            fn the_earliest_of_several_headers_is_the_least_budget(
+                values in proptest::collection::vec(
+                    (any::<bool>(), prop_oneof![
+                        durations().prop_map(|d| (true, d)),
+                        "[0-9a-zA-Z.]{0,10}".prop_map(|_| (false, Duration::ZERO)),
+                    ], "[0-9a-zA-Z.]{0,10}"),
+                    0..6,
+                )
+            ) {
+                let readers = [DeadlineHeader::grpc(), DeadlineHeader::millis(ENVOY_EXPECTED_RQ_TIMEOUT_MS)];
+                let mut headers = http::HeaderMap::new();
+                let mut least: Option<Duration> = None;
+                let mut bad = false;
+                for (grpc, (valid, d), junk) in values {
+                    let reader = &readers[usize::from(!grpc)];
+                    let value = if valid {
+                        reader.encode(d)
+                    } else {
+                        HeaderValue::from_str(&junk).unwrap()
+                    };
+                    match reader.decode(&value) {
+                        Ok(d) => least = Some(least.map_or(d, |l| l.min(d))),
+                        Err(_) => bad = true,
+                    }
+                    headers.append(reader.name(), value);
+                }
+                match earliest_budget(&headers, &readers) {
+                    Ok(found) => {
+                        prop_assert!(!bad);
+                        prop_assert_eq!(found.map(|(d, _)| d), least);
+                    }
+                    Err(err) => {
+                        prop_assert!(bad);
+                        prop_assert!(readers.iter().any(|r| r.name() == err.name));
+                    }
+                }
+            }
+        }
     }
 }

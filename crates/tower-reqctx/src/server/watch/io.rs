@@ -6,15 +6,15 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use pin_project_lite::pin_project;
-use reqctx::{Canceler, Cause};
+use reqctx::{Canceller, Cause};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use super::Watch;
-use crate::conn::server_closed;
-use crate::listener::{AsSocket, borrow};
-use crate::{ConnectionContext, HandlerPanicked};
+use crate::cause::{HandlerPanicked, server_closed};
+use crate::connection::ConnectionContext;
+use crate::server::socket::{AsSocket, borrow};
 
 pin_project! {
     /// An accepted connection's IO, watched for the client's close, with the connection's
@@ -67,12 +67,12 @@ pin_project! {
     }
 }
 
-/// How the connection's context ends: owns its canceler.
+/// How the connection's context ends: owns its canceller.
 #[derive(Debug)]
 struct Ending {
     conn: ConnectionContext,
-    canceler: Option<Arc<Canceler>>, // also held, weakly, by the watch's callback
-    half_close: bool,                // an end-of-file is not the client leaving
+    canceller: Option<Arc<Canceller>>, // also held, weakly, by the watch's callback
+    half_close: bool,                  // an end-of-file is not the client leaving
     draining: Option<CancellationToken>, // cancelled: a server close is the shutdown's
 }
 
@@ -81,7 +81,7 @@ impl Ending {
     /// server's cause unless the client's came first.
     fn server_closed(&mut self) {
         self.conn.release_held();
-        if let Some(canceler) = self.canceler.take() {
+        if let Some(canceller) = self.canceller.take() {
             let shutdown = self
                 .draining
                 .as_ref()
@@ -96,7 +96,7 @@ impl Ending {
             } else {
                 server_closed()
             };
-            canceler.cancel_with(cause);
+            canceller.cancel_with(cause);
         }
     }
 }
@@ -105,7 +105,7 @@ impl Ending {
 #[derive(Debug)]
 pub(crate) struct Parts {
     pub(crate) conn: ConnectionContext,
-    pub(crate) canceler: Option<Arc<Canceler>>,
+    pub(crate) canceller: Option<Arc<Canceller>>,
     pub(crate) half_close: bool,
     pub(crate) draining: Option<CancellationToken>,
     pub(crate) permit: Option<OwnedSemaphorePermit>,
@@ -122,7 +122,7 @@ impl<I: AsSocket> WatchedIo<I> {
             watch,
             Parts {
                 conn,
-                canceler: None,
+                canceller: None,
                 half_close: false,
                 draining: None,
                 permit: None,
@@ -130,14 +130,14 @@ impl<I: AsSocket> WatchedIo<I> {
         )
     }
 
-    /// Wraps `io` of the connection `parts.conn`, which `parts.canceler` cancels; the
+    /// Wraps `io` of the connection `parts.conn`, which `parts.canceller` cancels; the
     /// watch's callback, if there is a watch, cancels it too.
     pub(crate) fn with_parts(io: I, watch: Option<Watch>, parts: Parts) -> Self {
         WatchedIo {
             watch,
             end: Ending {
                 conn: parts.conn,
-                canceler: parts.canceler,
+                canceller: parts.canceller,
                 half_close: parts.half_close,
                 draining: parts.draining,
             },
@@ -169,8 +169,8 @@ impl<I: AsSocket> WatchedIo<I> {
 /// reported the close) and not run it yet, and the IO's drop, which may come next, must
 /// not get in first with the server's cause.
 fn gone(watch: &Option<Watch>, end: &Ending) {
-    if let Some(canceler) = &end.canceler {
-        canceler.cancel_with(Cause::ClientDisconnected);
+    if let Some(canceller) = &end.canceller {
+        canceller.cancel_with(Cause::ClientDisconnected);
     }
     if let Some(watch) = watch {
         watch.fire();

@@ -1,13 +1,17 @@
-//! The connection a request arrived on.
+//! The connection a request arrived on: the seam between the server and the layer.
+//!
+//! The server makes a [`ConnectionContext`] per connection; the layer reads it from the
+//! request and hands it its state (the parent context, a way to close a stalled HTTP/1
+//! connection, an opaque item to keep until the connection ends). Neither knows the
+//! other: both depend on this module, which depends on nothing else in the crate.
 
-use std::error::Error as StdError;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::Waker;
 
-use reqctx::{Cause, Context};
+use reqctx::Context;
 
 /// The connection a request arrived on: its context, which is the parent of the context of
 /// every request on it, and the peer's address.
@@ -15,9 +19,9 @@ use reqctx::{Cause, Context};
 /// [`serve`](crate::serve()) and `WatchedListener` (feature `axum`) put it in every
 /// request's extensions; [`ContextLayer`](crate::ContextLayer) hangs each request's context
 /// under it. Its context ends when the connection does, from either side:
-/// [`Cause::ClientDisconnected`] when the client closes or resets it (the connection
-/// watcher sees that even while hyper does not read), [`ServerClosed`] when the server
-/// closes it (keep-alive over, a timeout, a protocol error), and [`Cause::Shutdown`] when
+/// [`Cause::ClientDisconnected`](reqctx::Cause::ClientDisconnected) when the client closes or resets it (the connection
+/// watcher sees that even while hyper does not read), [`ServerClosed`](crate::ServerClosed) when the server
+/// closes it (keep-alive over, a timeout, a protocol error), and [`Cause::Shutdown`](reqctx::Cause::Shutdown) when
 /// the server shuts down (see [`WatchedIo`](crate::WatchedIo)). So work tied to it
 /// (`spawn`, `on_cancel`) ends with the connection. Requests on it keep their own causes:
 /// a request that ended before its connection is not changed by the connection's end.
@@ -31,6 +35,7 @@ pub struct ConnectionContext {
     inner: Arc<Inner>, // one reference count per clone: one clone goes into every request
 }
 
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
 struct Inner {
     ctx: Context,
     remote: Option<SocketAddr>,
@@ -81,35 +86,6 @@ impl ConnectionAbort {
     }
 }
 
-/// The cause of a connection context whose connection the server closed while it was not
-/// shutting down: keep-alive over (`connection: close`, a header-read timeout, an HTTP/2
-/// GOAWAY), a protocol error, an upgraded connection's IO dropped by its handler. A custom
-/// [`Cause`]: `cause.downcast_ref::<ServerClosed>()` finds it.
-///
-/// ```
-/// # use tower_reqctx::ServerClosed;
-/// # let cause = tower_reqctx::reqctx::Cause::custom(ServerClosed);
-/// if cause.downcast_ref::<ServerClosed>().is_some() {
-///     // the server ended the connection; no client left
-/// }
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct ServerClosed;
-
-impl fmt::Display for ServerClosed {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("the server closed the connection")
-    }
-}
-
-impl StdError for ServerClosed {}
-
-/// [`ServerClosed`] as a cause: one allocation for the process, not one per connection.
-pub(crate) fn server_closed() -> Cause {
-    static CAUSE: LazyLock<Cause> = LazyLock::new(|| Cause::custom(ServerClosed));
-    CAUSE.clone()
-}
-
 impl Drop for Inner {
     fn drop(&mut self) {
         // Dropped in order, before anything else of the connection: a held request records
@@ -158,6 +134,8 @@ impl ConnectionContext {
     }
 }
 
+/// What the server's side of a connection uses.
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
 impl ConnectionContext {
     /// Records that the client sent bytes; cheap to call on every read.
     #[inline]

@@ -9,7 +9,7 @@ use http::StatusCode;
 use http::request::Parts;
 use reqctx::Context;
 
-use crate::service::RequestScope;
+use super::scope::RequestScope;
 
 /// The request's [`Context`], given by [`ContextLayer`](crate::ContextLayer).
 ///
@@ -57,7 +57,7 @@ impl<S: Send + Sync> FromRequestParts<S> for ReqCtx {
         parts
             .extensions
             .get::<RequestScope>()
-            .map(|scope| ReqCtx(scope.ctx.clone()))
+            .map(|scope| ReqCtx(scope.context().clone()))
             .ok_or(MissingContextLayer)
     }
 }
@@ -72,7 +72,7 @@ impl<S: Send + Sync> OptionalFromRequestParts<S> for ReqCtx {
         Ok(parts
             .extensions
             .get::<RequestScope>()
-            .map(|scope| ReqCtx(scope.ctx.clone())))
+            .map(|scope| ReqCtx(scope.context().clone())))
     }
 }
 

@@ -4,8 +4,6 @@ use axum::response::sse::{Event, Sse};
 use futures_core::Stream;
 use reqctx::{Bound, Context};
 
-use crate::BoxError;
-
 /// A server-sent event response whose event stream ends when `ctx` is cancelled: the
 /// client left (the connection watcher sees it even while the stream is idle, waiting for
 /// its next event), the deadline passed, or the server shuts down. Feature `axum`.
@@ -15,7 +13,7 @@ use crate::BoxError;
 /// `EventSource` client reconnects as it would after any end). Configure keep-alive
 /// comments on the result with [`Sse::keep_alive`]. Under [`ContextLayer`](crate::ContextLayer)
 /// a deadline that passes first ends the body with an error instead; use
-/// [`no_timeout`](crate::ContextLayer::no_timeout) on long-lived event routes.
+/// [`RouteTimeout::none`](crate::RouteTimeout::none) on long-lived event routes.
 ///
 /// ```
 /// use std::convert::Infallible;
@@ -45,7 +43,7 @@ use crate::BoxError;
 pub fn sse<S, E>(ctx: &Context, stream: S) -> Sse<Bound<S>>
 where
     S: Stream<Item = Result<Event, E>> + Send + 'static,
-    E: Into<BoxError>,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     Sse::new(ctx.bind(stream))
 }

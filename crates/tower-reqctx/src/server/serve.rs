@@ -24,9 +24,11 @@ use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 use tower_service::Service;
 
-use crate::ConnectionContext;
-use crate::listener::{AsSocket, Connections, Listener};
-use crate::watch::WatchedIo;
+use super::connections::Connections;
+use super::listener::Listener;
+use super::socket::AsSocket;
+use super::watch::WatchedIo;
+use crate::connection::ConnectionContext;
 
 type BoxError = Box<dyn StdError + Send + Sync>;
 

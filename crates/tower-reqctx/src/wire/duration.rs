@@ -30,9 +30,15 @@
 //! assert_eq!(parse_duration("1m30.5s"), Ok(Duration::from_millis(90_500)));
 //! assert_eq!(parse_duration("300"), Err(ParseDurationError::MissingUnit));
 //! ```
+//!
+//! Why a parser of our own: the crates that read durations (`humantime`, `go-parse-duration`)
+//! accept other syntaxes, allocate, or fail where Go saturates; a client's `?timeout=`
+//! must mean what it means to a Go server, on every input, in bounded work.
 
 use std::fmt;
 use std::time::Duration;
+
+use super::split_digits;
 
 /// The longest input accepted, in bytes; a longer one is [`ParseDurationError::TooLong`].
 ///
@@ -135,16 +141,6 @@ pub fn parse_duration_bytes(input: &[u8]) -> Result<Duration, ParseDurationError
         Ok(secs) => Duration::new(secs, nanos),
         Err(_) => Duration::MAX,
     })
-}
-
-/// Splits off the leading ASCII digits.
-#[inline]
-fn split_digits(bytes: &[u8]) -> (&[u8], &[u8]) {
-    let n = bytes
-        .iter()
-        .position(|b| !b.is_ascii_digit())
-        .unwrap_or(bytes.len());
-    bytes.split_at(n)
 }
 
 /// Nanoseconds in one unit, or `None` for an unknown unit.

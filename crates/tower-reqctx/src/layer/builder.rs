@@ -1,35 +1,38 @@
-//! `ContextLayer`: the builder.
+//! `ContextLayer`: the builder of the request's owner.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::StatusCode;
+use http::{HeaderName, StatusCode};
 use reqctx::Context;
 use tower_layer::Layer;
 
-use crate::propagate::header::DeadlineHeader;
-use crate::service::ContextService;
+use super::config::Config;
+use super::service::ContextService;
+use crate::wire::ClampPolicy;
+use crate::wire::header::DeadlineHeader;
 
 /// Gives every request a [`Context`](reqctx::Context), cancelled with a cause when the
 /// client goes away, the deadline passes, the response ends, or the server shuts down.
 ///
-/// Put one on the whole app (the *outer* layer): it creates each request's context, owns
-/// its timer and answers for it. A `ContextLayer` on a single route (an *inner* layer, via
-/// `MethodRouter::layer` or `Router::route_layer`) finds the outer one's context and only
-/// replaces the server timeout for that route, longer or shorter ([`timeout`], [`no_timeout`]);
-/// its other settings are ignored.
+/// Put one on the whole app: it creates each request's context, owns its timer and answers
+/// for it. A route that needs another timeout, longer or shorter, takes a
+/// [`RouteTimeout`](crate::RouteTimeout), which has no other settings. One `ContextLayer`
+/// per request: a second one inside the first answers `500` and says so (a route's settings
+/// are `RouteTimeout`'s to change).
 ///
-/// The deadline is the earliest of the effective server timeout (the innermost layer's
-/// [`timeout`], or none), and the client's `?timeout=` in Go duration syntax (`300ms`,
-/// `1.5s`, `2h45m`). A client can shorten the server's deadline, never lengthen it.
+/// The deadline is the earliest of the effective server timeout (the route's
+/// [`RouteTimeout`](crate::RouteTimeout), else this layer's [`timeout`], else none), the
+/// client's `?timeout=` in Go duration syntax (`300ms`, `1.5s`, `2h45m`), and the
+/// [deadline headers](ContextLayer::deadline_header) it reads. A client can shorten the
+/// server's deadline, never lengthen it.
 ///
 /// [`timeout`]: ContextLayer::timeout
-/// [`no_timeout`]: ContextLayer::no_timeout
 ///
 /// ```
 /// use std::time::Duration;
 /// use axum::{Router, routing::get};
-/// use tower_reqctx::{ContextLayer, ReqCtx};
+/// use tower_reqctx::{ContextLayer, ReqCtx, RouteTimeout};
 ///
 /// async fn search(ctx: ReqCtx) -> Result<String, tower_reqctx::reqctx::Cancelled> {
 ///     let hits = ctx.run(async { 3 }).await?;
@@ -41,7 +44,7 @@ use crate::service::ContextService;
 ///     // A slow report gets 30 s, whatever the server default is.
 ///     .route(
 ///         "/report",
-///         get(search).layer(ContextLayer::new().timeout(Duration::from_secs(30))),
+///         get(search).layer(RouteTimeout::new(Duration::from_secs(30))),
 ///     )
 ///     // Server default 10 s; clients may ask for less with ?timeout=, at most 60 s.
 ///     .layer(
@@ -56,42 +59,6 @@ pub struct ContextLayer {
     config: Arc<Config>,
 }
 
-#[derive(Clone, Debug)]
-pub(crate) struct Config {
-    pub(crate) timeout: TimeoutSetting,
-    pub(crate) max_timeout: Option<Duration>,
-    pub(crate) policy: ClampPolicy,
-    pub(crate) query_param: Option<&'static str>,
-    pub(crate) timeout_status: StatusCode,
-    pub(crate) grace: Duration,
-    pub(crate) root: Option<Context>,
-    pub(crate) deadline_headers: Arc<[DeadlineHeader]>, // read in order; the earliest wins
-    pub(crate) peer_value: bool,
-    pub(crate) request_id: Option<http::HeaderName>,
-}
-
-/// What a layer says about the server timeout.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum TimeoutSetting {
-    /// Nothing: an outer layer has no timeout, an inner one keeps the outer's.
-    Unset,
-    /// `.timeout(d)`.
-    After(Duration),
-    /// `.no_timeout()`.
-    Never,
-}
-
-/// What to do with a client-requested timeout above [`ContextLayer::max_timeout`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum ClampPolicy {
-    /// Use the maximum instead (the default).
-    #[default]
-    Clamp,
-    /// Answer `400 Bad Request`; the handler never runs.
-    Reject,
-}
-
 impl Default for ContextLayer {
     fn default() -> ContextLayer {
         ContextLayer::new()
@@ -104,18 +71,7 @@ impl ContextLayer {
     /// [`background`](reqctx::Context::background) when there is none).
     pub fn new() -> ContextLayer {
         ContextLayer {
-            config: Arc::new(Config {
-                timeout: TimeoutSetting::Unset,
-                max_timeout: None,
-                policy: ClampPolicy::Clamp,
-                query_param: Some("timeout"),
-                timeout_status: StatusCode::GATEWAY_TIMEOUT,
-                grace: Duration::ZERO,
-                root: None,
-                deadline_headers: Arc::new([]),
-                peer_value: false,
-                request_id: None,
-            }),
+            config: Arc::new(Config::default()),
         }
     }
 
@@ -125,16 +81,11 @@ impl ContextLayer {
     }
 
     /// The server-side timeout of the requests through this layer, counted from the
-    /// moment the outer layer received the request. On a route's layer it replaces the
-    /// outer layer's timeout for that route. Not capped by [`max_timeout`](Self::max_timeout).
+    /// moment the layer received the request. A route's [`RouteTimeout`](crate::RouteTimeout)
+    /// replaces it for that route. Not capped by [`max_timeout`](Self::max_timeout). None by
+    /// default.
     pub fn timeout(self, timeout: Duration) -> ContextLayer {
-        self.with(|c| c.timeout = TimeoutSetting::After(timeout))
-    }
-
-    /// No server timeout: on a route's layer, removes the outer layer's (for server-sent
-    /// events, long polls). A client's `?timeout=` still applies.
-    pub fn no_timeout(self) -> ContextLayer {
-        self.with(|c| c.timeout = TimeoutSetting::Never)
+        self.with(|c| c.timeout = Some(timeout))
     }
 
     /// The largest timeout a client may ask for. Above it, [`clamp_policy`](Self::clamp_policy)
@@ -158,7 +109,7 @@ impl ContextLayer {
     }
 
     /// Ignore the query: clients cannot set a timeout that way.
-    pub fn without_query_param(self) -> ContextLayer {
+    pub fn no_query_param(self) -> ContextLayer {
         self.with(|c| c.query_param = None)
     }
 
@@ -196,8 +147,7 @@ impl ContextLayer {
     ///
     /// ```
     /// use tower_reqctx::ContextLayer;
-    /// use tower_reqctx::propagate::DeadlineHeader;
-    /// use tower_reqctx::propagate::header::ENVOY_EXPECTED_RQ_TIMEOUT_MS;
+    /// use tower_reqctx::header::{DeadlineHeader, ENVOY_EXPECTED_RQ_TIMEOUT_MS};
     ///
     /// let layer = ContextLayer::new()
     ///     .deadline_header(DeadlineHeader::grpc())
@@ -217,26 +167,22 @@ impl ContextLayer {
         })
     }
 
-    /// Puts the client's address in every request's context as a [`PeerAddr`] value
-    /// (from the connection, under [`serve`](crate::serve()) or `WatchedListener`, or
-    /// axum's `ConnectInfo<SocketAddr>`), so code far from the handler can log it. Off by
-    /// default: a value costs an allocation per request.
+    /// Puts a [`RequestId`](crate::RequestId) in every request's context, from the header
+    /// `name` (`x-request-id` is the usual one), when it holds an id the layer trusts in logs:
+    /// 1 to 128 bytes of visible ASCII. Off by default.
     ///
-    /// [`PeerAddr`]: crate::PeerAddr
-    pub fn peer_addr_value(self) -> ContextLayer {
-        self.with(|c| c.peer_value = true)
-    }
-
-    /// Puts a [`RequestId`](crate::RequestId) in every request's context: the value of the
-    /// `x-request-id` header when the request has one (set by a proxy, or by tower-http's
-    /// `SetRequestIdLayer` outside this layer), else a new id unique in this process. Off by
-    /// default. [`request_id_header`](Self::request_id_header) reads another header.
-    pub fn request_id(self) -> ContextLayer {
-        self.with(|c| c.request_id = Some(http::HeaderName::from_static("x-request-id")))
-    }
-
-    /// As [`request_id`](Self::request_id), reading `name`.
-    pub fn request_id_header(self, name: http::HeaderName) -> ContextLayer {
+    /// The layer makes no ids of its own. Put tower-http's `SetRequestIdLayer` outside the
+    /// layer, with `MakeRequestUuid`, for an id on every request that is unique across
+    /// replicas and says nothing of the request volume; a proxy in front may set it too.
+    ///
+    /// ```
+    /// use http::HeaderName;
+    /// use tower_reqctx::ContextLayer;
+    ///
+    /// let layer = ContextLayer::new().request_id(HeaderName::from_static("x-request-id"));
+    /// # let _ = layer;
+    /// ```
+    pub fn request_id(self, name: HeaderName) -> ContextLayer {
         self.with(|c| c.request_id = Some(name))
     }
 

@@ -13,13 +13,16 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use reqctx::{Cancelled, Cause, WaitForCancel};
 
-use crate::lifecycle::{Owner, ResponseBodyFailed};
+use super::lifecycle::{Answered, Owner, Streaming};
+use crate::cause::ResponseBodyFailed;
+use crate::wire::grpc;
 
-/// The error type of [`ContextBody`].
-pub type BoxError = Box<dyn StdError + Send + Sync>;
+/// The error type of [`ContextBody`], as tower's `BoxError`.
+pub(crate) type BoxError = Box<dyn StdError + Send + Sync>;
 
 pin_project! {
-    /// The response body of [`ContextService`](crate::ContextService).
+    /// The response body of [`ContextService`](crate::ContextService) and
+    /// [`RouteTimeoutService`](crate::RouteTimeoutService).
     ///
     /// It ends the request's context with [`Cause::Completed`] when the body reaches its end
     /// (or reports [`is_end_stream`](Body::is_end_stream)), and with
@@ -69,23 +72,32 @@ impl<B> ContextBody<B> {
         }
     }
 
-    pub(crate) fn owned(
-        body: B,
-        owner: Owner,
-        length: Option<u64>,
-        grpc: bool,
-        live: bool,
-    ) -> ContextBody<B> {
-        ContextBody {
-            kind: Kind::Owned {
-                owner: Some(owner),
-                body,
-                remaining: length,
-                grpc,
-                live,
-                wait: None,
-                ended: false,
-            },
+    /// The handler's response: the owner decides whether the body carries it.
+    pub(crate) fn answered(owner: Owner, res: Response<B>) -> Response<ContextBody<B>>
+    where
+        B: Body,
+    {
+        match owner.answered(res) {
+            Answered::Done(res) => res.map(ContextBody::plain),
+            Answered::Streams(res, streaming) => {
+                let Streaming {
+                    owner,
+                    length,
+                    grpc,
+                    live,
+                } = streaming;
+                res.map(|body| ContextBody {
+                    kind: Kind::Owned {
+                        owner: Some(owner),
+                        body,
+                        remaining: length,
+                        grpc,
+                        live,
+                        wait: None,
+                        ended: false,
+                    },
+                })
+            }
         }
     }
 
@@ -138,10 +150,10 @@ impl<B> Body for ContextBody<B>
 where
     B: Body,
     B::Data: From<Bytes>,
-    B::Error: Into<BoxError>,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
 {
     type Data = B::Data;
-    type Error = BoxError;
+    type Error = Box<dyn StdError + Send + Sync>;
 
     fn poll_frame(
         self: Pin<&mut Self>,
@@ -298,7 +310,7 @@ fn cut_short<D>(
     ended: &mut bool,
 ) -> Poll<Option<Result<Frame<D>, BoxError>>> {
     if grpc {
-        if let Some((code, message)) = grpc_status(&cause) {
+        if let Some((code, message)) = grpc::status(&cause) {
             *ended = true;
             let mut trailers = HeaderMap::with_capacity(2);
             trailers.insert("grpc-status", HeaderValue::from(u16::from(code)));
@@ -308,15 +320,3 @@ fn cut_short<D>(
     }
     Poll::Ready(Some(Err(Box::new(Cancelled::new(cause)))))
 }
-
-/// The gRPC status of a cause the client can still be told about.
-pub(crate) fn grpc_status(cause: &Cause) -> Option<(u8, &'static str)> {
-    match cause {
-        Cause::DeadlineExceeded { .. } => Some((GRPC_DEADLINE_EXCEEDED, "deadline exceeded")),
-        Cause::Shutdown => Some((GRPC_UNAVAILABLE, "server shutting down")),
-        _ => None,
-    }
-}
-
-pub(crate) const GRPC_DEADLINE_EXCEEDED: u8 = 4;
-const GRPC_UNAVAILABLE: u8 = 14;

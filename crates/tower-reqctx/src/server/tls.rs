@@ -13,7 +13,8 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
 
-use super::{AsSocket, BorrowedSocket, Listener};
+use super::listener::Listener;
+use super::socket::{AsSocket, BorrowedSocket};
 
 /// How long a client has to finish its TLS handshake by default.
 const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -62,16 +62,15 @@
 //! an upgrade ends the context at the 101 (or 2xx) with `Completed`.
 
 use std::cell::Cell;
-use std::error::Error as StdError;
-use std::fmt;
 
 use http::header::HeaderValue;
 use http::{Response, StatusCode};
 use http_body::Body;
 use reqctx::{Cancelled, Cause, DeadlineDriver, DeadlineOrigin};
 
-use crate::body::ContextBody;
-use crate::conn::{ConnectionAbort, ConnectionContext};
+use crate::cause::{HandlerPanicked, ServiceFailed, label};
+use crate::connection::{ConnectionAbort, ConnectionContext};
+use crate::wire::grpc;
 
 /// The owner of one request's context: see the [module docs](self).
 pub(crate) struct Owner {
@@ -135,7 +134,7 @@ impl Owner {
         abort.arm();
         // Dropping the handle does not stop the callback.
         let _ = self.driver.context().on_cancel(move |cause| {
-            if cause.is_deadline_exceeded() || *cause == Cause::Shutdown {
+            if matches!(cause, Cause::DeadlineExceeded { .. } | Cause::Shutdown) {
                 abort.abort();
             }
         });
@@ -193,8 +192,8 @@ impl Owner {
         if self.reported.replace(true) {
             return;
         }
-        let kind = kind(&cause);
-        crate::metrics::cause(kind);
+        let kind = label(&cause);
+        super::metrics::cause(kind);
         if !tracing::dispatcher::has_been_set() {
             return; // no subscriber was ever installed: nothing would see the rest
         }
@@ -212,7 +211,7 @@ impl Owner {
     }
 
     /// The inner service answered `Ok(res)`: the response decides what happens next.
-    pub(crate) fn answered<B: Body>(mut self, mut res: Response<B>) -> Response<ContextBody<B>> {
+    pub(crate) fn answered<B: Body>(mut self, mut res: Response<B>) -> Answered<B> {
         let status = res.status();
         if status.as_u16() == CLIENT_CLOSED_REQUEST {
             // nginx's reason phrase; hyper would send none for a status it does not know.
@@ -235,7 +234,7 @@ impl Owner {
                 // timeouts do not cut a WebSocket short.
                 self.driver.set_deadline(None);
                 conn.hold(Box::new(Held(self)));
-                return res.map(ContextBody::plain);
+                return Answered::Done(res);
             }
         }
         self.upgrade = None; // no cycle through the connection's slot
@@ -248,7 +247,7 @@ impl Owner {
         if bodyless {
             // hyper will not poll this body: the response is over once sent.
             self.end(Cause::Completed);
-            return res.map(ContextBody::plain);
+            return Answered::Done(res);
         }
         // hyper drops a body whose announced length it has written without polling it
         // again: count the bytes, so that the last one ends the context.
@@ -257,9 +256,17 @@ impl Owner {
                 .get(http::header::CONTENT_LENGTH)
                 .and_then(parse_length)
         });
-        let grpc = length.is_none() && is_grpc(res.headers().get(http::header::CONTENT_TYPE));
+        let grpc = length.is_none() && grpc::is_grpc(res.headers().get(http::header::CONTENT_TYPE));
         let live = !self.is_cancelled();
-        res.map(|body| ContextBody::owned(body, self, length, grpc, live))
+        Answered::Streams(
+            res,
+            Streaming {
+                owner: self,
+                length,
+                grpc,
+                live,
+            },
+        )
     }
 
     /// The inner service returned an error: it passes through, the context ends with
@@ -288,6 +295,24 @@ impl Drop for Owner {
     }
 }
 
+/// What the response means for the owner: the context ended (or an upgraded connection
+/// holds it), or the body streams and the owner goes with it.
+pub(crate) enum Answered<B> {
+    Done(Response<B>),
+    Streams(Response<B>, Streaming),
+}
+
+/// The owner of a streaming body, and what the body needs to know to end the context.
+pub(crate) struct Streaming {
+    pub(crate) owner: Owner,
+    /// Bytes the response announced (`Content-Length` or an exact size hint).
+    pub(crate) length: Option<u64>,
+    /// A gRPC response: a deadline ends it with trailers, not an error.
+    pub(crate) grpc: bool,
+    /// The handler answered before the context was cancelled.
+    pub(crate) live: bool,
+}
+
 /// An owner held by an upgraded connection: the tunnel ended when the connection drops it.
 struct Held(Owner);
 
@@ -305,80 +330,6 @@ const CLIENT_CLOSED_REQUEST: u16 = 499;
 fn parse_length(v: &HeaderValue) -> Option<u64> {
     std::str::from_utf8(v.as_bytes()).ok()?.parse().ok()
 }
-
-/// `content-type: application/grpc` (or `application/grpc+proto`, ...).
-pub(crate) fn is_grpc(content_type: Option<&HeaderValue>) -> bool {
-    content_type.is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
-}
-
-/// The cause of a request whose handler (or response body) panicked: it is not the
-/// client's doing. Check for it with [`Cause::downcast_ref`].
-///
-/// The label of a request's cause in metrics and on its span: [`Cause::kind`], with the
-/// layer's own custom causes named (`service_failed`, `handler_panicked`,
-/// `response_body_failed`) rather than lumped under `custom`.
-pub(crate) fn kind(cause: &Cause) -> &'static str {
-    if let Cause::Custom(_) = cause {
-        if cause.downcast_ref::<ServiceFailed>().is_some() {
-            return "service_failed";
-        }
-        if cause.downcast_ref::<HandlerPanicked>().is_some() {
-            return "handler_panicked";
-        }
-        if cause.downcast_ref::<ResponseBodyFailed>().is_some() {
-            return "response_body_failed";
-        }
-    }
-    cause.kind()
-}
-
-/// Recorded when the panic unwinds through the [`ContextLayer`](crate::ContextLayer)'s
-/// future or body, whatever catches it further out (tower-http's `CatchPanicLayer`
-/// outside the layer, as usual, or hyper). With `CatchPanicLayer` *inside* the layer,
-/// the panic becomes an ordinary `500` before the layer sees it: give `CatchPanicLayer`
-/// [`PanicResponse`] (feature `catch-panic`) and the cause still reads
-/// `HandlerPanicked`; with tower-http's default handler it reads `Completed`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct HandlerPanicked;
-
-impl fmt::Display for HandlerPanicked {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("the handler panicked")
-    }
-}
-
-impl StdError for HandlerPanicked {}
-
-/// The cause of a request whose inner service returned an error instead of a response
-/// (tower's `Timeout` elapsed, `LoadShed` shed it, ...): the error passes through the
-/// layer unchanged (to axum's `HandleErrorLayer`, say), and the context ends with this
-/// cause, not `ClientDisconnected`. Check for it with [`Cause::downcast_ref`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct ServiceFailed;
-
-impl fmt::Display for ServiceFailed {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("the inner service returned an error")
-    }
-}
-
-impl StdError for ServiceFailed {}
-
-/// The error of a response body cut short by its context: the client sees a truncated
-/// response, never a clean end.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct ResponseBodyFailed;
-
-impl fmt::Display for ResponseBodyFailed {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("the response body failed")
-    }
-}
-
-impl StdError for ResponseBodyFailed {}
 
 /// The mark [`PanicResponse`] leaves in a response's extensions.
 #[derive(Clone, Copy, Debug)]

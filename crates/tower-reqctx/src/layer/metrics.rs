@@ -66,7 +66,7 @@ pub(crate) fn cause(_kind: &'static str) {}
 #[cfg(feature = "metrics")]
 pub fn record_metrics() {
     #[allow(clippy::cast_precision_loss)] // exact below 2^53 contexts
-    let live = crate::live_request_contexts() as f64;
+    let live = super::scope::live_request_contexts() as f64;
     ::metrics::gauge!("reqctx_live_request_contexts").set(live);
 }
 

@@ -1,0 +1,114 @@
+//! `RouteTimeout`: a route's own timeout, under the request's owner.
+
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+
+use http::{Request, Response};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::body::ContextBody;
+use super::future::{Answer, ResponseFuture};
+use super::scope::RequestScope;
+
+/// A route's own server timeout, longer or shorter than the [`ContextLayer`]'s, or none
+/// (for server-sent events, long polls). It is the only setting a route has: everything
+/// else is the `ContextLayer`'s, which owns the request and its timer.
+///
+/// Put it on the route (`MethodRouter::layer`, `Router::route_layer`) under a
+/// `ContextLayer` on the app (`Router::layer`, which axum runs first). The timeout counts
+/// from the moment the `ContextLayer` received the request; a client's `?timeout=` or
+/// deadline header still shortens it, never lengthens it. The innermost `RouteTimeout`
+/// wins.
+///
+/// Without a `ContextLayer` in front, there is no context to time: the request is answered
+/// `500` with a one-line reason naming the missing layer (logged at `error`), as `ReqCtx`
+/// does.
+///
+/// [`ContextLayer`]: crate::ContextLayer
+///
+/// ```
+/// use std::time::Duration;
+/// use axum::{Router, routing::get};
+/// use tower_reqctx::{ContextLayer, RouteTimeout};
+///
+/// let app: Router = Router::new()
+///     .route("/", get(|| async { "quick" }))
+///     .route("/report", get(|| async { "slow" }).layer(RouteTimeout::new(Duration::from_secs(30))))
+///     .route("/events", get(|| async { "endless" }).layer(RouteTimeout::none()))
+///     .layer(ContextLayer::new().timeout(Duration::from_secs(5)));
+/// # let _ = app;
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub struct RouteTimeout {
+    timeout: Option<Duration>,
+}
+
+impl RouteTimeout {
+    /// The route's requests get `timeout`, counted from their arrival, instead of the
+    /// `ContextLayer`'s.
+    pub fn new(timeout: Duration) -> RouteTimeout {
+        RouteTimeout {
+            timeout: Some(timeout),
+        }
+    }
+
+    /// The route's requests have no server timeout; a client's still applies.
+    pub fn none() -> RouteTimeout {
+        RouteTimeout { timeout: None }
+    }
+}
+
+impl<S> Layer<S> for RouteTimeout {
+    type Service = RouteTimeoutService<S>;
+
+    fn layer(&self, inner: S) -> RouteTimeoutService<S> {
+        RouteTimeoutService {
+            inner,
+            timeout: self.timeout,
+        }
+    }
+}
+
+/// The service made by [`RouteTimeout`].
+#[derive(Clone, Debug)]
+pub struct RouteTimeoutService<S> {
+    inner: S,
+    timeout: Option<Duration>,
+}
+
+impl<S> RouteTimeoutService<S> {
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+/// The 500 of a `RouteTimeout` with no `ContextLayer` in front.
+const ALONE: &str = "RouteTimeout found no request context: \
+                     add tower_reqctx::ContextLayer in front of the app (Router::layer)";
+
+impl<S, ReqB, ResB> Service<Request<ReqB>> for RouteTimeoutService<S>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+    ResB: http_body::Body,
+{
+    type Response = Response<ContextBody<ResB>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
+        match req.extensions_mut().get_mut::<RequestScope>() {
+            Some(scope) => {
+                scope.set_server_timeout(self.timeout);
+                ResponseFuture::passthrough(self.inner.call(req))
+            }
+            None => ResponseFuture::early(Answer::misconfigured(ALONE)),
+        }
+    }
+}

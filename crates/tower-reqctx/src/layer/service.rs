@@ -1,0 +1,206 @@
+//! `ContextService`: the request's owner. It reads the request's deadline, makes its
+//! context under the connection's, and hands the [`Owner`] to the response future.
+
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+
+use http::{Method, Request, Response};
+use reqctx::{Context, DeadlineOrigin};
+use tokio::time::Instant;
+use tower_service::Service;
+
+use super::body::ContextBody;
+use super::config::Config;
+use super::future::{Answer, OnTimeout, ResponseFuture};
+use super::lifecycle::{Owner, RequestKind};
+use super::scope::{RequestScope, earliest};
+use crate::connection::ConnectionContext;
+use crate::wire::grpc;
+use crate::wire::header::{DeadlineHeader, earliest_budget};
+use crate::wire::query::{DisplayDuration, client_timeout};
+
+/// The service made by [`ContextLayer`](crate::ContextLayer).
+#[derive(Clone, Debug)]
+pub struct ContextService<S> {
+    inner: S,
+    config: Arc<Config>,
+}
+
+impl<S> ContextService<S> {
+    pub(crate) fn new(inner: S, config: Arc<Config>) -> ContextService<S> {
+        ContextService { inner, config }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+/// The 500 of a `ContextLayer` under another one.
+const NESTED: &str = "two ContextLayers on one request: keep the outer one, \
+                      and give a route its own timeout with RouteTimeout";
+
+impl<S, ReqB, ResB> Service<Request<ReqB>> for ContextService<S>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+    ResB: http_body::Body,
+{
+    type Response = Response<ContextBody<ResB>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
+        let config = &*self.config;
+        if req.extensions().get::<RequestScope>().is_some() {
+            // A second owner would cut the first one's lifecycle in two: refuse, loudly.
+            return ResponseFuture::early(Answer::misconfigured(NESTED));
+        }
+
+        // A gRPC service enables grpc-timeout; only then is the content type looked at.
+        let grpc = config
+            .deadline_headers
+            .iter()
+            .any(|h| matches!(h, DeadlineHeader::GrpcTimeout))
+            && grpc::is_grpc(req.headers().get(http::header::CONTENT_TYPE));
+        let query = match config.query_param {
+            Some(name) => {
+                match client_timeout(req.uri().query(), name, config.max_timeout, config.policy) {
+                    Ok(t) => t,
+                    Err(message) => {
+                        return ResponseFuture::early(Answer::bad_request(grpc, message));
+                    }
+                }
+            }
+            None => None,
+        };
+        let header = match config.deadline_headers.is_empty() {
+            true => None,
+            false => match header_timeout(&req, config) {
+                Ok(t) => t,
+                Err(message) => return ResponseFuture::early(Answer::bad_request(grpc, message)),
+            },
+        };
+        let server = config.timeout;
+        // The clock is read only if some timeout applies.
+        let start = (server.is_some() || query.is_some() || header.is_some()).then(Instant::now);
+        let at = |d: Option<Duration>, origin| {
+            d.and_then(|d| start?.checked_add(d)).map(|t| (t, origin))
+        };
+        let client = earliest(
+            at(query, DeadlineOrigin::Query),
+            at(header, DeadlineOrigin::Header),
+        );
+        let deadline = earliest(at(server, DeadlineOrigin::Layer), client);
+
+        let conn = connection(&req);
+        let parent = match conn {
+            Some(conn) => conn.context().clone(),
+            None => config.root.clone().unwrap_or_default(),
+        };
+        // hyper marks requests that may upgrade (a WebSocket handshake, CONNECT).
+        let upgrade = conn
+            .filter(|_| {
+                req.extensions()
+                    .get::<hyper::upgrade::OnUpgrade>()
+                    .is_some()
+            })
+            .cloned();
+        let abort = conn
+            .filter(|_| req.version() <= http::Version::HTTP_11)
+            .map(ConnectionContext::abort_handle);
+        let (ctx, driver) = parent.with_driven_deadline(deadline);
+        let ctx = with_request_id(ctx, &req, config);
+        record_route(&req);
+        let kind = match *req.method() {
+            Method::HEAD => RequestKind::Head,
+            Method::CONNECT => RequestKind::Connect,
+            _ => RequestKind::Other,
+        };
+        req.extensions_mut()
+            .insert(RequestScope::new(ctx, driver.handle(), start, client));
+        let mut owner = Owner::new(driver, kind);
+        if let Some(abort) = abort {
+            owner.closes_on_stall(abort);
+        }
+        if let Some(conn) = upgrade {
+            owner.upgrades_on(conn);
+        }
+        ResponseFuture::owner(
+            self.inner.call(req),
+            owner,
+            config.grace,
+            match grpc {
+                true => OnTimeout::Grpc,
+                false => OnTimeout::Status(config.timeout_status),
+            },
+        )
+    }
+}
+
+/// The request id for the context: the header's value, when it is one (see
+/// [`ContextLayer::request_id`](crate::ContextLayer::request_id)).
+fn with_request_id<B>(ctx: Context, req: &Request<B>, config: &Config) -> Context {
+    let Some(name) = &config.request_id else {
+        return ctx;
+    };
+    match req
+        .headers()
+        .get(name)
+        .and_then(super::values::RequestId::parse)
+    {
+        Some(id) => ctx.with_value(id),
+        None => ctx,
+    }
+}
+
+/// Records axum's matched route (`/users/{id}`) in the `route` field of the current span,
+/// if it declares one. `Router::layer` runs after routing, so the path is known here.
+fn record_route<B>(req: &Request<B>) {
+    #[cfg(feature = "axum")]
+    if !tracing::dispatcher::has_been_set() {
+        return; // no subscriber was ever installed: no span to record on
+    }
+    #[cfg(feature = "axum")]
+    if let Some(path) = req.extensions().get::<axum::extract::MatchedPath>() {
+        tracing::Span::current().record("route", path.as_str());
+    }
+    #[cfg(not(feature = "axum"))]
+    let _ = req;
+}
+
+/// The connection the request arrived on, from `serve` or `WatchedListener`.
+fn connection<B>(req: &Request<B>) -> Option<&ConnectionContext> {
+    let ext = req.extensions();
+    let conn = ext.get::<ConnectionContext>();
+    #[cfg(feature = "axum")]
+    let conn = conn.or_else(|| {
+        ext.get::<axum::extract::ConnectInfo<ConnectionContext>>()
+            .map(|info| &info.0)
+    });
+    conn
+}
+
+/// The caller's budget from the deadline headers (the earliest of them), capped by
+/// policy. Zero is valid (a spent budget). `Err` is the 400's one line.
+fn header_timeout<B>(req: &Request<B>, config: &Config) -> Result<Option<Duration>, String> {
+    let Some((d, header)) =
+        earliest_budget(req.headers(), &config.deadline_headers).map_err(|e| e.to_string())?
+    else {
+        return Ok(None);
+    };
+    match config.policy.apply(d, config.max_timeout) {
+        Ok(d) => Ok(Some(d)),
+        Err(max) => Err(format!(
+            "invalid `{}` header: above the maximum of {}",
+            header.name(),
+            DisplayDuration(max)
+        )),
+    }
+}

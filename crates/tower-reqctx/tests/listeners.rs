@@ -34,8 +34,11 @@ fn app() -> (Router, mpsc::UnboundedReceiver<Report>) {
         let tx = tx.clone();
         async move {
             let ext = req.extensions();
+            // `serve` puts it in the extensions; `WatchedListener` under `axum::serve`, in
+            // `ConnectInfo`.
             let remote = ext
                 .get::<ConnectionContext>()
+                .or_else(|| ext.get::<ConnectInfo<ConnectionContext>>().map(|c| &c.0))
                 .expect("no ConnectionContext")
                 .remote_addr()
                 .is_some();
@@ -184,6 +187,36 @@ mod tls {
         let (connect_info, remote, cause) = disconnect_mid_handler(client, &mut reports).await;
         assert!(connect_info, "TLS over TCP has ConnectInfo<SocketAddr>");
         assert!(remote);
+        assert_eq!(cause, Some(Cause::ClientDisconnected));
+
+        task.abort();
+    }
+
+    /// `TlsListener` is an `axum::serve` listener too; under `WatchedListener` the watcher
+    /// sees the TLS client leave while the handler holds the body unread.
+    #[tokio::test]
+    async fn axum_serve_over_a_watched_tls_listener_sees_the_client_leave() {
+        use tower_reqctx::WatchedListener;
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let (router, mut reports) = app();
+        let listener = WatchedListener::new(TlsListener::new(tcp, server_config()));
+        let task = tokio::spawn(
+            axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<ConnectionContext>(),
+            )
+            .into_future(),
+        );
+
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        let client = connector().connect(name, tcp).await.unwrap();
+        let (_, remote, cause) = disconnect_mid_handler(client, &mut reports).await;
+        assert!(
+            remote,
+            "the peer's address reaches the connection's context"
+        );
         assert_eq!(cause, Some(Cause::ClientDisconnected));
 
         task.abort();

@@ -12,11 +12,13 @@ use http::HeaderValue;
 /// is not put in the context.
 ///
 /// ```
-/// use tower_reqctx::RequestId;
+/// use tower_reqctx::{ReqCtx, RequestId};
 ///
-/// let id = RequestId::parse(&http::HeaderValue::from_static("7f3a-01")).unwrap();
-/// assert_eq!(id.as_str(), "7f3a-01");
-/// assert!(RequestId::parse(&http::HeaderValue::from_static("two words")).is_none());
+/// async fn handler(ctx: ReqCtx) -> String {
+///     let id = ctx.value::<RequestId>().map_or("-", RequestId::as_str);
+///     format!("request {id}")
+/// }
+/// # let _ = handler;
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct RequestId(HeaderValue);
@@ -27,7 +29,7 @@ impl RequestId {
 
     /// The id in `value`, if it is 1 to [`MAX_LEN`](RequestId::MAX_LEN) bytes of visible
     /// ASCII (`!` to `~`).
-    pub fn parse(value: &HeaderValue) -> Option<RequestId> {
+    pub(crate) fn parse(value: &HeaderValue) -> Option<RequestId> {
         let bytes = value.as_bytes();
         let valid = !bytes.is_empty()
             && bytes.len() <= RequestId::MAX_LEN
@@ -39,5 +41,23 @@ impl RequestId {
     pub fn as_str(&self) -> &str {
         // Checked by `parse`: visible ASCII only.
         self.0.to_str().unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_visible_ascii_up_to_max_len_is_an_id() {
+        let parse = |s: &str| RequestId::parse(&HeaderValue::from_str(s).unwrap());
+        assert_eq!(parse("7f3a-01").unwrap().as_str(), "7f3a-01");
+        assert!(parse("").is_none());
+        assert!(parse("two words").is_none());
+        assert!(parse("tab\there").is_none());
+        assert!(parse(&"x".repeat(RequestId::MAX_LEN)).is_some());
+        assert!(parse(&"x".repeat(RequestId::MAX_LEN + 1)).is_none());
+        let latin1 = HeaderValue::from_bytes(b"caf\xe9").unwrap();
+        assert!(RequestId::parse(&latin1).is_none());
     }
 }

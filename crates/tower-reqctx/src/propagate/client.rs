@@ -11,23 +11,23 @@ use super::error::ClientError;
 use super::future::ResponseFuture;
 use super::propagation::{Plan, Propagation};
 
-/// The context an outbound request is bound to, in the request's extensions. Attach it with
-/// [`RequestContextExt::with_context`].
+/// The context an outbound request is bound to, in the request's extensions: attached by
+/// [`RequestContextExt::with_context`], read by [`ContextClient`].
 #[derive(Clone, Debug)]
-pub struct OutboundContext(pub Context);
+pub(crate) struct OutboundContext(pub(crate) Context);
 
 /// Binds an outbound `http::Request` to a [`Context`], for [`ContextClient`].
 ///
 /// ```
 /// use http::Request;
-/// use tower_reqctx::propagate::{OutboundContext, RequestContextExt};
+/// use tower_reqctx::propagate::RequestContextExt;
 /// use tower_reqctx::reqctx::Context;
 ///
 /// let (ctx, _cancel) = Context::background().with_cancel();
+/// // On a builder, or on a request already built.
 /// let req = Request::get("http://inventory.internal/items").with_context(&ctx).body(()).unwrap();
-/// assert!(req.extensions().get::<OutboundContext>().is_some());
-/// let req = Request::new(()).with_context(&ctx);
-/// assert!(req.extensions().get::<OutboundContext>().is_some());
+/// let req = req.with_context(&ctx);
+/// # let _ = req;
 /// ```
 pub trait RequestContextExt {
     /// Attaches `ctx` (a clone: two reference counts), replacing any context attached

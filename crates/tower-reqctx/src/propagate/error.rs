@@ -50,11 +50,6 @@ impl<E> ClientError<E> {
         }
     }
 
-    /// `true` for [`ClientError::Cancelled`].
-    pub fn is_cancelled(&self) -> bool {
-        matches!(self, ClientError::Cancelled(_))
-    }
-
     /// The client's own error, for [`ClientError::Inner`].
     pub fn into_inner(self) -> Option<E> {
         match self {

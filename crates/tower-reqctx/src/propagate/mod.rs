@@ -124,7 +124,7 @@ mod propagation;
 #[cfg(feature = "reqwest")]
 mod reqwest;
 
-pub use self::client::{ContextClient, ContextClientLayer, OutboundContext, RequestContextExt};
+pub use self::client::{ContextClient, ContextClientLayer, RequestContextExt};
 pub use self::error::ClientError;
 pub use self::future::ResponseFuture;
 pub use self::propagation::Propagation;

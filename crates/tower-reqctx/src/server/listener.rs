@@ -85,3 +85,14 @@ impl Listener for tokio::net::UnixListener {
         tokio::net::UnixListener::local_addr(self)
     }
 }
+
+/// An accept error about one connection only: skip it and accept the next.
+pub(crate) fn is_connection_error(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+    )
+}

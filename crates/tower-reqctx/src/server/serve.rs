@@ -25,12 +25,36 @@ use tokio_util::sync::CancellationToken;
 use tower_service::Service;
 
 use super::connections::Connections;
-use super::listener::Listener;
+use super::listener::{Listener, is_connection_error};
 use super::socket::AsSocket;
 use super::watch::WatchedIo;
 use crate::connection::ConnectionContext;
 
 type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// What `serve` runs: a clonable service of hyper's requests whose future can move
+/// between threads. Spelled out on the public items (`serve`, `IntoFuture`), where a
+/// private trait would hide the bounds from the docs; named here for the rest.
+trait HttpService<B>:
+    Service<Request<Incoming>, Response = Response<B>, Future: Send, Error: Into<BoxError>>
+    + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S, B> HttpService<B> for S where
+    S: Service<Request<Incoming>, Response = Response<B>, Future: Send, Error: Into<BoxError>>
+        + Clone
+        + Send
+        + 'static
+{
+}
+
+/// What `serve` sends: a response body whose chunks can move between threads.
+trait HttpBody: Body<Data: Send, Error: Into<BoxError>> + Send + 'static {}
+
+impl<B> HttpBody for B where B: Body<Data: Send, Error: Into<BoxError>> + Send + 'static {}
 
 /// How long [`serve`] gives in-flight requests after the shutdown signal by default.
 const DEFAULT_DRAIN: Duration = Duration::from_secs(10);
@@ -411,12 +435,8 @@ where
 impl<S, L: Listener> Serve<S, L> {
     async fn run<B>(self) -> io::Result<()>
     where
-        S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-        S::Future: Send,
-        S::Error: Into<BoxError>,
-        B: Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<BoxError>,
+        S: HttpService<B>,
+        B: HttpBody,
     {
         let Serve {
             mut listener,
@@ -578,16 +598,6 @@ impl Acceptor {
     }
 }
 
-fn is_connection_error(err: &io::Error) -> bool {
-    matches!(
-        err.kind(),
-        io::ErrorKind::ConnectionRefused
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-            | io::ErrorKind::Interrupted
-    )
-}
-
 /// Waits for every task in `tasks`.
 async fn join_all(tasks: &mut JoinSet<()>) {
     while let Some(joined) = tasks.join_next().await {
@@ -614,12 +624,8 @@ async fn serve_connection<I, S, B>(
     first_bytes_timeout: Option<Duration>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + AsSocket + Unpin + Send + 'static,
-    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: HttpService<B>,
+    B: HttpBody,
 {
     let connection = service.conn.clone();
     let mut conn = pin!(

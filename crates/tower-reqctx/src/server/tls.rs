@@ -1,4 +1,11 @@
 //! [`TlsListener`]: TLS over any [`Listener`], with tokio-rustls.
+//!
+//! Why not the `tls-listener` crate, which also runs handshakes concurrently with a cap
+//! and a timeout: the connection watcher needs the socket under the TLS session as a
+//! borrowed fd (`AsFd`), which tokio-rustls's stream does not offer (only `AsRawFd`), so
+//! a stream type of ours is needed either way; `tls-listener` brings a listener trait of
+//! its own, a third beside ours and axum's; and it would be a dependency for the sixty
+//! lines of `JoinSet` and `select!` below: the cap, the timeout, and the socket.
 
 use std::fmt;
 use std::io;
@@ -13,7 +20,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
 
-use super::listener::Listener;
+use super::listener::{Listener, is_connection_error};
 use super::socket::{AsSocket, BorrowedSocket};
 
 /// How long a client has to finish its TLS handshake by default.
@@ -145,6 +152,54 @@ impl<L: Listener> Listener for TlsListener<L> {
 
     fn local_addr(&self) -> io::Result<L::Addr> {
         self.inner.local_addr()
+    }
+}
+
+/// `TlsListener` under `axum::serve` (feature `axum`), over a listener with socket
+/// addresses (TCP): the peer's address is the connection's `ConnectInfo<SocketAddr>`.
+/// Wrap it in [`WatchedListener`](crate::WatchedListener) to watch its connections too.
+///
+/// An error of one connection (reset, aborted) is skipped; any other is logged at `error`
+/// and accepting resumes a second later, as axum does for a `TcpListener`.
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use tokio_rustls::rustls::ServerConfig;
+/// use tower_reqctx::{ConnectionContext, TlsListener, WatchedListener};
+///
+/// # #[allow(dead_code)]
+/// # async fn run(app: axum::Router, config: Arc<ServerConfig>) -> std::io::Result<()> {
+/// let tcp = tokio::net::TcpListener::bind("0.0.0.0:443").await?;
+/// let listener = WatchedListener::new(TlsListener::new(tcp, config));
+/// axum::serve(listener, app.into_make_service_with_connect_info::<ConnectionContext>()).await
+/// # }
+/// ```
+#[cfg(feature = "axum")]
+impl<L> axum::serve::Listener for TlsListener<L>
+where
+    L: Listener<Addr = SocketAddr>,
+{
+    type Io = TlsStream<L::Io>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, SocketAddr) {
+        loop {
+            match Listener::accept(self).await {
+                // A TCP listener always knows the peer.
+                Ok((io, peer)) => {
+                    return (io, peer.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))));
+                }
+                Err(err) if is_connection_error(&err) => {}
+                Err(err) => {
+                    tracing::error!(%err, "accept failed; accepting again in 1 s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        Listener::local_addr(self)
     }
 }
 

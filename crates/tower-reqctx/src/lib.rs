@@ -161,7 +161,7 @@ pub use crate::connection::ConnectionContext;
 pub use crate::layer::PanicResponse;
 pub use crate::layer::{
     ContextBody, ContextLayer, ContextService, RequestId, ResponseFuture, RouteTimeout,
-    RouteTimeoutService, live_request_contexts, request_context, set_request_value,
+    live_request_contexts, request_context, set_request_value,
 };
 #[cfg(feature = "axum")]
 pub use crate::layer::{MissingContextLayer, ReqCtx, sse};

@@ -21,8 +21,7 @@ use crate::wire::grpc;
 pub(crate) type BoxError = Box<dyn StdError + Send + Sync>;
 
 pin_project! {
-    /// The response body of [`ContextService`](crate::ContextService) and
-    /// [`RouteTimeoutService`](crate::RouteTimeoutService).
+    /// The response body of [`ContextService`](crate::ContextService).
     ///
     /// It ends the request's context with [`Cause::Completed`] when the body reaches its end
     /// (or reports [`is_end_stream`](Body::is_end_stream)), and with

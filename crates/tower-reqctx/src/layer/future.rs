@@ -88,8 +88,7 @@ impl Answer {
 }
 
 pin_project! {
-    /// The response future of [`ContextService`](crate::ContextService) and
-    /// [`RouteTimeoutService`](crate::RouteTimeoutService).
+    /// The response future of [`ContextService`](crate::ContextService).
     #[must_use = "futures do nothing unless polled"]
     pub struct ResponseFuture<F> {
         #[pin]

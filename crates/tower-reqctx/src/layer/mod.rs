@@ -2,8 +2,8 @@
 //! body, with the lifecycle they share), a route's timeout ([`RouteTimeout`]), and what
 //! handlers read (the request's scope, the `ReqCtx` extractor, `sse`, metrics).
 //!
-//! The arrows run one way: `builder` → `service` → `future` → `body` → `lifecycle`, each
-//! reading `config` and `scope`; the layer reads the connection's handle
+//! The arrows run one way: `builder` and `route` → `service` → `future` → `body` →
+//! `lifecycle`, each reading `config` and `scope`; the layer reads the connection's handle
 //! ([`crate::connection`]) and the wire formats ([`crate::wire`]), and knows nothing of the
 //! server.
 
@@ -31,7 +31,7 @@ pub use self::future::ResponseFuture;
 pub use self::lifecycle::PanicResponse;
 #[cfg(feature = "metrics")]
 pub use self::metrics::{describe_metrics, record_metrics};
-pub use self::route::{RouteTimeout, RouteTimeoutService};
+pub use self::route::RouteTimeout;
 pub use self::scope::{live_request_contexts, request_context, set_request_value};
 pub use self::service::ContextService;
 #[cfg(feature = "axum")]

@@ -1,15 +1,10 @@
 //! `RouteTimeout`: a route's own timeout, under the request's owner.
 
-use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
-use http::{Request, Response};
 use tower_layer::Layer;
-use tower_service::Service;
 
-use super::body::ContextBody;
-use super::future::{Answer, ResponseFuture};
-use super::scope::RequestScope;
+use super::service::{ContextService, Role};
 
 /// A route's own server timeout, longer or shorter than the [`ContextLayer`]'s, or none
 /// (for server-sent events, long polls). It is the only setting a route has: everything
@@ -60,55 +55,9 @@ impl RouteTimeout {
 }
 
 impl<S> Layer<S> for RouteTimeout {
-    type Service = RouteTimeoutService<S>;
+    type Service = ContextService<S>;
 
-    fn layer(&self, inner: S) -> RouteTimeoutService<S> {
-        RouteTimeoutService {
-            inner,
-            timeout: self.timeout,
-        }
-    }
-}
-
-/// The service made by [`RouteTimeout`].
-#[derive(Clone, Debug)]
-pub struct RouteTimeoutService<S> {
-    inner: S,
-    timeout: Option<Duration>,
-}
-
-impl<S> RouteTimeoutService<S> {
-    /// The wrapped service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-}
-
-/// The 500 of a `RouteTimeout` with no `ContextLayer` in front.
-const ALONE: &str = "RouteTimeout found no request context: \
-                     add tower_reqctx::ContextLayer in front of the app (Router::layer)";
-
-impl<S, ReqB, ResB> Service<Request<ReqB>> for RouteTimeoutService<S>
-where
-    S: Service<Request<ReqB>, Response = Response<ResB>>,
-    ResB: http_body::Body,
-{
-    type Response = Response<ContextBody<ResB>>;
-    type Error = S::Error;
-    type Future = ResponseFuture<S::Future>;
-
-    #[inline]
-    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
-        match req.extensions_mut().get_mut::<RequestScope>() {
-            Some(scope) => {
-                scope.set_server_timeout(self.timeout);
-                ResponseFuture::passthrough(self.inner.call(req))
-            }
-            None => ResponseFuture::early(Answer::misconfigured(ALONE)),
-        }
+    fn layer(&self, inner: S) -> ContextService<S> {
+        ContextService::new(inner, Role::Route(self.timeout))
     }
 }

@@ -20,16 +20,26 @@ use crate::wire::grpc;
 use crate::wire::header::{DeadlineHeader, earliest_budget};
 use crate::wire::query::{DisplayDuration, client_timeout};
 
-/// The service made by [`ContextLayer`](crate::ContextLayer).
+/// The service made by [`ContextLayer`](crate::ContextLayer) (the request's owner) and
+/// by [`RouteTimeout`](crate::RouteTimeout) (a route's timeout under the owner).
 #[derive(Clone, Debug)]
 pub struct ContextService<S> {
     inner: S,
-    config: Arc<Config>,
+    role: Role,
+}
+
+/// Which layer made the service.
+#[derive(Clone, Debug)]
+pub(crate) enum Role {
+    /// `ContextLayer`: makes the request's context and owns it.
+    Owner(Arc<Config>),
+    /// `RouteTimeout`: replaces the owner's server timeout (`None`: no timeout).
+    Route(Option<Duration>),
 }
 
 impl<S> ContextService<S> {
-    pub(crate) fn new(inner: S, config: Arc<Config>) -> ContextService<S> {
-        ContextService { inner, config }
+    pub(crate) fn new(inner: S, role: Role) -> ContextService<S> {
+        ContextService { inner, role }
     }
 
     /// The wrapped service.
@@ -41,6 +51,10 @@ impl<S> ContextService<S> {
 /// The 500 of a `ContextLayer` under another one.
 const NESTED: &str = "two ContextLayers on one request: keep the outer one, \
                       and give a route its own timeout with RouteTimeout";
+
+/// The 500 of a `RouteTimeout` with no `ContextLayer` in front.
+const ALONE: &str = "RouteTimeout found no request context: \
+                     add tower_reqctx::ContextLayer in front of the app (Router::layer)";
 
 impl<S, ReqB, ResB> Service<Request<ReqB>> for ContextService<S>
 where
@@ -57,11 +71,20 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
-        let config = &*self.config;
-        if req.extensions().get::<RequestScope>().is_some() {
+        let scope = req.extensions_mut().get_mut::<RequestScope>();
+        let config = match (&self.role, scope) {
+            (Role::Owner(config), None) => Arc::clone(config),
+            (Role::Route(timeout), Some(scope)) => {
+                scope.set_server_timeout(*timeout);
+                return ResponseFuture::passthrough(self.inner.call(req));
+            }
             // A second owner would cut the first one's lifecycle in two: refuse, loudly.
-            return ResponseFuture::early(Answer::misconfigured(NESTED));
-        }
+            (Role::Owner(_), Some(_)) => {
+                return ResponseFuture::early(Answer::misconfigured(NESTED));
+            }
+            (Role::Route(_), None) => return ResponseFuture::early(Answer::misconfigured(ALONE)),
+        };
+        let config = &*config;
 
         // A gRPC service enables grpc-timeout; only then is the content type looked at.
         let grpc = config

@@ -73,7 +73,7 @@ where
     fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
         let scope = req.extensions_mut().get_mut::<RequestScope>();
         let config = match (&self.role, scope) {
-            (Role::Owner(config), None) => Arc::clone(config),
+            (Role::Owner(config), None) => &**config,
             (Role::Route(timeout), Some(scope)) => {
                 scope.set_server_timeout(*timeout);
                 return ResponseFuture::passthrough(self.inner.call(req));
@@ -84,7 +84,6 @@ where
             }
             (Role::Route(_), None) => return ResponseFuture::early(Answer::misconfigured(ALONE)),
         };
-        let config = &*config;
 
         // A gRPC service enables grpc-timeout; only then is the content type looked at.
         let grpc = config

@@ -57,7 +57,7 @@
 //! the deadline passes while a response is streaming, the body ends with an error, so the
 //! client sees a truncated response, never a clean end (a gRPC response ends with
 //! `grpc-status: 4` trailers instead); the same happens at shutdown. The whole lifecycle,
-//! as a state machine, is in the docs of the `lifecycle` module (see the repository).
+//! as a state machine, is in the module docs of `src/layer/lifecycle.rs` (see the repository).
 //!
 //! **Which cause wins a race:** the first one recorded, and it never changes. A body that
 //! reached its end is `Completed` even if the client closes a moment later; a deadline that

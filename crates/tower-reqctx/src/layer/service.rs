@@ -1,5 +1,7 @@
-//! `ContextService`: the request's owner. It reads the request's deadline, makes its
-//! context under the connection's, and hands the [`Owner`] to the response future.
+//! `ContextService`, the service of both layers. As the owner (`ContextLayer`) it reads the
+//! request's deadline, makes its context under the connection's, and hands the [`Owner`]
+//! to the response future; as a route's (`RouteTimeout`) it moves the owner's deadline and
+//! passes the request on.
 
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};

@@ -203,7 +203,8 @@ fn record_route<B>(req: &Request<B>) {
 fn connection<B>(req: &Request<B>) -> Option<&ConnectionContext> {
     let ext = req.extensions();
     let conn = ext.get::<ConnectionContext>();
-    #[cfg(feature = "axum")]
+    // `WatchedListener` under `axum::serve`.
+    #[cfg(all(feature = "axum", feature = "server"))]
     let conn = conn.or_else(|| {
         ext.get::<axum::extract::ConnectInfo<ConnectionContext>>()
             .map(|info| &info.0)

@@ -2,6 +2,7 @@
 //! HTTP/2 client, and a probe that hands each handler's context to the test.
 
 pub mod chain;
+pub mod detect;
 
 use std::net::SocketAddr;
 use std::time::Duration;

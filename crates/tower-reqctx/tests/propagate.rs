@@ -152,15 +152,34 @@ mod downstream {
     use axum::extract::State;
     use axum::http::{HeaderMap, StatusCode};
     use axum::routing::get;
+    use http::HeaderValue;
+    use http::header::AsHeaderName;
     use tokio::net::TcpListener;
     use tokio::sync::mpsc;
     use tokio::time::timeout;
+    use tower_reqctx::propagate::header::HeaderError;
     use tower_reqctx::propagate::{EXCEEDED, X_REQCTX_DEADLINE};
-    use tower_reqctx::reqctx::Cause;
+    use tower_reqctx::reqctx::{Cause, DeadlineOrigin};
     use tower_reqctx::{ContextLayer, ReqCtx};
 
     /// How long a test waits for an event before it fails.
     pub(crate) const BOUND: Duration = Duration::from_secs(5);
+
+    /// The cause a call ends with when the caller's own `with_timeout` runs out.
+    pub(crate) const OWN_DEADLINE: Cause = Cause::DeadlineExceeded {
+        origin: DeadlineOrigin::Code,
+    };
+
+    /// The one budget header `name` in `headers`, decoded with `decode`.
+    pub(crate) fn sent_budget(
+        headers: &HeaderMap,
+        name: impl AsHeaderName,
+        decode: fn(&HeaderValue) -> Result<Duration, HeaderError>,
+    ) -> Duration {
+        let values: Vec<_> = headers.get_all(name).iter().collect();
+        assert_eq!(values.len(), 1, "{values:?}");
+        decode(values[0]).unwrap()
+    }
 
     #[derive(Clone)]
     struct Probe {
@@ -281,6 +300,35 @@ mod downstream {
                 .await
                 .expect("the handler's context did not end within the bound")
                 .unwrap()
+        }
+
+        /// For a call to `/hold` in flight as `call`: once its handler started, `cancel`
+        /// cancels its context with `ClientDisconnected` (a caller's own client leaving),
+        /// which must be the first cause;
+        /// the handler sees its client leave. Returns the call's error.
+        pub(crate) async fn cancelled_in_flight<T, E>(
+            &mut self,
+            call: tokio::task::JoinHandle<Result<T, E>>,
+            cancel: impl FnOnce(Cause) -> bool,
+        ) -> E {
+            self.started().await;
+            assert!(
+                cancel(Cause::ClientDisconnected),
+                "the call's context was live"
+            );
+            let Err(err) = timeout(BOUND, call).await.unwrap().unwrap() else {
+                panic!("the cancelled call should fail");
+            };
+            assert_eq!(self.cause().await, Some(Cause::ClientDisconnected));
+            err
+        }
+
+        /// For a call to `/hold` that ended with `cause`: the caller's own deadline ended
+        /// it, after the handler started, and the handler saw its client leave.
+        pub(crate) async fn left_at_the_callers_deadline(&mut self, cause: Option<&Cause>) {
+            assert_eq!(cause, Some(&OWN_DEADLINE));
+            self.started().await;
+            assert_eq!(self.cause().await, Some(Cause::ClientDisconnected));
         }
     }
 }
@@ -602,9 +650,9 @@ mod hyper_client {
     use tower_reqctx::propagate::{
         ClientError, ContextClient, ContextClientLayer, Propagation, RequestContextExt,
     };
-    use tower_reqctx::reqctx::{Cause, Context, DeadlineOrigin};
+    use tower_reqctx::reqctx::{Cause, Context};
 
-    use super::downstream::{BOUND, Server};
+    use super::downstream::{BOUND, OWN_DEADLINE, Server, sent_budget};
 
     type Outbound = ContextClient<Client<HttpConnector, Body>>;
 
@@ -651,31 +699,24 @@ mod hyper_client {
         assert_eq!(server.hits(), 1);
     }
 
-    async fn in_flight_cancel_resets(client: Outbound, protocol: &str) {
+    async fn in_flight_cancel_resets(client: Outbound) {
         let mut server = Server::start().await;
         let (ctx, cancel) = Context::background().with_cancel();
         let call = tokio::spawn(client.oneshot(get(server.url("/hold"), &ctx)));
-        server.started().await;
-        let cancelled_at = Instant::now();
-        cancel.cancel_with(Cause::ClientDisconnected);
-        let err = timeout(BOUND, call).await.unwrap().unwrap().unwrap_err();
+        let err = server
+            .cancelled_in_flight(call, |cause| cancel.cancel_with(cause))
+            .await;
         assert_eq!(err.cause(), Some(&Cause::ClientDisconnected));
-        // The server's handler sees its client leave.
-        assert_eq!(server.cause().await, Some(Cause::ClientDisconnected));
-        eprintln!(
-            "{protocol}: cancel to the server's ClientDisconnected: {:?}",
-            cancelled_at.elapsed()
-        );
     }
 
     #[tokio::test]
     async fn in_flight_cancel_closes_the_http1_connection() {
-        in_flight_cancel_resets(http1(), "hyper-util HTTP/1").await;
+        in_flight_cancel_resets(http1()).await;
     }
 
     #[tokio::test]
     async fn in_flight_cancel_resets_the_http2_stream() {
-        in_flight_cancel_resets(http2(), "hyper-util HTTP/2").await;
+        in_flight_cancel_resets(http2()).await;
     }
 
     #[tokio::test]
@@ -686,14 +727,7 @@ mod hyper_client {
             .await
             .unwrap()
             .unwrap_err();
-        assert_eq!(
-            err.cause(),
-            Some(&Cause::DeadlineExceeded {
-                origin: DeadlineOrigin::Code
-            })
-        );
-        server.started().await;
-        assert_eq!(server.cause().await, Some(Cause::ClientDisconnected));
+        server.left_at_the_callers_deadline(err.cause()).await;
     }
 
     #[tokio::test]
@@ -710,10 +744,7 @@ mod hyper_client {
             .insert(GRPC_TIMEOUT, http::HeaderValue::from_static("99H"));
         client.oneshot(req).await.unwrap();
         let elapsed = start.elapsed();
-        let headers = server.headers().await;
-        let values: Vec<_> = headers.get_all(GRPC_TIMEOUT).iter().collect();
-        assert_eq!(values.len(), 1, "{values:?}");
-        let sent = decode_grpc_timeout(values[0]).unwrap();
+        let sent = sent_budget(&server.headers().await, GRPC_TIMEOUT, decode_grpc_timeout);
         assert!(sent <= budget - margin, "{sent:?}");
         assert!(
             sent >= budget - margin - elapsed,
@@ -736,13 +767,7 @@ mod hyper_client {
                 panic!("{path}: {err}")
             };
             // Our budget ran out: our deadline's origin (a `with_timeout`), not `Header`.
-            assert_eq!(
-                c.cause(),
-                &Cause::DeadlineExceeded {
-                    origin: DeadlineOrigin::Code
-                },
-                "{path}"
-            );
+            assert_eq!(c.cause(), &OWN_DEADLINE, "{path}");
         }
         // A bare 504 is some gateway's own: an answer like any other.
         let res = client
@@ -762,9 +787,9 @@ mod reqwest_helper {
     use tokio::time::{Instant, timeout};
     use tower_reqctx::propagate::header::{REQUEST_TIMEOUT_MS, decode_millis};
     use tower_reqctx::propagate::{ClientError, DeadlineHeader, Propagation, ReqwestContextExt};
-    use tower_reqctx::reqctx::{Cause, Context, DeadlineOrigin};
+    use tower_reqctx::reqctx::{Cause, Context};
 
-    use super::downstream::{BOUND, Server};
+    use super::downstream::{BOUND, OWN_DEADLINE, Server, sent_budget};
 
     fn client() -> reqwest::Client {
         reqwest::Client::builder().no_proxy().build().unwrap()
@@ -802,16 +827,10 @@ mod reqwest_helper {
         let (ctx, cancel) = Context::background().with_cancel();
         let send = client().get(server.url("/hold")).context(&ctx).send();
         let call = tokio::spawn(send);
-        server.started().await;
-        let cancelled_at = Instant::now();
-        cancel.cancel_with(Cause::ClientDisconnected);
-        let err = timeout(BOUND, call).await.unwrap().unwrap().unwrap_err();
+        let err = server
+            .cancelled_in_flight(call, |cause| cancel.cancel_with(cause))
+            .await;
         assert_eq!(err.cause(), Some(&Cause::ClientDisconnected));
-        assert_eq!(server.cause().await, Some(Cause::ClientDisconnected));
-        eprintln!(
-            "reqwest: cancel to the server's ClientDisconnected: {:?}",
-            cancelled_at.elapsed()
-        );
     }
 
     #[tokio::test]
@@ -825,14 +844,7 @@ mod reqwest_helper {
         .await
         .unwrap()
         .unwrap_err();
-        assert_eq!(
-            err.cause(),
-            Some(&Cause::DeadlineExceeded {
-                origin: DeadlineOrigin::Code
-            })
-        );
-        server.started().await;
-        assert_eq!(server.cause().await, Some(Cause::ClientDisconnected));
+        server.left_at_the_callers_deadline(err.cause()).await;
     }
 
     #[tokio::test]
@@ -850,10 +862,7 @@ mod reqwest_helper {
             .await
             .unwrap();
         let elapsed = start.elapsed();
-        let headers = server.headers().await;
-        let values: Vec<_> = headers.get_all(REQUEST_TIMEOUT_MS).iter().collect();
-        assert_eq!(values.len(), 1, "{values:?}");
-        let sent = decode_millis(values[0]).unwrap();
+        let sent = sent_budget(&server.headers().await, REQUEST_TIMEOUT_MS, decode_millis);
         let margin = Propagation::DEFAULT_MARGIN;
         assert!(sent <= budget - margin, "{sent:?}");
         assert!(
@@ -876,13 +885,7 @@ mod reqwest_helper {
             let ClientError::Cancelled(c) = err else {
                 panic!("{path}: {err}")
             };
-            assert_eq!(
-                c.cause(),
-                &Cause::DeadlineExceeded {
-                    origin: DeadlineOrigin::Code
-                },
-                "{path}"
-            );
+            assert_eq!(c.cause(), &OWN_DEADLINE, "{path}");
         }
         let err = client()
             .get(server.url("/bare-504"))

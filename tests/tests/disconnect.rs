@@ -9,9 +9,9 @@ use axum::body::Body;
 use axum::routing::{get, post};
 use reqctx::{Cause, Context};
 use reqctx_tests::{
-    Probe, ProbeTx, Running, Server, cause_of, connect, endless, h2_client, probe, reset,
+    Probe, ProbeTx, Running, Server, cause_of, endless, h2_client, probe, reset, send,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tower_reqctx::{ContextLayer, ReqCtx};
 
@@ -65,8 +65,7 @@ async fn start(server: Server) -> (Running, Probe) {
 /// it started.
 async fn started(server: Server, request: &[u8]) -> (Running, TcpStream, Context) {
     let (srv, mut probe) = start(server).await;
-    let mut s = connect(srv.addr).await;
-    s.write_all(request).await.unwrap();
+    let s = send(srv.addr, request).await;
     let ctx = probe.started().await;
     (srv, s, ctx)
 }

@@ -7,16 +7,12 @@ use std::time::{Duration, Instant};
 
 use reqctx::{Cause, DeadlineOrigin};
 use reqctx_tests::chain::{MARGIN, chain};
-use reqctx_tests::{cause_of, connect, http1};
-use tokio::io::AsyncWriteExt;
+use reqctx_tests::{cause_of, http1, send};
 
 #[tokio::test]
 async fn a_client_hanging_up_on_a_stops_c() {
     let mut chain = chain().await;
-    let mut s = connect(chain.a).await;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-        .await
-        .unwrap();
+    let s = send(chain.a, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
     let [pa, pb, pc] = &mut chain.probes;
     let (a, b, c) = (pa.started().await, pb.started().await, pc.started().await);
     let closed = Instant::now();

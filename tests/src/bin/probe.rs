@@ -7,8 +7,7 @@ use std::time::{Duration, Instant};
 
 use reqctx::Cause;
 use reqctx_tests::detect::{CASES, SERVERS, app, trial};
-use reqctx_tests::{Running, connect};
-use tokio::io::AsyncWriteExt;
+use reqctx_tests::{Running, send};
 use tokio::sync::mpsc;
 
 /// How long a trial waits for the handler's context to end.
@@ -23,10 +22,7 @@ async fn chain_latency(trials: usize) {
     let mut chain = reqctx_tests::chain::chain().await;
     let mut lat = Vec::new();
     for _ in 0..trials {
-        let mut s = connect(chain.a).await;
-        s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-            .await
-            .unwrap();
+        let s = send(chain.a, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
         let [pa, pb, pc] = &mut chain.probes;
         let (_a, _b, c) = (pa.started().await, pb.started().await, pc.started().await);
         let closed = Instant::now();

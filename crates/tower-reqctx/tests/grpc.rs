@@ -23,7 +23,8 @@ use tower_reqctx::propagate::DeadlineHeader;
 use tower_reqctx::reqctx::{Cause, Context, DeadlineOrigin};
 use tower_reqctx::{ContextLayer, request_context, serve};
 
-const BOUND: Duration = Duration::from_secs(5);
+mod support;
+use support::http::BOUND;
 
 /// Messages are their bytes, as they are.
 #[derive(Debug, Clone, Copy, Default)]

@@ -5,6 +5,8 @@
 //! The servers here read the deadline header raw: the server side's own reading of it is
 //! tested with the layer.
 
+mod support;
+
 use std::time::Duration;
 
 use http::HeaderValue;
@@ -162,8 +164,7 @@ mod downstream {
     use tower_reqctx::reqctx::{Cause, DeadlineOrigin};
     use tower_reqctx::{ContextLayer, ReqCtx};
 
-    /// How long a test waits for an event before it fails.
-    pub(crate) const BOUND: Duration = Duration::from_secs(5);
+    pub(crate) use crate::support::http::BOUND;
 
     /// The cause a call ends with when the caller's own `with_timeout` runs out.
     pub(crate) const OWN_DEADLINE: Cause = Cause::DeadlineExceeded {

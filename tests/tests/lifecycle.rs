@@ -35,7 +35,8 @@ async fn query_timeout_answers_504_at_the_deadline() {
     let took = start.elapsed();
     assert_eq!(status, 504, "{body}");
     assert!(took >= Duration::from_millis(50), "{took:?}");
-    assert!(took < Duration::from_millis(800), "{took:?}");
+    // At the query's deadline, not the layer's 10 s: the origin says which timer fired,
+    // where an upper bound on `took` would measure the machine.
     let ctx = probe.started().await;
     assert_eq!(
         ctx.cause(),

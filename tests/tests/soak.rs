@@ -949,6 +949,31 @@ async fn settle(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// The baseline: the first figures that hold still for `STILL` polls in a row, once the
+/// warm-up's tasks and sockets have finished closing (nothing signals that). Fails if they
+/// do not within `POLLS` polls.
+async fn settled_figures() -> Figures {
+    const STILL: usize = 5;
+    const POLLS: usize = 500;
+    let key = |f: &Figures| (f.fds, f.tasks, f.live);
+    let mut last = figures();
+    let mut still = 0;
+    for _ in 0..POLLS {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let now = figures();
+        still = if key(&now) == key(&last) {
+            still + 1
+        } else {
+            0
+        };
+        if still == STILL {
+            return now;
+        }
+        last = now;
+    }
+    panic!("the baseline did not hold still within {POLLS} polls: {last:?}");
+}
+
 // ---------------------------------------------------------------------------------------
 
 /// Runs the server once with a few requests of each protocol and shuts it down, so that
@@ -998,8 +1023,7 @@ async fn fault_soak() {
 
     warm_up().await;
     settle("warm-up", || live_request_contexts() == 0).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let before = figures();
+    let before = settled_figures().await;
     println!("soak: seed {seed}, {total} requests + {AT_SHUTDOWN} at shutdown; before: {before:?}");
 
     let shared = Arc::new(Shared::default());

@@ -606,7 +606,9 @@ async fn the_requests_span_records_the_cause() {
         let app = app.clone();
         async move {
             let res = app.oneshot(get_req(uri)).await.unwrap();
-            let _ = axum::body::to_bytes(res.into_body(), 1 << 16).await;
+            axum::body::to_bytes(res.into_body(), 1 << 16)
+                .await
+                .unwrap();
         }
         .instrument(span)
         .await;

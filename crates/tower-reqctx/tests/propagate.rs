@@ -95,7 +95,14 @@ proptest! {
             // What decodes re-encodes to something no longer.
             prop_assert!(decode_grpc_timeout(&encode_grpc_timeout(d)).unwrap() <= d);
         }
-        let _ = decode_millis(&value);
+        // Milliseconds are digits and nothing else (at most 13 here, well within 19), and
+        // what decodes re-encodes exactly.
+        let digits = !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        let millis = decode_millis(&value);
+        prop_assert_eq!(millis.is_ok(), digits, "{:?}", millis);
+        if let Ok(d) = millis {
+            prop_assert_eq!(decode_millis(&encode_millis(d)), Ok(d));
+        }
     }
 
     /// Several deadline headers, each with several values: the result is the least of what

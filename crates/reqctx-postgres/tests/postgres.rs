@@ -670,9 +670,9 @@ mod http {
             )
             .layer(ContextLayer::new())
             .with_state(app.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { tower_reqctx::serve(listener, router).await });
+        let (addr, _) =
+            crate::http_client::spawn_server(|l| tower_reqctx::serve(l, router).into_future())
+                .await;
         (addr, app, rx)
     }
 

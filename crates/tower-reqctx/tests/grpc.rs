@@ -24,7 +24,7 @@ use tower_reqctx::reqctx::{Cause, Context, DeadlineOrigin};
 use tower_reqctx::{ContextLayer, request_context, serve};
 
 mod support;
-use support::http::BOUND;
+use support::http::{BOUND, spawn_server};
 
 /// Messages are their bytes, as they are.
 #[derive(Debug, Clone, Copy, Default)]
@@ -145,9 +145,7 @@ async fn grpc_timeout_sets_the_handler_deadline() {
         .timeout(Duration::from_secs(30))
         .deadline_header(DeadlineHeader::grpc())
         .layer(Waiter { seen: seen_tx });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(serve(listener, app).into_future());
+    let (addr, server) = spawn_server(|l| serve(l, app).into_future()).await;
 
     let client = Client::builder(TokioExecutor::new())
         .http2_only(true)

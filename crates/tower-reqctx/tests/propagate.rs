@@ -163,7 +163,6 @@ mod downstream {
     use axum::routing::get;
     use http::HeaderValue;
     use http::header::AsHeaderName;
-    use tokio::net::TcpListener;
     use tokio::sync::mpsc;
     use tokio::time::timeout;
     use tower_reqctx::propagate::header::HeaderError;
@@ -268,9 +267,9 @@ mod downstream {
                 .route("/bare-504", get(bare_504))
                 .with_state(probe)
                 .layer(ContextLayer::new());
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            tokio::spawn(tower_reqctx::serve(listener, app).into_future());
+            let (addr, _) =
+                crate::support::http::spawn_server(|l| tower_reqctx::serve(l, app).into_future())
+                    .await;
             Server {
                 addr,
                 hits,
@@ -923,7 +922,6 @@ mod caller_origin {
     use hyper_util::client::legacy::Client;
     use hyper_util::client::legacy::connect::HttpConnector;
     use hyper_util::rt::TokioExecutor;
-    use tokio::net::TcpListener;
     use tokio::sync::mpsc;
     use tokio::time::timeout;
     use tower::{Layer, ServiceExt};
@@ -952,9 +950,8 @@ mod caller_origin {
     }
 
     async fn serve(app: Router) -> SocketAddr {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(tower_reqctx::serve(listener, app).into_future());
+        let (addr, _) =
+            crate::support::http::spawn_server(|l| tower_reqctx::serve(l, app).into_future()).await;
         addr
     }
 

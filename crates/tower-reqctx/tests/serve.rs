@@ -20,7 +20,7 @@ use tower_reqctx::reqctx::Cause;
 use tower_reqctx::{ConnectionContext, WatchedListener, serve};
 
 mod support;
-use support::http::{BOUND, read_to_end, read_until, send};
+use support::http::{BOUND, read_to_end, read_until, send, spawn_server};
 
 /// What the handlers report.
 #[derive(Clone)]
@@ -326,9 +326,8 @@ async fn http2_prior_knowledge_and_idle_keep_alive_closed_at_shutdown() {
 async fn connect_info_socket_addr_only_when_asked_for() {
     for asked in [false, true] {
         let (router, _reports) = app();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(serve(listener, router).connect_info(asked).into_future());
+        let (addr, server) =
+            spawn_server(|l| serve(l, router).connect_info(asked).into_future()).await;
 
         let mut client = send(
             addr,
@@ -351,15 +350,11 @@ async fn connect_info_socket_addr_only_when_asked_for() {
 #[tokio::test]
 async fn axum_serve_with_watched_listener_sees_client_disconnected() {
     let (router, mut reports) = app();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let _server = tokio::spawn(
-        axum::serve(
-            WatchedListener::new(listener),
-            router.into_make_service_with_connect_info::<ConnectionContext>(),
-        )
-        .into_future(),
-    );
+    let (addr, _server) = spawn_server(|l| {
+        let app = router.into_make_service_with_connect_info::<ConnectionContext>();
+        axum::serve(WatchedListener::new(l), app).into_future()
+    })
+    .await;
 
     let client = partial_upload(addr).await;
     reports.started().await;
@@ -499,9 +494,7 @@ fn fast_app() -> (Router, mpsc::UnboundedReceiver<Option<Cause>>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_close_client_gets_its_response_and_completes() {
     let (router, mut causes) = fast_app();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let _server = tokio::spawn(serve(listener, router).half_close(true).into_future());
+    let (addr, _server) = spawn_server(|l| serve(l, router).half_close(true).into_future()).await;
 
     for round in 0..5 {
         let mut client = send(addr, b"GET /fast HTTP/1.1\r\nhost: test\r\n\r\n").await;
@@ -542,9 +535,7 @@ async fn half_close_full_close_is_seen_at_the_next_write() {
             }),
         )
         .layer(tower_reqctx::ContextLayer::new());
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let _server = tokio::spawn(serve(listener, router).half_close(true).into_future());
+    let (addr, _server) = spawn_server(|l| serve(l, router).half_close(true).into_future()).await;
 
     let mut client = send(addr, b"GET /stream HTTP/1.1\r\nhost: test\r\n\r\n").await;
     chunks_tx.send(Ok("first")).unwrap();
@@ -674,9 +665,7 @@ async fn hard_stop_does_not_wait_for_upgraded_connections() {
 #[tokio::test]
 async fn max_connections_makes_accept_wait() {
     let (router, _reports) = app();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let _server = tokio::spawn(serve(listener, router).max_connections(1).into_future());
+    let (addr, _server) = spawn_server(|l| serve(l, router).max_connections(1).into_future()).await;
 
     let mut first = send(addr, b"GET /hello HTTP/1.1\r\nhost: test\r\n\r\n").await;
     read_until(&mut first, "hello").await;
@@ -795,10 +784,12 @@ async fn accept_errors_pause_for_real_and_log_one_error() {
 #[tokio::test]
 async fn a_silent_connection_is_closed_at_the_header_read_timeout() {
     let (router, _reports) = app();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = serve(listener, router).header_read_timeout(Duration::from_millis(300));
-    let _server = tokio::spawn(server.into_future());
+    let (addr, _server) = spawn_server(|l| {
+        serve(l, router)
+            .header_read_timeout(Duration::from_millis(300))
+            .into_future()
+    })
+    .await;
 
     let mut silent = TcpStream::connect(addr).await.unwrap();
     let mut busy = send(addr, b"GET /hello HTTP/1.1\r\nhost: test\r\n\r\n").await;
@@ -816,10 +807,12 @@ async fn a_silent_connection_is_closed_at_the_header_read_timeout() {
 #[tokio::test]
 async fn an_endless_header_read_timeout_does_not_overflow() {
     let (router, _reports) = app();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = serve(listener, router).header_read_timeout(Duration::MAX);
-    let _server = tokio::spawn(server.into_future());
+    let (addr, _server) = spawn_server(|l| {
+        serve(l, router)
+            .header_read_timeout(Duration::MAX)
+            .into_future()
+    })
+    .await;
     let request = b"GET /hello HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n";
     let response = read_to_end(&mut send(addr, request).await).await;
     assert!(response.starts_with("HTTP/1.1 200"), "{response:?}");

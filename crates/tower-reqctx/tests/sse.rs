@@ -17,7 +17,7 @@ use tower_reqctx::reqctx::Cause;
 use tower_reqctx::{ContextLayer, ReqCtx, serve};
 
 mod support;
-use support::http::{BOUND, read_until, send};
+use support::http::{BOUND, read_until, send, spawn_server};
 
 /// One event, then nothing, forever; reports its drop.
 struct OneThenIdle {
@@ -63,9 +63,7 @@ async fn a_client_leaving_ends_the_event_stream() {
     let app = Router::new()
         .route("/events", get(handler))
         .layer(ContextLayer::new().no_timeout());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(serve(listener, app).into_future());
+    let (addr, server) = spawn_server(|l| serve(l, app).into_future()).await;
 
     let mut client = send(addr, b"GET /events HTTP/1.1\r\nhost: test\r\n\r\n").await;
     let head = read_until(&mut client, "data: hello").await;

@@ -1,5 +1,6 @@
 //! A raw HTTP/1.1 test client over real sockets, in the spirit of axum's `TestClient`:
-//! connect to a server on 127.0.0.1, send requests written by hand, read the answer.
+//! start a server on 127.0.0.1, connect to it, send requests written by hand, read the
+//! answer.
 //!
 //! It depends on tokio alone, so every test crate of the workspace includes this one
 //! file: `tower-reqctx`'s tests as `mod support;`, `reqctx-tests` (`tests/src/lib.rs`)
@@ -9,14 +10,30 @@
 //! helpers, which do need `tower-reqctx`.
 #![allow(dead_code, unreachable_pub)] // each test binary uses some of it
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
 
 /// How long a test waits for something that should happen at once before it fails.
 pub const BOUND: Duration = Duration::from_secs(5);
+
+/// Binds a free port on 127.0.0.1 and spawns `server` over it, such as
+/// `|l| tower_reqctx::serve(l, app).into_future()`: the address and the server's task.
+pub async fn spawn_server<F>(
+    server: impl FnOnce(TcpListener) -> F,
+) -> (SocketAddr, JoinHandle<F::Output>)
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    (addr, tokio::spawn(server(listener)))
+}
 
 /// A raw connection, for requests written by hand.
 pub async fn connect(addr: SocketAddr) -> TcpStream {

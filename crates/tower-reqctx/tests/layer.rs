@@ -684,7 +684,7 @@ mod deadline_header {
                 .await
                 .unwrap();
             assert_eq!(res.headers()["x-reqctx-deadline"], "exceeded");
-            timed_out(&res, start, after, origin, &mut rx, &value).await;
+            timed_out(&res, start, after, origin, &mut rx, value).await;
         }
     }
 

@@ -1,21 +1,27 @@
-//! Support for the integration tests: servers on 127.0.0.1, a raw HTTP/1.1 client, an
-//! HTTP/2 client, and a probe that hands each handler's context to the test.
+//! Support for the integration tests: servers on 127.0.0.1, a raw HTTP/1.1 client (shared
+//! with the crates' own tests), an HTTP/2 client, and a probe that hands each handler's
+//! context to the test.
 
 pub mod chain;
+pub mod detect;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::Router;
 use reqctx::{Cause, Context};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tower_reqctx::{ConnectionContext, WatchedListener};
 
-/// How long a test waits for something that should happen at once before it fails.
-pub const BOUND: Duration = Duration::from_secs(5);
+// The raw HTTP/1.1 client, one file shared with `tower-reqctx`'s and `reqctx-postgres`'s
+// tests (see its docs for why a file and not a crate).
+#[path = "../../crates/tower-reqctx/tests/support/http.rs"]
+mod raw_http;
+pub use raw_http::{
+    BOUND, connect, http_get, http1, parse_response, read_to_end, read_until, reset, send,
+};
 
 /// Receives the context of every request a probed handler starts.
 #[derive(Debug)]
@@ -131,55 +137,6 @@ impl Running {
 }
 
 use std::future::IntoFuture;
-
-/// A raw connection, for requests written by hand.
-pub async fn connect(addr: SocketAddr) -> TcpStream {
-    let s = TcpStream::connect(addr).await.unwrap();
-    s.set_nodelay(true).unwrap();
-    s
-}
-
-/// Sends `request` on a new connection with `Connection: close` semantics and reads the
-/// whole answer: (status, body).
-pub async fn http1(addr: SocketAddr, request: &str) -> (u16, String) {
-    let mut s = connect(addr).await;
-    s.write_all(request.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    tokio::time::timeout(BOUND, s.read_to_end(&mut raw))
-        .await
-        .expect("the server should answer")
-        .unwrap();
-    parse_response(&raw)
-}
-
-/// `GET path` with `Connection: close`.
-pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    http1(
-        addr,
-        &format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"),
-    )
-    .await
-}
-
-/// (status, body) of a raw HTTP/1.1 response; chunked bodies are returned as sent.
-pub fn parse_response(raw: &[u8]) -> (u16, String) {
-    let text = String::from_utf8_lossy(raw);
-    let status = text
-        .get(9..12)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP response: {text:?}"));
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
-
-/// Closes `s` with an RST instead of a FIN.
-pub fn reset(s: TcpStream) {
-    s.set_zero_linger().unwrap();
-    drop(s);
-}
 
 /// An HTTP/2 (prior knowledge) client connection and the task driving it.
 pub async fn h2_client(

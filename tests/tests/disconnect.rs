@@ -7,11 +7,12 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::routing::{get, post};
-use reqctx::Cause;
+use reqctx::{Cause, Context};
 use reqctx_tests::{
-    Probe, ProbeTx, Running, Server, cause_of, connect, endless, h2_client, probe, reset,
+    Probe, ProbeTx, Running, Server, cause_of, endless, h2_client, probe, reset, send,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
 use tower_reqctx::{ContextLayer, ReqCtx};
 
 /// `/wait` waits for its context; `/upload` does the same without reading its body;
@@ -60,44 +61,39 @@ async fn start(server: Server) -> (Running, Probe) {
     )
 }
 
+/// A fresh `server`, a connection that has sent `request`, and the context of the handler
+/// it started.
+async fn started(server: Server, request: &[u8]) -> (Running, TcpStream, Context) {
+    let (srv, mut probe) = start(server).await;
+    let s = send(srv.addr, request).await;
+    let ctx = probe.started().await;
+    (srv, s, ctx)
+}
+
+/// Once the client has gone: `ctx` ends with `ClientDisconnected`; then `srv` shuts down.
+async fn client_left(srv: Running, ctx: &Context, what: impl std::fmt::Debug) {
+    assert_eq!(cause_of(ctx).await, Cause::ClientDisconnected, "{what:?}");
+    srv.shutdown().await.unwrap();
+}
+
 const WATCHED: [Server; 2] = [Server::Serve, Server::AxumWatched];
 const ALL: [Server; 3] = [Server::Serve, Server::AxumWatched, Server::AxumPlain];
 
 #[tokio::test]
 async fn get_closed_mid_handler() {
     for server in ALL {
-        let (srv, mut probe) = start(server).await;
-        let mut s = connect(srv.addr).await;
-        s.write_all(b"GET /wait HTTP/1.1\r\nHost: t\r\n\r\n")
-            .await
-            .unwrap();
-        let ctx = probe.started().await;
+        let (srv, s, ctx) = started(server, b"GET /wait HTTP/1.1\r\nHost: t\r\n\r\n").await;
         drop(s);
-        assert_eq!(
-            cause_of(&ctx).await,
-            Cause::ClientDisconnected,
-            "{server:?}"
-        );
-        srv.shutdown().await.unwrap();
+        client_left(srv, &ctx, server).await;
     }
 }
 
 #[tokio::test]
 async fn get_reset_mid_handler() {
     for server in ALL {
-        let (srv, mut probe) = start(server).await;
-        let mut s = connect(srv.addr).await;
-        s.write_all(b"GET /wait HTTP/1.1\r\nHost: t\r\n\r\n")
-            .await
-            .unwrap();
-        let ctx = probe.started().await;
+        let (srv, s, ctx) = started(server, b"GET /wait HTTP/1.1\r\nHost: t\r\n\r\n").await;
         reset(s);
-        assert_eq!(
-            cause_of(&ctx).await,
-            Cause::ClientDisconnected,
-            "{server:?}"
-        );
-        srv.shutdown().await.unwrap();
+        client_left(srv, &ctx, server).await;
     }
 }
 
@@ -106,24 +102,15 @@ async fn get_reset_mid_handler() {
 async fn post_with_unread_body_then_close_or_reset() {
     for server in WATCHED {
         for rst in [false, true] {
-            let (srv, mut probe) = start(server).await;
-            let mut s = connect(srv.addr).await;
-            s.write_all(b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\n")
-                .await
-                .unwrap();
-            s.write_all(&[b'a'; 40_000]).await.unwrap();
-            let ctx = probe.started().await;
+            let head = b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\n";
+            let request = [&head[..], &[b'a'; 40_000]].concat(); // part of the body
+            let (srv, s, ctx) = started(server, &request).await;
             if rst {
                 reset(s);
             } else {
                 drop(s);
             }
-            assert_eq!(
-                cause_of(&ctx).await,
-                Cause::ClientDisconnected,
-                "{server:?} rst={rst}"
-            );
-            srv.shutdown().await.unwrap();
+            client_left(srv, &ctx, (server, rst)).await;
         }
     }
 }
@@ -132,42 +119,26 @@ async fn post_with_unread_body_then_close_or_reset() {
 #[tokio::test]
 async fn pipelined_request_then_close() {
     for server in WATCHED {
-        let (srv, mut probe) = start(server).await;
-        let mut s = connect(srv.addr).await;
-        s.write_all(b"GET /wait HTTP/1.1\r\nHost: t\r\n\r\nGET /wait HTTP/1.1\r\nHost: t\r\n\r\n")
-            .await
-            .unwrap();
-        let ctx = probe.started().await;
+        let (srv, s, ctx) = started(
+            server,
+            b"GET /wait HTTP/1.1\r\nHost: t\r\n\r\nGET /wait HTTP/1.1\r\nHost: t\r\n\r\n",
+        )
+        .await;
         drop(s);
-        assert_eq!(
-            cause_of(&ctx).await,
-            Cause::ClientDisconnected,
-            "{server:?}"
-        );
-        srv.shutdown().await.unwrap();
+        client_left(srv, &ctx, server).await;
     }
 }
 
 #[tokio::test]
 async fn streaming_body_then_close() {
     for server in ALL {
-        let (srv, mut probe) = start(server).await;
-        let mut s = connect(srv.addr).await;
-        s.write_all(b"GET /stream HTTP/1.1\r\nHost: t\r\n\r\n")
-            .await
-            .unwrap();
-        let ctx = probe.started().await;
+        let (srv, mut s, ctx) = started(server, b"GET /stream HTTP/1.1\r\nHost: t\r\n\r\n").await;
         let mut buf = [0u8; 512];
         let n = s.read(&mut buf).await.unwrap();
         assert!(n > 0);
         assert_eq!(ctx.cause(), None, "{server:?}: still streaming");
         drop(s);
-        assert_eq!(
-            cause_of(&ctx).await,
-            Cause::ClientDisconnected,
-            "{server:?}"
-        );
-        srv.shutdown().await.unwrap();
+        client_left(srv, &ctx, server).await;
     }
 }
 
@@ -176,12 +147,7 @@ async fn streaming_body_then_close() {
 #[tokio::test]
 async fn client_that_stops_reading_then_closes() {
     for server in WATCHED {
-        let (srv, mut probe) = start(server).await;
-        let mut s = connect(srv.addr).await;
-        s.write_all(b"GET /firehose HTTP/1.1\r\nHost: t\r\n\r\n")
-            .await
-            .unwrap();
-        let ctx = probe.started().await;
+        let (srv, mut s, ctx) = started(server, b"GET /firehose HTTP/1.1\r\nHost: t\r\n\r\n").await;
         let mut buf = vec![0u8; 65536];
         let n = s.read(&mut buf).await.unwrap();
         assert!(n > 0);
@@ -192,12 +158,7 @@ async fn client_that_stops_reading_then_closes() {
             "{server:?}: not cancelled while merely slow"
         );
         drop(s); // unread data in our receive buffer: the kernel sends an RST
-        assert_eq!(
-            cause_of(&ctx).await,
-            Cause::ClientDisconnected,
-            "{server:?}"
-        );
-        srv.shutdown().await.unwrap();
+        client_left(srv, &ctx, server).await;
     }
 }
 
@@ -247,11 +208,6 @@ async fn http2_connection_close() {
         let ctx = probe.started().await;
         conn.abort(); // drops the connection: the socket closes
         drop(send);
-        assert_eq!(
-            cause_of(&ctx).await,
-            Cause::ClientDisconnected,
-            "{server:?}"
-        );
-        srv.shutdown().await.unwrap();
+        client_left(srv, &ctx, server).await;
     }
 }

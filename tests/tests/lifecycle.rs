@@ -9,8 +9,8 @@ use axum::body::Body;
 use axum::http::StatusCode;
 use axum::routing::get;
 use reqctx::{Cause, DeadlineOrigin};
-use reqctx_tests::{Running, Server, cause_of, connect, endless, http_get, http1, probe};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use reqctx_tests::{Running, Server, cause_of, endless, http_get, http1, probe, read_to_end, send};
+use tokio::io::AsyncReadExt;
 use tower_reqctx::{ContextLayer, HandlerPanicked, ReqCtx, RouteTimeout};
 
 const DRAIN: Duration = Duration::from_millis(100);
@@ -35,7 +35,8 @@ async fn query_timeout_answers_504_at_the_deadline() {
     let took = start.elapsed();
     assert_eq!(status, 504, "{body}");
     assert!(took >= Duration::from_millis(50), "{took:?}");
-    assert!(took < Duration::from_millis(800), "{took:?}");
+    // At the query's deadline, not the layer's 10 s: the origin says which timer fired,
+    // where an upper bound on `took` would measure the machine.
     let ctx = probe.started().await;
     assert_eq!(
         ctx.cause(),
@@ -126,13 +127,12 @@ async fn bad_timeouts_get_400_and_the_handler_never_runs() {
     let (status, _) = http_get(srv.addr, "/?timeout=99999999999999999h").await;
     assert_eq!(status, 200);
     // Non-UTF-8 bytes in the raw request line.
-    let mut s = connect(srv.addr).await;
-    s.write_all(b"GET /?timeout=\xff\xfe HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).await.unwrap();
-    let status = reqctx_tests::parse_response(&raw).0;
+    let mut s = send(
+        srv.addr,
+        b"GET /?timeout=\xff\xfe HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let status = reqctx_tests::parse_response(read_to_end(&mut s).await.as_bytes()).0;
     assert_eq!(status, 400);
     assert_eq!(runs.load(Ordering::SeqCst), 1);
     srv.shutdown().await.unwrap();
@@ -234,10 +234,7 @@ async fn a_panicking_handler_is_not_a_client_disconnect() {
         )
         .layer(ContextLayer::new());
     let srv = Running::start(Server::Serve, app, DRAIN).await;
-    let mut s = connect(srv.addr).await;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-        .await
-        .unwrap();
+    let s = send(srv.addr, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await;
     let ctx = probe.started().await;
     let cause = cause_of(&ctx).await;
     assert!(
@@ -271,15 +268,9 @@ async fn graceful_shutdown_ends_an_infinite_stream_and_serve_returns() {
         )
         .layer(ContextLayer::new());
     let srv = Running::start(Server::Serve, app, DRAIN).await;
-    let mut sse = connect(srv.addr).await;
-    sse.write_all(b"GET /events HTTP/1.1\r\nHost: t\r\n\r\n")
-        .await
-        .unwrap();
+    let mut sse = send(srv.addr, b"GET /events HTTP/1.1\r\nHost: t\r\n\r\n").await;
     let stream_ctx = probe.started().await;
-    let mut slow = connect(srv.addr).await;
-    slow.write_all(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
-        .await
-        .unwrap();
+    let mut slow = send(srv.addr, b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n").await;
     let slow_ctx = probe.started().await;
     let mut buf = [0u8; 256];
     assert!(sse.read(&mut buf).await.unwrap() > 0, "the stream flows");
@@ -294,10 +285,10 @@ async fn graceful_shutdown_ends_an_infinite_stream_and_serve_returns() {
     assert_eq!(slow_ctx.cause(), Some(Cause::Shutdown));
     // The stream ended truncated, not cleanly: no terminating chunk.
     let mut rest = Vec::new();
-    let _ = sse.read_to_end(&mut rest).await;
+    let _ = sse.read_to_end(&mut rest).await; // may end in a reset: what was read is checked
     assert!(!String::from_utf8_lossy(&rest).contains("0\r\n\r\n"));
     let mut answer = Vec::new();
-    let _ = slow.read_to_end(&mut answer).await;
+    let _ = slow.read_to_end(&mut answer).await; // likewise: the status below is the check
     assert_eq!(
         reqctx_tests::parse_response(&answer).0,
         503,

@@ -5,8 +5,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::routing::get;
-use reqctx_tests::{Running, Server, connect, http_get, probe};
-use tokio::io::AsyncWriteExt;
+use reqctx_tests::{Running, Server, http_get, probe, send};
 use tower_reqctx::{ContextLayer, ReqCtx, live_request_contexts};
 
 /// Polls until the count is `n` (drops have no signal to wait on), failing after 5 s.
@@ -56,10 +55,7 @@ async fn counts_in_flight_and_kept_contexts_and_returns_to_zero() {
     let mut conns = Vec::new();
     let mut held = Vec::new();
     for _ in 0..3 {
-        let mut s = connect(srv.addr).await;
-        s.write_all(b"GET /wait HTTP/1.1\r\nHost: t\r\n\r\n")
-            .await
-            .unwrap();
+        let s = send(srv.addr, b"GET /wait HTTP/1.1\r\nHost: t\r\n\r\n").await;
         held.push(probe.started().await);
         conns.push(s);
     }

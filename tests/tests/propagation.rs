@@ -7,23 +7,18 @@ use std::time::{Duration, Instant};
 
 use reqctx::{Cause, DeadlineOrigin};
 use reqctx_tests::chain::{MARGIN, chain};
-use reqctx_tests::{cause_of, connect, http1};
-use tokio::io::AsyncWriteExt;
+use reqctx_tests::{cause_of, http1, send};
 
 #[tokio::test]
 async fn a_client_hanging_up_on_a_stops_c() {
     let mut chain = chain().await;
-    let mut s = connect(chain.a).await;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-        .await
-        .unwrap();
+    let s = send(chain.a, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
     let [pa, pb, pc] = &mut chain.probes;
     let (a, b, c) = (pa.started().await, pb.started().await, pc.started().await);
-    let closed = Instant::now();
+    // No hop has a deadline: nothing but the client leaving can end C's context.
+    assert_eq!([a.deadline(), b.deadline(), c.deadline()], [None; 3]);
     drop(s);
     assert_eq!(cause_of(&c).await, Cause::ClientDisconnected);
-    let took = closed.elapsed();
-    assert!(took < Duration::from_millis(500), "{took:?}");
     assert_eq!(cause_of(&b).await, Cause::ClientDisconnected);
     assert_eq!(cause_of(&a).await, Cause::ClientDisconnected);
     chain.shutdown().await;
@@ -38,6 +33,7 @@ async fn a_budget_set_at_a_runs_out_at_c_first() {
         "GET /?timeout=300ms HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
     )
     .await;
+    let answered = tokio::time::Instant::now();
     let took = start.elapsed();
     let [pa, pb, pc] = &mut chain.probes;
     let (a, b, c) = (pa.started().await, pb.started().await, pc.started().await);
@@ -78,9 +74,12 @@ async fn a_budget_set_at_a_runs_out_at_c_first() {
     // deadline, set by its client's `?timeout=`: `Query`, not B's view (`Header`).
     assert_eq!(a_out.recv().await, Some(query.clone()));
     assert_eq!(status, 504);
+    // Before A's own deadline (which the 300 ms set at A's receipt of the request, not at
+    // our connect): the 504 is B's, passed on, not A's timer.
     assert!(
-        took < Duration::from_millis(300),
-        "A answered before its deadline: {took:?}"
+        answered < da,
+        "A answered {:?} after its deadline",
+        answered - da
     );
     assert!(took >= Duration::from_millis(300) - 2 * MARGIN - Duration::from_millis(10));
     // A and B answered with the cause (a handler's `Cancelled`): their own contexts end
@@ -93,14 +92,14 @@ async fn a_budget_set_at_a_runs_out_at_c_first() {
 #[tokio::test]
 async fn a_spent_budget_is_answered_at_once_without_calling_c() {
     let mut chain = chain().await;
-    let start = Instant::now();
     let (status, body) = http1(
         chain.b,
         "GET / HTTP/1.1\r\nHost: b\r\ngrpc-timeout: 0n\r\nConnection: close\r\n\r\n",
     )
     .await;
+    // At once: B's context was already over, B's call failed without reaching C (below),
+    // and no hop has a timer of its own that could have answered instead.
     assert_eq!(status, 504, "{body}");
-    assert!(start.elapsed() < Duration::from_millis(200));
     let [_, b_out] = &mut chain.outbound;
     assert_eq!(
         b_out.recv().await,

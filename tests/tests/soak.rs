@@ -18,7 +18,9 @@ use axum::http::Uri;
 use axum::routing::{get, post};
 use bytes::Bytes;
 use reqctx::{Cancelled, Cause, Context, DeadlineOrigin};
-use reqctx_tests::{BOUND, Running, Server, connect, endless, h2_client, parse_response, reset};
+use reqctx_tests::{
+    BOUND, Running, Server, connect, endless, h2_client, parse_response, reset, send,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
@@ -567,8 +569,7 @@ impl Client {
             plan.grpc.as_deref(),
             "Connection: close\r\n",
         );
-        let mut s = connect(self.addr).await;
-        s.write_all(head.as_bytes()).await.unwrap();
+        let mut s = send(self.addr, head.as_bytes()).await;
         let mut raw = Vec::new();
         tokio::time::timeout(BOUND, s.read_to_end(&mut raw))
             .await
@@ -649,8 +650,7 @@ impl Client {
             60..=65 => {
                 let head = h1_head("GET", &format!("/work?id={id}"), None, "");
                 let cut = rng.range(1, head.len() as u64 - 3) as usize;
-                let mut s = connect(self.addr).await;
-                s.write_all(&head.as_bytes()[..cut]).await.unwrap();
+                let s = send(self.addr, &head.as_bytes()[..cut]).await;
                 if rng.chance(50) {
                     tokio::time::sleep(Duration::from_millis(rng.range(0, 2))).await;
                 }
@@ -668,8 +668,7 @@ impl Client {
                 );
                 let wait = rng.chance(50);
                 let rx = self.shared.notify_on_start(id);
-                let mut s = connect(self.addr).await;
-                s.write_all(head.as_bytes()).await.unwrap();
+                let mut s = send(self.addr, head.as_bytes()).await;
                 let sent = rng.range(0, len - 1) as usize;
                 s.write_all(&vec![b'x'; sent]).await.unwrap();
                 if wait {
@@ -950,6 +949,31 @@ async fn settle(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// The baseline: the first figures that hold still for `STILL` polls in a row, once the
+/// warm-up's tasks and sockets have finished closing (nothing signals that). Fails if they
+/// do not within `POLLS` polls.
+async fn settled_figures() -> Figures {
+    const STILL: usize = 5;
+    const POLLS: usize = 500;
+    let key = |f: &Figures| (f.fds, f.tasks, f.live);
+    let mut last = figures();
+    let mut still = 0;
+    for _ in 0..POLLS {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let now = figures();
+        still = if key(&now) == key(&last) {
+            still + 1
+        } else {
+            0
+        };
+        if still == STILL {
+            return now;
+        }
+        last = now;
+    }
+    panic!("the baseline did not hold still within {POLLS} polls: {last:?}");
+}
+
 // ---------------------------------------------------------------------------------------
 
 /// Runs the server once with a few requests of each protocol and shuts it down, so that
@@ -999,8 +1023,7 @@ async fn fault_soak() {
 
     warm_up().await;
     settle("warm-up", || live_request_contexts() == 0).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let before = figures();
+    let before = settled_figures().await;
     println!("soak: seed {seed}, {total} requests + {AT_SHUTDOWN} at shutdown; before: {before:?}");
 
     let shared = Arc::new(Shared::default());

@@ -19,9 +19,11 @@ use bytes::Bytes;
 use http_body::Frame;
 use reqctx::{Cancelled, Cause, DeadlineOrigin};
 use reqctx_tests::{
-    BOUND, ProbeTx, Running, Server, cause_of, connect, h2_client, http_get, http1,
+    BOUND, Probe, ProbeTx, Running, Server, cause_of, connect, h2_client, http_get, http1,
+    read_to_end, send,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::compression::CompressionLayer;
@@ -79,10 +81,11 @@ async fn a_static_file_is_completed_whole_and_by_range() {
 
         // A keep-alive connection: the body is dropped after its last byte, and the
         // connection stays open, so nothing but the length can say it ended.
-        let mut s = connect(running.addr).await;
-        s.write_all(b"GET /file.txt HTTP/1.1\r\nHost: x\r\nRange: bytes=10-1009\r\n\r\n")
-            .await
-            .unwrap();
+        let mut s = send(
+            running.addr,
+            b"GET /file.txt HTTP/1.1\r\nHost: x\r\nRange: bytes=10-1009\r\n\r\n",
+        )
+        .await;
         let ctx = probe.started().await;
         assert_eq!(cause_of(&ctx).await, Cause::Completed, "{server:?}: range");
         let mut head = vec![0; 64];
@@ -103,30 +106,36 @@ async fn a_static_file_is_completed_whole_and_by_range() {
     }
 }
 
+/// Sends `request` to `app` under `server` on a connection left open, and checks that
+/// the request's context ends `Completed` even so: the server and the connection, for
+/// what the test reads next.
+async fn completed_on_a_kept_connection(
+    server: Server,
+    app: &Router,
+    probe: &mut Probe,
+    request: &[u8],
+) -> (Running, TcpStream) {
+    let running = Running::start(server, app.clone(), BOUND).await;
+    let s = send(running.addr, request).await;
+    let ctx = probe.started().await;
+    assert_eq!(cause_of(&ctx).await, Cause::Completed, "{server:?}");
+    (running, s)
+}
+
 #[tokio::test]
 async fn a_stream_with_a_content_length_is_completed_on_a_kept_connection() {
     let (tx, mut probe) = reqctx_tests::probe();
-    let app = Router::new()
-        .route(
-            "/",
-            get(move |ctx: ReqCtx| async move {
-                tx.send(ctx.0.clone()).unwrap();
-                let chunks = futures_util::stream::iter(
-                    [&b"hello "[..], b"world"].map(|c| Ok::<_, Infallible>(Bytes::from_static(c))),
-                );
-                ([("content-length", "11")], Body::from_stream(chunks))
-            }),
-        )
-        .layer(ContextLayer::new());
+    let stream = || async {
+        let chunks = futures_util::stream::iter(
+            [&b"hello "[..], b"world"].map(|c| Ok::<_, Infallible>(Bytes::from_static(c))),
+        );
+        ([("content-length", "11")], Body::from_stream(chunks))
+    };
+    let app = probed(Router::new().route("/", get(stream)), tx).layer(ContextLayer::new());
     for server in SERVERS {
-        let running = Running::start(server, app.clone(), BOUND).await;
-        let mut s = connect(running.addr).await;
-        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let ctx = probe.started().await;
         // The connection stays open: only the length says the body is over.
-        assert_eq!(cause_of(&ctx).await, Cause::Completed, "{server:?}");
+        let request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        let (running, s) = completed_on_a_kept_connection(server, &app, &mut probe, request).await;
         drop(s);
         running.abort();
     }
@@ -135,25 +144,15 @@ async fn a_stream_with_a_content_length_is_completed_on_a_kept_connection() {
 #[tokio::test]
 async fn compression_and_tracing_outside_the_layer() {
     let (tx, mut probe) = reqctx_tests::probe();
-    let app = Router::new()
-        .route(
-            "/",
-            get(move |ctx: ReqCtx| async move {
-                tx.send(ctx.0.clone()).unwrap();
-                "compress me ".repeat(1000)
-            }),
-        )
+    let text = || async { "compress me ".repeat(1000) };
+    let app = probed(Router::new().route("/", get(text)), tx)
         .layer(ContextLayer::new())
         .layer(CompressionLayer::new())
         .layer(TraceLayer::new_for_http());
     for server in SERVERS {
-        let running = Running::start(server, app.clone(), BOUND).await;
-        let mut s = connect(running.addr).await;
-        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\n\r\n")
-            .await
-            .unwrap();
-        let ctx = probe.started().await;
-        assert_eq!(cause_of(&ctx).await, Cause::Completed, "{server:?}");
+        let request = b"GET / HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\n\r\n";
+        let (running, mut s) =
+            completed_on_a_kept_connection(server, &app, &mut probe, request).await;
         let mut head = vec![0; 512];
         let n = s.read(&mut head).await.unwrap();
         let head = String::from_utf8_lossy(&head[..n]).to_lowercase();
@@ -458,16 +457,15 @@ async fn a_client_closed_request_has_a_reason_phrase() {
         )
         .layer(ContextLayer::new());
     let running = Running::start(Server::Serve, app, BOUND).await;
-    let mut s = connect(running.addr).await;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).await.unwrap();
+    let mut s = send(
+        running.addr,
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let raw = read_to_end(&mut s).await;
     assert!(
-        raw.starts_with(b"HTTP/1.1 499 Client Closed Request\r\n"),
-        "{}",
-        String::from_utf8_lossy(&raw)
+        raw.starts_with("HTTP/1.1 499 Client Closed Request\r\n"),
+        "{raw}"
     );
     running.abort();
 }

@@ -10,8 +10,8 @@ use axum::body::Body;
 use axum::routing::get;
 use futures_util::stream::repeat_with;
 use reqctx::{Cause, DeadlineOrigin};
-use reqctx_tests::{BOUND, Running, Server, connect, endless};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use reqctx_tests::{BOUND, Running, Server, connect, endless, send};
+use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tower_reqctx::{ContextLayer, ReqCtx};
 
@@ -94,10 +94,7 @@ async fn an_http1_client_that_never_reads() {
     for (server, chunks) in cases {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let running = Running::start(server, app(tx, chunks), BOUND).await;
-        let mut s = connect(running.addr).await;
-        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
+        let mut s = send(running.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
         // The client keeps the socket open and reads nothing.
         all_woke(&mut rx, &format!("{server:?}, {chunks:?}")).await;
         if server == Server::Serve {

@@ -124,32 +124,27 @@ fn deadline_waiters(c: &mut Criterion) {
     });
     g.bench_function("reqctx: with_timeout(30 s) + a waiter", |b| {
         b.iter(|| {
-            rt.block_on(async {
-                let mut cx = std::task::Context::from_waker(waker);
-                let (ctx, cancel) = parent.with_timeout(Duration::from_secs(30));
-                let mut wait = std::pin::pin!(ctx.cancelled());
-                assert!(wait.as_mut().poll(&mut cx).is_pending());
-                cancel.cancel_with(Cause::Completed);
-                assert!(wait.as_mut().poll(&mut cx).is_ready());
-                tokio::task::yield_now().await;
-            })
+            one_waiter(
+                &rt,
+                waker,
+                || parent.with_timeout(Duration::from_secs(30)),
+                |cancel| cancel.cancel_with(Cause::Completed),
+            )
         })
     });
     g.bench_function(
         "reqctx: driven 30 s deadline + a waiter (a handler waits)",
         |b| {
             b.iter(|| {
-                rt.block_on(async {
-                    let mut cx = std::task::Context::from_waker(waker);
-                    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-                    let (ctx, driver) = parent
-                        .with_driven_deadline(Some((deadline, reqctx::DeadlineOrigin::Layer)));
-                    let mut wait = std::pin::pin!(ctx.cancelled());
-                    assert!(wait.as_mut().poll(&mut cx).is_pending());
-                    driver.cancel_with(Cause::Completed);
-                    assert!(wait.as_mut().poll(&mut cx).is_ready());
-                    tokio::task::yield_now().await;
-                })
+                one_waiter(
+                    &rt,
+                    waker,
+                    || {
+                        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+                        parent.with_driven_deadline(Some((deadline, reqctx::DeadlineOrigin::Layer)))
+                    },
+                    |driver| driver.cancel_with(Cause::Completed),
+                )
             })
         },
     );
@@ -171,6 +166,25 @@ fn deadline_waiters(c: &mut Criterion) {
         },
     );
     g.finish();
+}
+
+/// One iteration of `deadline_waiters`: `start` makes the context with its deadline and
+/// its canceller, a waiter is polled once, `end` cancels, and the waiter is ready.
+fn one_waiter<C>(
+    rt: &tokio::runtime::Runtime,
+    waker: &std::task::Waker,
+    start: impl FnOnce() -> (Context, C),
+    end: impl FnOnce(C) -> bool,
+) {
+    rt.block_on(async {
+        let mut cx = std::task::Context::from_waker(waker);
+        let (ctx, canceller) = start();
+        let mut wait = std::pin::pin!(ctx.cancelled());
+        assert!(wait.as_mut().poll(&mut cx).is_pending());
+        assert!(end(canceller), "the first cause");
+        assert!(wait.as_mut().poll(&mut cx).is_ready());
+        tokio::task::yield_now().await;
+    })
 }
 
 fn reads(c: &mut Criterion) {

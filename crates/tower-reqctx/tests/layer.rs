@@ -48,6 +48,25 @@ fn deadline(origin: DeadlineOrigin) -> Cause {
     Cause::DeadlineExceeded { origin }
 }
 
+/// `res` is the `504` of the deadline from `origin`, given `after` ms into the paused clock
+/// from `start`, and the handler's context (the next on `seen`) ended with that deadline.
+async fn timed_out(
+    res: &Response,
+    start: Instant,
+    after: u64,
+    origin: DeadlineOrigin,
+    seen: &mut mpsc::UnboundedReceiver<Context>,
+    case: &str,
+) {
+    assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT, "{case}");
+    assert_eq!(start.elapsed(), Duration::from_millis(after), "{case}");
+    assert_eq!(
+        seen.recv().await.unwrap().cause(),
+        Some(deadline(origin)),
+        "{case}"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn query_timeout_answers_504_with_query_origin() {
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -102,13 +121,7 @@ async fn route_timeout_and_query_the_earliest_wins() {
         let start = Instant::now();
         let res = app.oneshot(get_req(&uri)).await.unwrap();
         let case = format!("outer {outer:?} route {route:?} query {query:?}");
-        assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT, "{case}");
-        assert_eq!(start.elapsed(), Duration::from_millis(after), "{case}");
-        assert_eq!(
-            rx.recv().await.unwrap().cause(),
-            Some(deadline(origin)),
-            "{case}"
-        );
+        timed_out(&res, start, after, origin, &mut rx, &case).await;
     }
 }
 
@@ -604,7 +617,9 @@ async fn the_requests_span_records_the_cause() {
         let app = app.clone();
         async move {
             let res = app.oneshot(get_req(uri)).await.unwrap();
-            let _ = axum::body::to_bytes(res.into_body(), 1 << 16).await;
+            axum::body::to_bytes(res.into_body(), 1 << 16)
+                .await
+                .unwrap();
         }
         .instrument(span)
         .await;
@@ -647,12 +662,7 @@ mod deadline_header {
         let app = app(tx, ContextLayer::new().timeout(Duration::from_millis(100)));
         let start = Instant::now();
         let res = app.oneshot(req("grpc-timeout", "10m")).await.unwrap();
-        assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT);
-        assert_eq!(start.elapsed(), Duration::from_millis(100));
-        assert_eq!(
-            rx.recv().await.unwrap().cause(),
-            Some(deadline(DeadlineOrigin::Layer))
-        );
+        timed_out(&res, start, 100, DeadlineOrigin::Layer, &mut rx, "").await;
     }
 
     #[tokio::test(start_paused = true)]
@@ -671,14 +681,8 @@ mod deadline_header {
                 .oneshot(req("grpc-timeout", value))
                 .await
                 .unwrap();
-            assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT, "{value}");
             assert_eq!(res.headers()["x-reqctx-deadline"], "exceeded");
-            assert_eq!(start.elapsed(), Duration::from_millis(after), "{value}");
-            assert_eq!(
-                rx.recv().await.unwrap().cause(),
-                Some(deadline(origin)),
-                "{value}"
-            );
+            timed_out(&res, start, after, origin, &mut rx, value).await;
         }
     }
 
@@ -694,12 +698,7 @@ mod deadline_header {
             .unwrap();
         let start = Instant::now();
         let res = app(tx, layer).oneshot(r).await.unwrap();
-        assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT);
-        assert_eq!(start.elapsed(), Duration::from_millis(20));
-        assert_eq!(
-            rx.recv().await.unwrap().cause(),
-            Some(deadline(DeadlineOrigin::Header))
-        );
+        timed_out(&res, start, 20, DeadlineOrigin::Header, &mut rx, "").await;
     }
 
     #[tokio::test(start_paused = true)]
@@ -713,12 +712,7 @@ mod deadline_header {
             .oneshot(req("grpc-timeout", "5S"))
             .await
             .unwrap();
-        assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT);
-        assert_eq!(start.elapsed(), Duration::from_millis(40));
-        assert_eq!(
-            rx.recv().await.unwrap().cause(),
-            Some(deadline(DeadlineOrigin::Header))
-        );
+        timed_out(&res, start, 40, DeadlineOrigin::Header, &mut rx, "").await;
 
         let (tx, _rx) = mpsc::unbounded_channel();
         let layer = ContextLayer::new()

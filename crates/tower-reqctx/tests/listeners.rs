@@ -15,8 +15,8 @@ use tokio::time::timeout;
 use tower_reqctx::reqctx::Cause;
 use tower_reqctx::{ConnectionContext, ContextLayer, ReqCtx, serve};
 
-/// How long a test waits for an event before it fails.
-const BOUND: Duration = Duration::from_secs(5);
+mod support;
+use support::http::BOUND;
 
 /// What the handler saw: whether the request had a `ConnectInfo<SocketAddr>` and a remote
 /// address; then, from a task of its own, its context's cause.

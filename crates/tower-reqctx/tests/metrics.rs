@@ -1,5 +1,9 @@
 //! The `metrics` feature through a tiny in-test recorder: causes counted by kind once per
-//! request, and the live-context gauge.
+//! request, the live-context gauge, and the descriptions.
+//!
+//! Every test here takes [`SERIAL`] first: the live-context count is global to the
+//! process, so the gauge test can assert exact values only while no other test in this
+//! binary holds a context.
 #![cfg(all(feature = "metrics", feature = "axum"))]
 
 use std::collections::HashMap;
@@ -17,10 +21,15 @@ use metrics::{
 use tower::ServiceExt;
 use tower_reqctx::{ContextLayer, ReqCtx};
 
-/// Keeps counters and gauges by their key, as `name{label=value}`.
+/// Held by each test for its whole run (see the module docs).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Keeps counters and gauges by their key, as `name{label=value}`, and the help texts by
+/// name.
 #[derive(Default)]
 struct Tiny {
     values: Mutex<HashMap<String, Arc<Value>>>,
+    descriptions: Mutex<HashMap<String, String>>,
 }
 
 #[derive(Default)]
@@ -57,11 +66,20 @@ impl Tiny {
         let values = self.values.lock().unwrap();
         values.get(name).map(|v| v.0.load(Ordering::Relaxed))
     }
+
+    fn describe(&self, name: KeyName, help: SharedString) {
+        let mut descriptions = self.descriptions.lock().unwrap();
+        descriptions.insert(name.as_str().to_owned(), help.into_owned());
+    }
 }
 
 impl Recorder for Tiny {
-    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_counter(&self, name: KeyName, _: Option<Unit>, help: SharedString) {
+        self.describe(name, help);
+    }
+    fn describe_gauge(&self, name: KeyName, _: Option<Unit>, help: SharedString) {
+        self.describe(name, help);
+    }
     fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
     fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
         Counter::from_arc(self.value(key))
@@ -100,6 +118,7 @@ async fn get_to_end(app: Router, uri: &str) -> u16 {
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn each_request_counts_its_cause_once() {
+    let _serial = SERIAL.lock().await;
     let recorder = Tiny::default();
     let _guard = metrics::set_default_local_recorder(&recorder);
     assert_eq!(get_to_end(app(), "/ok").await, 200);
@@ -114,6 +133,7 @@ async fn each_request_counts_its_cause_once() {
 #[tokio::test(flavor = "current_thread")]
 async fn an_inner_error_is_counted_as_service_failed() {
     use tower::Layer;
+    let _serial = SERIAL.lock().await;
     let recorder = Tiny::default();
     let _guard = metrics::set_default_local_recorder(&recorder);
     let failing = tower::service_fn(|_req: http::Request<Body>| async {
@@ -131,15 +151,68 @@ async fn an_inner_error_is_counted_as_service_failed() {
     assert_eq!(count("custom"), None);
 }
 
+/// The gauge follows a request: zero before it, one while its handler runs, zero once its
+/// response has been read and dropped.
 #[tokio::test(flavor = "current_thread")]
 async fn record_metrics_sets_the_live_request_contexts_gauge() {
+    let _serial = SERIAL.lock().await;
     let recorder = Tiny::default();
     let _guard = metrics::set_default_local_recorder(&recorder);
-    assert_eq!(get_to_end(app(), "/ok").await, 200);
-    tower_reqctx::record_metrics();
-    let live = recorder
-        .get("reqctx_live_request_contexts{}")
-        .map(f64::from_bits);
-    // Other tests in this binary may hold contexts: only its presence is certain.
-    assert!(live.is_some_and(|n| n >= 0.0), "{live:?}");
+    let live = || {
+        tower_reqctx::record_metrics();
+        let gauge = recorder.get("reqctx_live_request_contexts{}");
+        gauge
+            .map(f64::from_bits)
+            .expect("record_metrics sets the gauge")
+    };
+    // A context's count is released when its last handle drops, which no signal announces;
+    // with this runtime's one thread, a few yields let any such drop run.
+    async fn settled(live: impl Fn() -> f64, want: f64) {
+        for _ in 0..100 {
+            if live() == want {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(live(), want, "live request contexts");
+    }
+    settled(live, 0.0).await;
+
+    let (started_tx, started) = tokio::sync::oneshot::channel::<()>();
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let slot = Arc::new(Mutex::new(Some((started_tx, released)))); // handlers are `Clone`
+    let app = Router::new()
+        .route(
+            "/held",
+            get(move || {
+                let (started_tx, released) = slot.lock().unwrap().take().expect("one request");
+                async move {
+                    started_tx.send(()).unwrap();
+                    released.await.unwrap();
+                    "released"
+                }
+            }),
+        )
+        .layer(ContextLayer::new());
+    let request = tokio::spawn(get_to_end(app, "/held"));
+    started.await.unwrap();
+    assert_eq!(live(), 1.0, "one request in its handler");
+    release.send(()).unwrap();
+    assert_eq!(request.await.unwrap(), 200);
+    settled(live, 0.0).await;
+}
+
+/// `describe_metrics` gives both metrics their help text.
+#[test]
+fn describe_metrics_describes_both_metrics() {
+    let recorder = Tiny::default();
+    metrics::with_local_recorder(&recorder, tower_reqctx::describe_metrics);
+    let descriptions = recorder.descriptions.lock().unwrap();
+    let mut names: Vec<&str> = descriptions.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        ["reqctx_live_request_contexts", "reqctx_requests_total"]
+    );
+    assert!(descriptions.values().all(|help| !help.is_empty()));
 }

@@ -5,6 +5,8 @@
 //! The servers here read the deadline header raw: the server side's own reading of it is
 //! tested with the layer.
 
+mod support;
+
 use std::time::Duration;
 
 use http::HeaderValue;
@@ -108,7 +110,14 @@ proptest! {
             // What decodes re-encodes to something no longer.
             prop_assert!(decode_grpc_timeout(&encode_grpc_timeout(d)).unwrap() <= d);
         }
-        let _ = decode_millis(&value);
+        // Milliseconds are digits and nothing else (at most 13 here, well within 19), and
+        // what decodes re-encodes exactly.
+        let digits = !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        let millis = decode_millis(&value);
+        prop_assert_eq!(millis.is_ok(), digits, "{:?}", millis);
+        if let Ok(d) = millis {
+            prop_assert_eq!(decode_millis(&encode_millis(d)), Ok(d));
+        }
     }
 
 }
@@ -127,15 +136,31 @@ mod downstream {
     use axum::extract::State;
     use axum::http::{HeaderMap, StatusCode};
     use axum::routing::get;
-    use tokio::net::TcpListener;
+    use http::HeaderValue;
+    use http::header::AsHeaderName;
     use tokio::sync::mpsc;
     use tokio::time::timeout;
-    use tower_reqctx::header::{EXCEEDED, X_REQCTX_DEADLINE};
-    use tower_reqctx::reqctx::Cause;
+    use tower_reqctx::header::{EXCEEDED, HeaderError, X_REQCTX_DEADLINE};
+    use tower_reqctx::reqctx::{Cause, DeadlineOrigin};
     use tower_reqctx::{ContextLayer, ReqCtx};
 
-    /// How long a test waits for an event before it fails.
-    pub(crate) const BOUND: Duration = Duration::from_secs(5);
+    pub(crate) use crate::support::http::BOUND;
+
+    /// The cause a call ends with when the caller's own `with_timeout` runs out.
+    pub(crate) const OWN_DEADLINE: Cause = Cause::DeadlineExceeded {
+        origin: DeadlineOrigin::Code,
+    };
+
+    /// The one budget header `name` in `headers`, decoded with `decode`.
+    pub(crate) fn sent_budget(
+        headers: &HeaderMap,
+        name: impl AsHeaderName,
+        decode: fn(&HeaderValue) -> Result<Duration, HeaderError>,
+    ) -> Duration {
+        let values: Vec<_> = headers.get_all(name).iter().collect();
+        assert_eq!(values.len(), 1, "{values:?}");
+        decode(values[0]).unwrap()
+    }
 
     #[derive(Clone)]
     struct Probe {
@@ -216,9 +241,9 @@ mod downstream {
                 .route("/bare-504", get(bare_504))
                 .with_state(probe)
                 .layer(ContextLayer::new());
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            tokio::spawn(tower_reqctx::serve(listener, app).into_future());
+            let (addr, _) =
+                crate::support::http::spawn_server(|l| tower_reqctx::serve(l, app).into_future())
+                    .await;
             Server {
                 addr,
                 hits,
@@ -256,6 +281,35 @@ mod downstream {
                 .await
                 .expect("the handler's context did not end within the bound")
                 .unwrap()
+        }
+
+        /// For a call to `/hold` in flight as `call`: once its handler started, `cancel`
+        /// cancels its context with `ClientDisconnected` (a caller's own client leaving),
+        /// which must be the first cause;
+        /// the handler sees its client leave. Returns the call's error.
+        pub(crate) async fn cancelled_in_flight<T, E>(
+            &mut self,
+            call: tokio::task::JoinHandle<Result<T, E>>,
+            cancel: impl FnOnce(Cause) -> bool,
+        ) -> E {
+            self.started().await;
+            assert!(
+                cancel(Cause::ClientDisconnected),
+                "the call's context was live"
+            );
+            let Err(err) = timeout(BOUND, call).await.unwrap().unwrap() else {
+                panic!("the cancelled call should fail");
+            };
+            assert_eq!(self.cause().await, Some(Cause::ClientDisconnected));
+            err
+        }
+
+        /// For a call to `/hold` that ended with `cause`: the caller's own deadline ended
+        /// it, after the handler started, and the handler saw its client leave.
+        pub(crate) async fn left_at_the_callers_deadline(&mut self, cause: Option<&Cause>) {
+            assert_eq!(cause, Some(&OWN_DEADLINE));
+            self.started().await;
+            assert_eq!(self.cause().await, Some(Cause::ClientDisconnected));
         }
     }
 }
@@ -576,9 +630,9 @@ mod hyper_client {
     use tower_reqctx::propagate::{
         ClientError, ContextClient, ContextClientLayer, Propagation, RequestContextExt,
     };
-    use tower_reqctx::reqctx::{Cause, Context, DeadlineOrigin};
+    use tower_reqctx::reqctx::{Cause, Context};
 
-    use super::downstream::{BOUND, Server};
+    use super::downstream::{BOUND, OWN_DEADLINE, Server, sent_budget};
 
     type Outbound = ContextClient<Client<HttpConnector, Body>>;
 
@@ -625,31 +679,24 @@ mod hyper_client {
         assert_eq!(server.hits(), 1);
     }
 
-    async fn in_flight_cancel_resets(client: Outbound, protocol: &str) {
+    async fn in_flight_cancel_resets(client: Outbound) {
         let mut server = Server::start().await;
         let (ctx, cancel) = Context::background().with_cancel();
         let call = tokio::spawn(client.oneshot(get(server.url("/hold"), &ctx)));
-        server.started().await;
-        let cancelled_at = Instant::now();
-        cancel.cancel_with(Cause::ClientDisconnected);
-        let err = timeout(BOUND, call).await.unwrap().unwrap().unwrap_err();
+        let err = server
+            .cancelled_in_flight(call, |cause| cancel.cancel_with(cause))
+            .await;
         assert_eq!(err.cause(), Some(&Cause::ClientDisconnected));
-        // The server's handler sees its client leave.
-        assert_eq!(server.cause().await, Some(Cause::ClientDisconnected));
-        eprintln!(
-            "{protocol}: cancel to the server's ClientDisconnected: {:?}",
-            cancelled_at.elapsed()
-        );
     }
 
     #[tokio::test]
     async fn in_flight_cancel_closes_the_http1_connection() {
-        in_flight_cancel_resets(http1(), "hyper-util HTTP/1").await;
+        in_flight_cancel_resets(http1()).await;
     }
 
     #[tokio::test]
     async fn in_flight_cancel_resets_the_http2_stream() {
-        in_flight_cancel_resets(http2(), "hyper-util HTTP/2").await;
+        in_flight_cancel_resets(http2()).await;
     }
 
     #[tokio::test]
@@ -660,14 +707,7 @@ mod hyper_client {
             .await
             .unwrap()
             .unwrap_err();
-        assert_eq!(
-            err.cause(),
-            Some(&Cause::DeadlineExceeded {
-                origin: DeadlineOrigin::Code
-            })
-        );
-        server.started().await;
-        assert_eq!(server.cause().await, Some(Cause::ClientDisconnected));
+        server.left_at_the_callers_deadline(err.cause()).await;
     }
 
     #[tokio::test]
@@ -684,10 +724,7 @@ mod hyper_client {
             .insert(GRPC_TIMEOUT, http::HeaderValue::from_static("99H"));
         client.oneshot(req).await.unwrap();
         let elapsed = start.elapsed();
-        let headers = server.headers().await;
-        let values: Vec<_> = headers.get_all(GRPC_TIMEOUT).iter().collect();
-        assert_eq!(values.len(), 1, "{values:?}");
-        let sent = decode_grpc_timeout(values[0]).unwrap();
+        let sent = sent_budget(&server.headers().await, GRPC_TIMEOUT, decode_grpc_timeout);
         assert!(sent <= budget - margin, "{sent:?}");
         assert!(
             sent >= budget - margin - elapsed,
@@ -710,13 +747,7 @@ mod hyper_client {
                 panic!("{path}: {err}")
             };
             // Our budget ran out: our deadline's origin (a `with_timeout`), not `Header`.
-            assert_eq!(
-                c.cause(),
-                &Cause::DeadlineExceeded {
-                    origin: DeadlineOrigin::Code
-                },
-                "{path}"
-            );
+            assert_eq!(c.cause(), &OWN_DEADLINE, "{path}");
         }
         // A bare 504 is some gateway's own: an answer like any other.
         let res = client
@@ -737,9 +768,9 @@ mod reqwest_helper {
     use tokio::time::{Instant, timeout};
     use tower_reqctx::header::{DeadlineHeader, REQUEST_TIMEOUT_MS};
     use tower_reqctx::propagate::{ClientError, Propagation, ReqwestContextExt};
-    use tower_reqctx::reqctx::{Cause, Context, DeadlineOrigin};
+    use tower_reqctx::reqctx::{Cause, Context};
 
-    use super::downstream::{BOUND, Server};
+    use super::downstream::{BOUND, OWN_DEADLINE, Server, sent_budget};
 
     fn client() -> reqwest::Client {
         reqwest::Client::builder().no_proxy().build().unwrap()
@@ -777,16 +808,10 @@ mod reqwest_helper {
         let (ctx, cancel) = Context::background().with_cancel();
         let send = client().get(server.url("/hold")).context(&ctx).send();
         let call = tokio::spawn(send);
-        server.started().await;
-        let cancelled_at = Instant::now();
-        cancel.cancel_with(Cause::ClientDisconnected);
-        let err = timeout(BOUND, call).await.unwrap().unwrap().unwrap_err();
+        let err = server
+            .cancelled_in_flight(call, |cause| cancel.cancel_with(cause))
+            .await;
         assert_eq!(err.cause(), Some(&Cause::ClientDisconnected));
-        assert_eq!(server.cause().await, Some(Cause::ClientDisconnected));
-        eprintln!(
-            "reqwest: cancel to the server's ClientDisconnected: {:?}",
-            cancelled_at.elapsed()
-        );
     }
 
     #[tokio::test]
@@ -800,14 +825,7 @@ mod reqwest_helper {
         .await
         .unwrap()
         .unwrap_err();
-        assert_eq!(
-            err.cause(),
-            Some(&Cause::DeadlineExceeded {
-                origin: DeadlineOrigin::Code
-            })
-        );
-        server.started().await;
-        assert_eq!(server.cause().await, Some(Cause::ClientDisconnected));
+        server.left_at_the_callers_deadline(err.cause()).await;
     }
 
     #[tokio::test]
@@ -825,10 +843,7 @@ mod reqwest_helper {
             .await
             .unwrap();
         let elapsed = start.elapsed();
-        let headers = server.headers().await;
-        let values: Vec<_> = headers.get_all(REQUEST_TIMEOUT_MS).iter().collect();
-        assert_eq!(values.len(), 1, "{values:?}");
-        let sent = decode_millis(values[0]).unwrap();
+        let sent = sent_budget(&server.headers().await, REQUEST_TIMEOUT_MS, decode_millis);
         let margin = Propagation::DEFAULT_MARGIN;
         assert!(sent <= budget - margin, "{sent:?}");
         assert!(
@@ -851,13 +866,7 @@ mod reqwest_helper {
             let ClientError::Cancelled(c) = err else {
                 panic!("{path}: {err}")
             };
-            assert_eq!(
-                c.cause(),
-                &Cause::DeadlineExceeded {
-                    origin: DeadlineOrigin::Code
-                },
-                "{path}"
-            );
+            assert_eq!(c.cause(), &OWN_DEADLINE, "{path}");
         }
         let err = client()
             .get(server.url("/bare-504"))
@@ -890,7 +899,6 @@ mod caller_origin {
     use hyper_util::client::legacy::Client;
     use hyper_util::client::legacy::connect::HttpConnector;
     use hyper_util::rt::TokioExecutor;
-    use tokio::net::TcpListener;
     use tokio::sync::mpsc;
     use tokio::time::timeout;
     use tower::{Layer, ServiceExt};
@@ -919,9 +927,8 @@ mod caller_origin {
     }
 
     async fn serve(app: Router) -> SocketAddr {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(tower_reqctx::serve(listener, app).into_future());
+        let (addr, _) =
+            crate::support::http::spawn_server(|l| tower_reqctx::serve(l, app).into_future()).await;
         addr
     }
 

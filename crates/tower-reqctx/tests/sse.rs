@@ -6,19 +6,18 @@ use std::convert::Infallible;
 use std::future::IntoFuture;
 use std::pin::Pin;
 use std::task::{Context as Cx, Poll};
-use std::time::Duration;
 
 use axum::Router;
 use axum::response::sse::Event;
 use axum::routing::get;
 use futures_core::Stream;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 use tower_reqctx::reqctx::Cause;
 use tower_reqctx::{ContextLayer, ReqCtx, serve};
 
-const BOUND: Duration = Duration::from_secs(5);
+mod support;
+use support::http::{BOUND, read_until, send, spawn_server};
 
 /// One event, then nothing, forever; reports its drop.
 struct OneThenIdle {
@@ -64,27 +63,10 @@ async fn a_client_leaving_ends_the_event_stream() {
     let app = Router::new()
         .route("/events", get(handler))
         .layer(ContextLayer::new());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(serve(listener, app).into_future());
+    let (addr, server) = spawn_server(|l| serve(l, app).into_future()).await;
 
-    let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
-    client
-        .write_all(b"GET /events HTTP/1.1\r\nhost: test\r\n\r\n")
-        .await
-        .unwrap();
-    let mut seen = Vec::new();
-    timeout(BOUND, async {
-        let mut buf = [0; 1024];
-        while !String::from_utf8_lossy(&seen).contains("data: hello") {
-            let n = client.read(&mut buf).await.unwrap();
-            assert!(n > 0, "the server closed the stream early");
-            seen.extend_from_slice(&buf[..n]);
-        }
-    })
-    .await
-    .expect("no event within the bound");
-    let head = String::from_utf8_lossy(&seen);
+    let mut client = send(addr, b"GET /events HTTP/1.1\r\nhost: test\r\n\r\n").await;
+    let head = read_until(&mut client, "data: hello").await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(head.contains("text/event-stream"), "{head}");
 

@@ -15,11 +15,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tower_reqctx::{ConnectionContext, WatchedListener};
 
-// The raw HTTP/1.1 client, one file shared with `tower-reqctx`'s and `reqctx-postgres`'s
-// tests (see its docs for why a file and not a crate).
-#[path = "../../crates/tower-reqctx/tests/support/http.rs"]
-mod raw_http;
-pub use raw_http::{
+// The workspace's raw HTTP/1.1 test client.
+pub use reqctx_test_support::{
     BOUND, connect, http_get, http1, parse_response, read_to_end, read_until, reset, send,
 };
 

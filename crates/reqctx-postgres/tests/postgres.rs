@@ -2,9 +2,6 @@
 //! watches the server through `pg_stat_activity` from a separate connection.
 
 mod support;
-// The workspace's raw HTTP/1.1 test client, one file shared by every crate's tests.
-#[path = "../../tower-reqctx/tests/support/http.rs"]
-mod http_client;
 
 use std::time::{Duration, Instant};
 
@@ -567,13 +564,13 @@ mod http {
     //! The same over real sockets: an axum handler under `tower_reqctx::serve`.
 
     use super::*;
-    use crate::http_client::http_get;
     use axum::Router;
     use axum::extract::{Request, State};
     use axum::http::StatusCode;
     use axum::middleware::{self, Next};
     use axum::response::{IntoResponse, Response};
     use axum::routing::get;
+    use reqctx_test_support::http_get;
     use std::sync::Arc;
     use tokio::sync::{Notify, mpsc};
     use tower_reqctx::{ContextLayer, ReqCtx};
@@ -671,14 +668,14 @@ mod http {
             .layer(ContextLayer::new())
             .with_state(app.clone());
         let (addr, _) =
-            crate::http_client::spawn_server(|l| tower_reqctx::serve(l, router).into_future())
+            reqctx_test_support::spawn_server(|l| tower_reqctx::serve(l, router).into_future())
                 .await;
         (addr, app, rx)
     }
 
     async fn request(addr: std::net::SocketAddr, path: &str) -> TcpStream {
         let req = format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n");
-        crate::http_client::send(addr, req.as_bytes()).await
+        reqctx_test_support::send(addr, req.as_bytes()).await
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

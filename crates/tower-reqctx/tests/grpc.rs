@@ -23,8 +23,7 @@ use tower_reqctx::header::DeadlineHeader;
 use tower_reqctx::reqctx::{Cause, Context, DeadlineOrigin};
 use tower_reqctx::{ContextLayer, request_context, serve};
 
-mod support;
-use support::http::{BOUND, spawn_server};
+use reqctx_test_support::{BOUND, spawn_server};
 
 /// Messages are their bytes, as they are.
 #[derive(Debug, Clone, Copy, Default)]

@@ -15,8 +15,7 @@ use tokio::time::timeout;
 use tower_reqctx::reqctx::Cause;
 use tower_reqctx::{ConnectionContext, ContextLayer, ReqCtx, serve};
 
-mod support;
-use support::http::BOUND;
+use reqctx_test_support::BOUND;
 
 /// What the handler saw: whether the request had a `ConnectInfo<SocketAddr>` and a remote
 /// address; then, from a task of its own, its context's cause.

@@ -5,8 +5,6 @@
 //! The servers here read the deadline header raw: the server side's own reading of it is
 //! tested with the layer.
 
-mod support;
-
 use std::time::Duration;
 
 use http::HeaderValue;
@@ -144,7 +142,7 @@ mod downstream {
     use tower_reqctx::reqctx::{Cause, DeadlineOrigin};
     use tower_reqctx::{ContextLayer, ReqCtx};
 
-    pub(crate) use crate::support::http::BOUND;
+    pub(crate) use reqctx_test_support::BOUND;
 
     /// The cause a call ends with when the caller's own `with_timeout` runs out.
     pub(crate) const OWN_DEADLINE: Cause = Cause::DeadlineExceeded {
@@ -242,7 +240,7 @@ mod downstream {
                 .with_state(probe)
                 .layer(ContextLayer::new());
             let (addr, _) =
-                crate::support::http::spawn_server(|l| tower_reqctx::serve(l, app).into_future())
+                reqctx_test_support::spawn_server(|l| tower_reqctx::serve(l, app).into_future())
                     .await;
             Server {
                 addr,
@@ -928,7 +926,7 @@ mod caller_origin {
 
     async fn serve(app: Router) -> SocketAddr {
         let (addr, _) =
-            crate::support::http::spawn_server(|l| tower_reqctx::serve(l, app).into_future()).await;
+            reqctx_test_support::spawn_server(|l| tower_reqctx::serve(l, app).into_future()).await;
         addr
     }
 

@@ -19,8 +19,7 @@ use tokio::time::timeout;
 use tower_reqctx::reqctx::Cause;
 use tower_reqctx::{ConnectionContext, WatchedListener, serve};
 
-mod support;
-use support::http::{BOUND, read_to_end, read_until, send, spawn_server};
+use reqctx_test_support::{BOUND, read_to_end, read_until, send, spawn_server};
 
 /// What the handlers report.
 #[derive(Clone)]

@@ -16,8 +16,7 @@ use tokio::time::timeout;
 use tower_reqctx::reqctx::Cause;
 use tower_reqctx::{ContextLayer, ReqCtx, serve};
 
-mod support;
-use support::http::{BOUND, read_until, send, spawn_server};
+use reqctx_test_support::{BOUND, read_until, send, spawn_server};
 
 /// One event, then nothing, forever; reports its drop.
 struct OneThenIdle {

@@ -2,13 +2,12 @@
 //! start a server on 127.0.0.1, connect to it, send requests written by hand, read the
 //! answer.
 //!
-//! It depends on tokio alone, so every test crate of the workspace includes this one
-//! file: `tower-reqctx`'s tests as `mod support;`, `reqctx-tests` (`tests/src/lib.rs`)
-//! and `reqctx-postgres`'s tests with `#[path]`. A support *crate* would not do: one that
-//! depends on `tower-reqctx` cannot be a dev-dependency of `tower-reqctx` (its tests would
-//! see two copies of the crate's types), and servers are started by each crate's own
-//! helpers, which do need `tower-reqctx`.
-#![allow(dead_code, unreachable_pub)] // each test binary uses some of it
+//! It depends on tokio alone, and on none of the workspace's crates, so that every test of
+//! the workspace can use it: `tower-reqctx`'s and `reqctx-postgres`'s as a
+//! dev-dependency, `reqctx-tests` as a dependency. (A support crate that depended on
+//! `tower-reqctx` could not be a dev-dependency of `tower-reqctx`: its tests would see
+//! two copies of the crate's types.) Servers are started by each test's own code, with
+//! [`spawn_server`].
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -8,7 +8,7 @@ use reqctx::Context;
 use tower_layer::Layer;
 
 use super::config::Config;
-use super::service::{ContextService, Role};
+use super::service::ContextService;
 use crate::wire::ClampPolicy;
 use crate::wire::header::DeadlineHeader;
 
@@ -199,6 +199,6 @@ impl<S> Layer<S> for ContextLayer {
     type Service = ContextService<S>;
 
     fn layer(&self, inner: S) -> ContextService<S> {
-        ContextService::new(inner, Role::Owner(self.config.clone()))
+        ContextService::new(inner, self.config.clone())
     }
 }

@@ -11,6 +11,7 @@ use crate::wire::header::DeadlineHeader;
 
 #[derive(Clone, Debug)]
 pub(crate) struct Config {
+    pub(crate) role: Role,
     pub(crate) timeout: Option<Duration>,
     pub(crate) max_timeout: Option<Duration>,
     pub(crate) policy: ClampPolicy,
@@ -25,6 +26,7 @@ pub(crate) struct Config {
 impl Default for Config {
     fn default() -> Config {
         Config {
+            role: Role::Owner,
             timeout: None,
             max_timeout: None,
             policy: ClampPolicy::Clamp,
@@ -36,4 +38,14 @@ impl Default for Config {
             request_id: None,
         }
     }
+}
+
+/// Which layer made the service.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Role {
+    /// `ContextLayer`: makes the request's context and owns it.
+    Owner,
+    /// `RouteTimeout`: replaces the owner's server timeout (`None`: no timeout); the
+    /// other settings are not read.
+    Route(Option<Duration>),
 }

@@ -1,10 +1,12 @@
 //! `RouteTimeout`: a route's own timeout, under the request's owner.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tower_layer::Layer;
 
-use super::service::{ContextService, Role};
+use super::config::{Config, Role};
+use super::service::ContextService;
 
 /// A route's own server timeout, longer or shorter than the [`ContextLayer`]'s, or none
 /// (for server-sent events, long polls). It is the only setting a route has: everything
@@ -34,23 +36,31 @@ use super::service::{ContextService, Role};
 ///     .layer(ContextLayer::new().timeout(Duration::from_secs(5)));
 /// # let _ = app;
 /// ```
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct RouteTimeout {
-    timeout: Option<Duration>,
+    // A config of the route's role, made once here: the service stays one pointer wide.
+    config: Arc<Config>,
 }
 
 impl RouteTimeout {
     /// The route's requests get `timeout`, counted from their arrival, instead of the
     /// `ContextLayer`'s.
     pub fn new(timeout: Duration) -> RouteTimeout {
-        RouteTimeout {
-            timeout: Some(timeout),
-        }
+        RouteTimeout::with(Some(timeout))
     }
 
     /// The route's requests have no server timeout; a client's still applies.
     pub fn none() -> RouteTimeout {
-        RouteTimeout { timeout: None }
+        RouteTimeout::with(None)
+    }
+
+    fn with(timeout: Option<Duration>) -> RouteTimeout {
+        RouteTimeout {
+            config: Arc::new(Config {
+                role: Role::Route(timeout),
+                ..Config::default()
+            }),
+        }
     }
 }
 
@@ -58,6 +68,6 @@ impl<S> Layer<S> for RouteTimeout {
     type Service = ContextService<S>;
 
     fn layer(&self, inner: S) -> ContextService<S> {
-        ContextService::new(inner, Role::Route(self.timeout))
+        ContextService::new(inner, self.config.clone())
     }
 }

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use super::body::ContextBody;
-use super::config::Config;
+use super::config::{Config, Role};
 use super::future::{Answer, OnTimeout, ResponseFuture};
 use super::lifecycle::{Owner, RequestKind};
 use super::scope::{RequestScope, earliest};
@@ -27,21 +27,13 @@ use crate::wire::query::{DisplayDuration, client_timeout};
 #[derive(Clone, Debug)]
 pub struct ContextService<S> {
     inner: S,
-    role: Role,
-}
-
-/// Which layer made the service.
-#[derive(Clone, Debug)]
-pub(crate) enum Role {
-    /// `ContextLayer`: makes the request's context and owns it.
-    Owner(Arc<Config>),
-    /// `RouteTimeout`: replaces the owner's server timeout (`None`: no timeout).
-    Route(Option<Duration>),
+    // One pointer: a clone of this service rides in every request (axum clones the route).
+    config: Arc<Config>,
 }
 
 impl<S> ContextService<S> {
-    pub(crate) fn new(inner: S, role: Role) -> ContextService<S> {
-        ContextService { inner, role }
+    pub(crate) fn new(inner: S, config: Arc<Config>) -> ContextService<S> {
+        ContextService { inner, config }
     }
 
     /// The wrapped service.
@@ -74,18 +66,19 @@ where
 
     fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
         let scope = req.extensions_mut().get_mut::<RequestScope>();
-        let config = match (&self.role, scope) {
-            (Role::Owner(config), None) => &**config,
+        let config = &*self.config;
+        match (&config.role, scope) {
+            (Role::Owner, None) => {}
             (Role::Route(timeout), Some(scope)) => {
                 scope.set_server_timeout(*timeout);
                 return ResponseFuture::passthrough(self.inner.call(req));
             }
             // A second owner would cut the first one's lifecycle in two: refuse, loudly.
-            (Role::Owner(_), Some(_)) => {
+            (Role::Owner, Some(_)) => {
                 return ResponseFuture::early(Answer::misconfigured(NESTED));
             }
             (Role::Route(_), None) => return ResponseFuture::early(Answer::misconfigured(ALONE)),
-        };
+        }
 
         // A gRPC service enables grpc-timeout; only then is the content type looked at.
         let grpc = config

@@ -83,5 +83,7 @@ pub use crate::context::{Canceller, Context, OnCancel};
 #[doc(hidden)]
 pub use crate::context::{DeadlineDriver, DeadlineHandle};
 pub use crate::future::{Run, WaitForCancel};
+#[doc(hidden)]
+pub use crate::node::wheel_instant as timer_instant;
 #[cfg(feature = "stream")]
 pub use crate::stream::{Bound, BoundTry};

@@ -728,7 +728,11 @@ impl Future for DeadlineTimer {
 
 /// `at`, or a second earlier for a deadline within a millisecond of the end of time: tokio
 /// rounds a deadline up by adding just under a millisecond, which would overflow there.
-pub(crate) fn wheel_instant(at: Instant) -> Instant {
+///
+/// The one guard every timer of ours goes through (`sleep_until`, `Sleep::reset`), this
+/// crate's and `tower-reqctx`'s (re-exported as `timer_instant`: not API, may change in any
+/// release).
+pub fn wheel_instant(at: Instant) -> Instant {
     match at.checked_add(Duration::from_millis(1)) {
         Some(_) => at,
         None => at.checked_sub(Duration::from_secs(1)).unwrap_or(at),

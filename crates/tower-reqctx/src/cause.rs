@@ -60,6 +60,31 @@ impl fmt::Display for ResponseBodyFailed {
 
 impl StdError for ResponseBodyFailed {}
 
+/// The cause of a request whose response body was dropped before anything polled it, on
+/// a connection the client had not left: middleware outside the
+/// [`ContextLayer`](crate::ContextLayer) replaced or discarded the response (an outer
+/// `map_response` that rewrites error pages, a cache that answers from its own copy), so
+/// the client got an answer, but not this one, and this one was never sent. Check for it
+/// with [`Cause::downcast_ref`].
+///
+/// A wrapper that keeps the body and polls it through (tower-http's `CompressionLayer`,
+/// `SetResponseHeader`, `TraceLayer`) leaves the body's own end, `Completed`. A client
+/// that left first is `ClientDisconnected` where the connection says so (under
+/// [`serve`](crate::serve()) or `WatchedListener`, or an HTTP/2 connection's close); over
+/// HTTP/2, a client that resets its stream in the instant between the handler's answer
+/// and hyper's first read of the body cannot be told from a discarded body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ResponseDiscarded;
+
+impl fmt::Display for ResponseDiscarded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the response was discarded before it was sent")
+    }
+}
+
+impl StdError for ResponseDiscarded {}
+
 /// The cause of a connection context whose connection the server closed while it was not
 /// shutting down: keep-alive over (`connection: close`, a header-read timeout, an HTTP/2
 /// GOAWAY), a protocol error, an upgraded connection's IO dropped by its handler. A custom
@@ -92,7 +117,7 @@ pub(crate) fn server_closed() -> Cause {
 
 /// The label of a request's cause in metrics and on its span: [`Cause::kind`], with the
 /// layer's own custom causes named (`service_failed`, `handler_panicked`,
-/// `response_body_failed`) rather than lumped under `custom`.
+/// `response_body_failed`, `response_discarded`) rather than lumped under `custom`.
 pub(crate) fn label(cause: &Cause) -> &'static str {
     if let Cause::Custom(_) = cause {
         if cause.downcast_ref::<ServiceFailed>().is_some() {
@@ -103,6 +128,9 @@ pub(crate) fn label(cause: &Cause) -> &'static str {
         }
         if cause.downcast_ref::<ResponseBodyFailed>().is_some() {
             return "response_body_failed";
+        }
+        if cause.downcast_ref::<ResponseDiscarded>().is_some() {
+            return "response_discarded";
         }
     }
     cause.kind()

@@ -155,7 +155,9 @@ pub mod propagate;
 mod server;
 mod wire;
 
-pub use crate::cause::{HandlerPanicked, ResponseBodyFailed, ServerClosed, ServiceFailed};
+pub use crate::cause::{
+    HandlerPanicked, ResponseBodyFailed, ResponseDiscarded, ServerClosed, ServiceFailed,
+};
 pub use crate::connection::ConnectionContext;
 #[cfg(feature = "catch-panic")]
 pub use crate::layer::PanicResponse;

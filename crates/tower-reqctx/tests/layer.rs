@@ -334,11 +334,47 @@ async fn dropped_unfinished_body_is_a_client_disconnect() {
             }),
         )
         .layer(ContextLayer::new());
-    let res = app.oneshot(get_req("/")).await.unwrap();
+    let mut res = app.oneshot(get_req("/")).await.unwrap();
     let ctx = rx.recv().await.unwrap();
+    poll_once(res.body_mut()).await; // hyper reads a body as soon as it has the head
     assert_eq!(ctx.cause(), None, "streaming");
     drop(res);
     assert_eq!(ctx.cause(), Some(Cause::ClientDisconnected));
+}
+
+/// Polls `body` for a frame once, as hyper does right after it wrote the response's head.
+async fn poll_once<B: http_body::Body + Unpin>(body: &mut B) {
+    std::future::poll_fn(|cx| {
+        let _ = std::pin::Pin::new(&mut *body).poll_frame(cx);
+        std::task::Poll::Ready(())
+    })
+    .await;
+}
+
+/// A body dropped before anything polled it was replaced further out (an outer
+/// `map_response`), not left by the client: `ResponseDiscarded`.
+#[tokio::test]
+async fn a_body_dropped_unpolled_is_discarded() {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let app = Router::new()
+        .route(
+            "/",
+            get(move |ctx: ReqCtx| async move {
+                tx.send(ctx.0.clone()).unwrap();
+                Body::from_stream(futures_stream(Duration::from_millis(10)))
+            }),
+        )
+        .layer(ContextLayer::new());
+    let res = app.oneshot(get_req("/")).await.unwrap();
+    let ctx = rx.recv().await.unwrap();
+    drop(res);
+    let cause = ctx.cause().expect("ended");
+    assert!(
+        cause
+            .downcast_ref::<tower_reqctx::ResponseDiscarded>()
+            .is_some(),
+        "{cause:?}"
+    );
 }
 
 /// An endless stream of ticks, one every `every`.
@@ -899,7 +935,8 @@ async fn a_body_dropped_by_the_server_can_read_its_cause_in_drop() {
             get(move |ctx: ReqCtx| async move { Body::from_stream(ReportOnDrop(ctx.0, tx)) }),
         )
         .layer(ContextLayer::new());
-    let res = app.oneshot(get_req("/")).await.unwrap();
+    let mut res = app.oneshot(get_req("/")).await.unwrap();
+    poll_once(res.body_mut()).await;
     drop(res); // as hyper does when the client leaves
     assert_eq!(rx.recv().await.unwrap(), Some(Cause::ClientDisconnected));
 }

@@ -2,16 +2,18 @@
 
 use std::error::Error as StdError;
 use std::fmt;
+use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{HeaderMap, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
-use reqctx::{Cancelled, Cause, WaitForCancel};
+use reqctx::{Cancelled, Canceller, Cause, Context, WaitForCancel};
 
 use super::lifecycle::{Answered, Owner, Streaming};
 use crate::cause::ResponseBodyFailed;
@@ -51,11 +53,13 @@ pin_project! {
             grpc: bool, // a gRPC response: a deadline ends it with trailers, not an error
             // The handler answered before the context was cancelled: a cancellation now
             // cuts the body short, while an answer written after a cancellation (its own
-            // 504) is whole.
+            // 504, a 503 in the grace) is whole, bounded only by the grace's end.
             live: bool,
-            // Armed once the body is pending (a streaming body); boxed so that the body
-            // stays small to move.
-            wait: Option<Pin<Box<WaitForCancel>>>,
+            // What cuts the body once it streams: the request's context, or for an answer
+            // made after the cancellation the grace's end (made with the answer, looked at
+            // only once the body streams). Boxed so that the body stays small to move.
+            wait: Option<Pin<Box<Watch>>>,
+            armed: bool, // the body streams: `wait` is looked at before each poll
             ended: bool, // gRPC trailers of our own were yielded: the body is over
         },
         Message {
@@ -72,11 +76,15 @@ impl<B> ContextBody<B> {
     }
 
     /// The handler's response: the owner decides whether the body carries it.
-    pub(crate) fn answered(owner: Owner, res: Response<B>) -> Response<ContextBody<B>>
+    pub(crate) fn answered(
+        owner: Owner,
+        res: Response<B>,
+        grace: Duration,
+    ) -> Response<ContextBody<B>>
     where
         B: Body,
     {
-        match owner.answered(res) {
+        match owner.answered(res, grace) {
             Answered::Done(res) => res.map(ContextBody::plain),
             Answered::Streams(res, streaming) => {
                 let Streaming {
@@ -84,7 +92,9 @@ impl<B> ContextBody<B> {
                     length,
                     grpc,
                     live,
+                    bound,
                 } = streaming;
+                let wait = bound.map(|(ctx, canceller)| Watch::new(&ctx, Some(canceller)));
                 res.map(|body| ContextBody {
                     kind: Kind::Owned {
                         owner: Some(owner),
@@ -92,7 +102,8 @@ impl<B> ContextBody<B> {
                         remaining: length,
                         grpc,
                         live,
-                        wait: None,
+                        wait,
+                        armed: false,
                         ended: false,
                     },
                 })
@@ -170,18 +181,21 @@ where
                 grpc,
                 live,
                 wait,
+                armed,
                 ended,
             } => {
-                let Some(o) = owner.as_ref() else {
+                let Some(o) = owner.as_mut() else {
                     if *ended {
                         return Poll::Ready(None);
                     }
                     return body.poll_frame(cx).map_err(Into::into);
                 };
+                o.polled();
+                let o = &*o;
                 // Once the body has waited, cancellation is looked at before the body: a
                 // client that stopped reading while the deadline passed gets an error at
                 // the next poll, not more data.
-                if let Some(w) = wait.as_mut() {
+                if let Some(w) = wait.as_mut().filter(|_| *armed) {
                     if w.as_mut().poll(cx).is_ready() {
                         let cause = o.cause().unwrap_or(Cause::Cancelled);
                         *owner = None;
@@ -226,20 +240,19 @@ where
                                     return cut_short(cause, *grpc, ended);
                                 }
                             }
-                        } else if *live && wait.is_none() {
+                        } else if !*armed {
                             // More to come: a body that is never pending streams too, and
                             // hyper alone stops polling it when the client stops reading.
-                            // A cause that is already there cuts it at the next poll. (An
-                            // answer made after the cancellation is left to run.)
-                            let _ = arm(owner, wait, cx);
+                            // A cause that is already there cuts it at the next poll.
+                            let _ = arm(owner, wait, armed, *live, cx);
                         }
                         Poll::Ready(Some(Ok(frame)))
                     }
                     Poll::Pending => {
                         // The body waits: any cause (the deadline included, whoever times
                         // it) ends it.
-                        if wait.is_none() {
-                            if let Some(cause) = arm(owner, wait, cx) {
+                        if !*armed {
+                            if let Some(cause) = arm(owner, wait, armed, *live, cx) {
                                 *owner = None;
                                 return cut_short(cause, *grpc, ended);
                             }
@@ -284,19 +297,53 @@ where
 }
 
 /// The body streams (it is pending, or yielded a frame that is not its last): arms what
-/// ends it when its context does, once. Returns the cause if the context has one already.
+/// ends it, once. An answer made before the cancellation is cut by its request's context;
+/// one made after by its bound (the grace's end), if it has one, never by the
+/// cancellation it answers. Returns the cause if what cuts it has ended already.
 fn arm(
     owner: &mut Option<Owner>,
-    wait: &mut Option<Pin<Box<WaitForCancel>>>,
+    wait: &mut Option<Pin<Box<Watch>>>,
+    armed: &mut bool,
+    live: bool,
     cx: &mut TaskContext<'_>,
 ) -> Option<Cause> {
     let o = owner.as_mut()?;
-    o.streaming();
-    let w = wait.insert(Box::pin(o.driver().context().cancelled()));
+    *armed = true;
+    if live {
+        o.streaming();
+        *wait = Some(Watch::new(&o.driver().context(), None));
+    }
+    let w = wait.as_mut()?;
     w.as_mut()
         .poll(cx)
         .is_ready()
         .then(|| o.cause().unwrap_or(Cause::Cancelled))
+}
+
+pin_project! {
+    /// What cuts a streaming body: the end of a context.
+    struct Watch {
+        #[pin]
+        wait: WaitForCancel,
+        bound: Option<Canceller>, // the grace's own context: ended (`Cancelled`) with the body
+    }
+}
+
+impl Watch {
+    fn new(ctx: &Context, bound: Option<Canceller>) -> Pin<Box<Watch>> {
+        Box::pin(Watch {
+            wait: ctx.cancelled(),
+            bound,
+        })
+    }
+}
+
+impl Future for Watch {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<()> {
+        self.project().wait.poll(cx)
+    }
 }
 
 /// How a body whose context ended while it streamed ends: with an error, so the client

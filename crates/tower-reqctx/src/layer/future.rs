@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use http::{Response, StatusCode};
 use pin_project_lite::pin_project;
-use reqctx::{Cancelled, Cause, DeadlineOrigin};
+use reqctx::{Cancelled, Cause, DeadlineOrigin, timer_instant};
 use tokio::time::{Instant, Sleep, sleep_until};
 
 use super::body::ContextBody;
@@ -223,7 +223,7 @@ where
                         panic!("ResponseFuture polled after completion");
                     };
                     return Poll::Ready(match result {
-                        Ok(res) => Ok(ContextBody::answered(o, res)),
+                        Ok(res) => Ok(ContextBody::answered(o, res, *grace)),
                         Err(e) => {
                             o.failed();
                             Err(e)
@@ -235,13 +235,17 @@ where
                 };
                 if !*expired {
                     // The deadline may have been moved by an inner layer since the last poll.
+                    // Every instant goes through the one guard against the clock's end.
                     match o.driver().deadline() {
                         None => *timer = None,
-                        Some((at, _)) => match timer {
-                            Some(t) if t.deadline() == at => {}
-                            Some(t) => t.as_mut().reset(at),
-                            None => *timer = Some(Box::pin(sleep_until(at))),
-                        },
+                        Some((at, _)) => {
+                            let at = timer_instant(at);
+                            match timer {
+                                Some(t) if t.deadline() == at => {}
+                                Some(t) => t.as_mut().reset(at),
+                                None => *timer = Some(Box::pin(sleep_until(at))),
+                            }
+                        }
                     }
                 }
                 let fired = timer
@@ -259,7 +263,7 @@ where
                         *expired = true;
                         match (timer.as_mut(), Instant::now().checked_add(*grace)) {
                             (Some(t), Some(end)) => {
-                                t.as_mut().reset(end);
+                                t.as_mut().reset(timer_instant(end));
                                 // Registers the new instant with the waker.
                                 t.as_mut()
                                     .poll(cx)

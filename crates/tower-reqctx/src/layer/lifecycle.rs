@@ -30,7 +30,8 @@
 //! | the response has no body to send (HEAD, 1xx, 204, 304, an empty body) | Running | `Completed` |
 //! | the body reached its end: `None`, `is_end_stream()`, all of its `Content-Length` (or exact size) yielded, or its trailers yielded | Streaming | `Completed` |
 //! | the body yields an error | Streaming | [`ResponseBodyFailed`] |
-//! | the response future or the body is dropped before its end | Running, Streaming | `ClientDisconnected` ([`HandlerPanicked`] while unwinding) |
+//! | the response future, or the body once polled, is dropped before its end | Running, Streaming | `ClientDisconnected` ([`HandlerPanicked`] while unwinding) |
+//! | the body is dropped before anything polled it (middleware outside replaced the response) | Streaming | [`ResponseDiscarded`] |
 //! | the upgraded connection ends (the server dropped its IO) | Held | `Completed` |
 //!
 //! **Races:** the cause recorded first wins and every reader sees it. A deadline counts from
@@ -62,13 +63,14 @@
 //! an upgrade ends the context at the 101 (or 2xx) with `Completed`.
 
 use std::cell::Cell;
+use std::time::Duration;
 
 use http::header::HeaderValue;
 use http::{Response, StatusCode};
 use http_body::Body;
-use reqctx::{Cancelled, Cause, DeadlineDriver, DeadlineOrigin};
+use reqctx::{Cancelled, Canceller, Cause, Context, DeadlineDriver, DeadlineOrigin};
 
-use crate::cause::{HandlerPanicked, ServiceFailed, label};
+use crate::cause::{HandlerPanicked, ResponseDiscarded, ServiceFailed, label};
 use crate::connection::{ConnectionAbort, ConnectionContext};
 use crate::wire::grpc;
 
@@ -80,6 +82,7 @@ pub(crate) struct Owner {
     // so a stalled response may close it.
     abort: Option<ConnectionAbort>,
     reported: Cell<bool>, // the cause went to tracing and metrics (once, by the first `end`)
+    unpolled: bool,       // in a body that nothing has polled yet: its drop is a discarded response
     // An upgrade request's connection: on an upgrade the owner is held there.
     upgrade: Option<ConnectionContext>,
 }
@@ -101,6 +104,7 @@ impl Owner {
             kind,
             abort: None,
             reported: Cell::new(false),
+            unpolled: false,
             upgrade: None,
         }
     }
@@ -114,6 +118,12 @@ impl Owner {
     /// On an upgrade, hand the owner to `conn` instead of ending the context.
     pub(crate) fn upgrades_on(&mut self, conn: ConnectionContext) {
         self.upgrade = Some(conn);
+    }
+
+    /// The body was polled: from now on its drop before its end is the client's doing.
+    #[inline]
+    pub(crate) fn polled(&mut self) {
+        self.unpolled = false;
     }
 
     pub(crate) fn driver(&self) -> &DeadlineDriver {
@@ -211,7 +221,12 @@ impl Owner {
     }
 
     /// The inner service answered `Ok(res)`: the response decides what happens next.
-    pub(crate) fn answered<B: Body>(mut self, mut res: Response<B>) -> Answered<B> {
+    /// `grace` is the layer's: it bounds an answer made after the deadline.
+    pub(crate) fn answered<B: Body>(
+        mut self,
+        mut res: Response<B>,
+        grace: Duration,
+    ) -> Answered<B> {
         let status = res.status();
         if status.as_u16() == CLIENT_CLOSED_REQUEST {
             // nginx's reason phrase; hyper would send none for a status it does not know.
@@ -238,17 +253,6 @@ impl Owner {
             }
         }
         self.upgrade = None; // no cycle through the connection's slot
-        let bodyless = self.kind == RequestKind::Head
-            || status.is_informational()
-            || upgrade
-            || status == StatusCode::NO_CONTENT
-            || status == StatusCode::NOT_MODIFIED
-            || res.body().is_end_stream();
-        if bodyless {
-            // hyper will not poll this body: the response is over once sent.
-            self.end(Cause::Completed);
-            return Answered::Done(res);
-        }
         // hyper drops a body whose announced length it has written without polling it
         // again: count the bytes, so that the last one ends the context.
         let length = res.body().size_hint().exact().or_else(|| {
@@ -256,8 +260,25 @@ impl Owner {
                 .get(http::header::CONTENT_LENGTH)
                 .and_then(parse_length)
         });
+        let bodyless = self.kind == RequestKind::Head
+            || status.is_informational()
+            || upgrade
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+            || length == Some(0) // a declared empty body: hyper writes the head only
+            || res.body().is_end_stream();
+        if bodyless {
+            // hyper will not poll this body: the response is over once sent.
+            self.end(Cause::Completed);
+            return Answered::Done(res);
+        }
         let grpc = length.is_none() && grpc::is_grpc(res.headers().get(http::header::CONTENT_TYPE));
         let live = !self.is_cancelled();
+        let bound = match live {
+            true => None,
+            false => self.grace_bound(grace),
+        };
+        self.unpolled = true;
         Answered::Streams(
             res,
             Streaming {
@@ -265,8 +286,35 @@ impl Owner {
                 length,
                 grpc,
                 live,
+                bound,
             },
         )
+    }
+
+    /// An answer made after the cancellation: what bounds its body. Never the cancellation
+    /// it answers; the end of the grace when that was the deadline (`None` for a grace
+    /// too long to represent). An answer to a client that left or to a shutdown has no
+    /// bound of ours: its writes fail, or the server's drain ends it. On a watched HTTP/1
+    /// connection, the end of the grace also closes a connection stalled on a client that
+    /// does not read, as [`Owner::streaming`] does for the deadline.
+    fn grace_bound(&mut self, grace: Duration) -> Option<(Context, Canceller)> {
+        let Some(Cause::DeadlineExceeded { .. }) = self.cause() else {
+            return None;
+        };
+        let (deadline, _) = self.driver.deadline()?;
+        let end = deadline.checked_add(grace)?;
+        let (bound, canceller) = Context::background().with_deadline(end);
+        if let Some(abort) = self.abort.take() {
+            abort.arm();
+            // Runs once: at the end of the grace, or with `Cancelled` when the body ends
+            // and drops the canceller.
+            let _ = bound.on_cancel(move |cause| {
+                if matches!(cause, Cause::DeadlineExceeded { .. }) {
+                    abort.abort();
+                }
+            });
+        }
+        Some((bound, canceller))
     }
 
     /// The inner service returned an error: it passes through, the context ends with
@@ -288,6 +336,10 @@ impl Drop for Owner {
         }
         let cause = if std::thread::panicking() {
             Cause::custom(HandlerPanicked)
+        } else if self.unpolled {
+            // Middleware outside replaced the response; a client that left was recorded
+            // through the connection's context first, where there is one.
+            Cause::custom(ResponseDiscarded)
         } else {
             Cause::ClientDisconnected
         };
@@ -311,6 +363,9 @@ pub(crate) struct Streaming {
     pub(crate) grpc: bool,
     /// The handler answered before the context was cancelled.
     pub(crate) live: bool,
+    /// For an answer made after the cancellation: the context whose end cuts it (the end
+    /// of the grace), and what ends that context when the body is over.
+    pub(crate) bound: Option<(Context, Canceller)>,
 }
 
 /// An owner held by an upgraded connection: the tunnel ended when the connection drops it.

@@ -278,3 +278,67 @@ async fn a_failed_unary_call_is_not_client_disconnected() {
     assert_ne!(cause, Cause::ClientDisconnected);
     grpc.shutdown().await;
 }
+
+/// grpc-web over HTTP/1.1, with tonic-web on both sides and the `ContextLayer` outside
+/// tonic-web's translation (so the layer sees grpc-web): a deadline that cuts a server
+/// stream ends it with a grpc-web trailer frame carrying `DEADLINE_EXCEEDED` in the body
+/// (HTTP/1 has no trailers to carry it), never a clean end without a status.
+#[tokio::test]
+async fn a_deadline_cuts_a_grpc_web_stream_with_a_status() {
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    use tonic_web::{GrpcWebClientLayer, GrpcWebLayer};
+
+    let (tx, mut probe) = probe();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(
+        Server::builder()
+            .accept_http1(true)
+            .layer(ContextLayer::new().deadline_header(DeadlineHeader::grpc()))
+            .layer(GrpcWebLayer::new())
+            .add_service(EchoServer::new(EchoService { probe: tx }))
+            .serve_with_incoming_shutdown(TcpIncoming::from(listener), async {
+                let _ = stopped.await;
+            }),
+    );
+    let http1 = Client::builder(TokioExecutor::new()).build_http();
+    let web = tower::ServiceBuilder::new()
+        .layer(GrpcWebClientLayer::new())
+        .service(http1);
+    let mut client = EchoClient::with_origin(web, format!("http://{addr}").parse().unwrap());
+
+    const COUNT: u32 = 40; // 2 s of replies, against a 200 ms deadline
+    let mut request = Request::new(CountRequest {
+        count: COUNT,
+        every_ms: 50,
+    });
+    request.set_timeout(Duration::from_millis(200));
+    let mut stream = timeout(BOUND, client.count(request))
+        .await
+        .expect("the call should answer")
+        .unwrap()
+        .into_inner();
+    let mut got = 0;
+    let status = loop {
+        match timeout(BOUND, stream.message())
+            .await
+            .expect("the deadline should end the stream")
+        {
+            Ok(Some(_)) => got += 1,
+            Ok(None) => panic!("the stream ended cleanly after {got} replies, with no status"),
+            Err(status) => break status,
+        }
+    };
+    assert!(got >= 1 && got < COUNT, "{got} replies");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert_eq!(
+        cause_of(&probe.started().await).await,
+        Cause::DeadlineExceeded {
+            origin: DeadlineOrigin::Header
+        }
+    );
+    let _ = stop.send(());
+    let _ = timeout(BOUND, server).await;
+}

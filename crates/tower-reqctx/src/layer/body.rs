@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use http::header::{CONTENT_TYPE, HeaderValue};
-use http::{HeaderMap, Response, StatusCode};
+use http::{Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use reqctx::{Cancelled, Canceller, Cause, Context, WaitForCancel};
@@ -50,7 +50,7 @@ pin_project! {
             #[pin]
             body: B,
             remaining: Option<u64>, // bytes the response announced and has not yet yielded
-            grpc: bool, // a gRPC response: a deadline ends it with trailers, not an error
+            grpc: Option<grpc::Wire>, // a gRPC response: a deadline ends it with a status, not an error
             // The handler answered before the context was cancelled: a cancellation now
             // cuts the body short, while an answer written after a cancellation (its own
             // 504, a 503 in the grace) is whole, bounded only by the grace's end.
@@ -131,16 +131,19 @@ impl<B> ContextBody<B> {
 
 impl<B> ContextBody<B> {
     /// A gRPC trailers-only answer: HTTP 200 carrying `grpc-status` and `grpc-message` in
-    /// its headers and no body. `message` must be printable ASCII without `%` (it goes out
-    /// unescaped).
-    pub(crate) fn grpc_response(code: u8, message: &'static str) -> Response<ContextBody<B>> {
+    /// its headers and no body (grpc-web reads it there too). `message` must be printable
+    /// ASCII without `%` (it goes out unescaped).
+    pub(crate) fn grpc_response(
+        wire: grpc::Wire,
+        code: u8,
+        message: &'static str,
+    ) -> Response<ContextBody<B>> {
         let mut res = Response::new(ContextBody {
             kind: Kind::Message { data: None },
         });
         let headers = res.headers_mut();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-        headers.insert("grpc-status", HeaderValue::from(u16::from(code)));
-        headers.insert("grpc-message", HeaderValue::from_static(message));
+        headers.extend(grpc::trailers(code, message));
+        headers.insert(CONTENT_TYPE, wire.content_type());
         res
     }
 }
@@ -349,20 +352,20 @@ impl Future for Watch {
 /// How a body whose context ended while it streamed ends: with an error, so the client
 /// sees a truncated response, or, for gRPC, with trailers carrying the status of the
 /// cause (`DEADLINE_EXCEEDED` for a deadline), which a gRPC client reads as the call's
-/// outcome.
-fn cut_short<D>(
+/// outcome: HTTP trailers, or for grpc-web the trailer frame at the end of the body.
+fn cut_short<D: From<Bytes>>(
     cause: Cause,
-    grpc: bool,
+    grpc: Option<grpc::Wire>,
     ended: &mut bool,
 ) -> Poll<Option<Result<Frame<D>, BoxError>>> {
-    if grpc {
-        if let Some((code, message)) = grpc::status(&cause) {
-            *ended = true;
-            let mut trailers = HeaderMap::with_capacity(2);
-            trailers.insert("grpc-status", HeaderValue::from(u16::from(code)));
-            trailers.insert("grpc-message", HeaderValue::from_static(message));
-            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
-        }
+    if let (Some(wire), Some((code, message))) = (grpc, grpc::status(&cause)) {
+        *ended = true;
+        let frame = match wire {
+            grpc::Wire::Grpc => Frame::trailers(grpc::trailers(code, message)),
+            // HTTP/1 drops trailers: grpc-web carries the status in the body.
+            web => Frame::data(D::from(grpc::web_trailer_frame(web, code, message))),
+        };
+        return Poll::Ready(Some(Ok(frame)));
     }
     Poll::Ready(Some(Err(Box::new(Cancelled::new(cause)))))
 }

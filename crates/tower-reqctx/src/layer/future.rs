@@ -23,14 +23,16 @@ use crate::wire::header::{EXCEEDED, X_REQCTX_DEADLINE};
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum OnTimeout {
     Status(StatusCode),
-    Grpc,
+    Grpc(grpc::Wire),
 }
 
 impl From<OnTimeout> for Answer {
     fn from(on_timeout: OnTimeout) -> Answer {
         match on_timeout {
             OnTimeout::Status(status) => Answer::Timeout(status),
-            OnTimeout::Grpc => Answer::Grpc(grpc::DEADLINE_EXCEEDED, "deadline exceeded"),
+            OnTimeout::Grpc(wire) => {
+                Answer::Grpc(wire, grpc::DEADLINE_EXCEEDED, "deadline exceeded")
+            }
         }
     }
 }
@@ -45,14 +47,14 @@ pub(crate) enum Answer {
     /// answers.
     Timeout(StatusCode),
     /// A gRPC trailers-only answer: HTTP 200 with `grpc-status` and `grpc-message`.
-    Grpc(u8, &'static str),
+    Grpc(grpc::Wire, u8, &'static str),
 }
 
 impl Answer {
-    pub(crate) fn bad_request(grpc: bool, message: String) -> Answer {
+    pub(crate) fn bad_request(grpc: Option<grpc::Wire>, message: String) -> Answer {
         match grpc {
-            true => Answer::Grpc(grpc::INVALID_ARGUMENT, "invalid grpc-timeout"),
-            false => Answer::Text(StatusCode::BAD_REQUEST, message),
+            Some(wire) => Answer::Grpc(wire, grpc::INVALID_ARGUMENT, "invalid grpc-timeout"),
+            None => Answer::Text(StatusCode::BAD_REQUEST, message),
         }
     }
 
@@ -79,10 +81,13 @@ impl Answer {
                 }
                 res
             }
-            Answer::Grpc(code, message) => match cause.as_ref().and_then(grpc::status) {
-                Some((code, message)) => ContextBody::grpc_response(code, message),
-                None => ContextBody::grpc_response(code, message),
-            },
+            Answer::Grpc(wire, code, message) => {
+                let (code, message) = cause
+                    .as_ref()
+                    .and_then(grpc::status)
+                    .unwrap_or((code, message));
+                ContextBody::grpc_response(wire, code, message)
+            }
         }
     }
 }

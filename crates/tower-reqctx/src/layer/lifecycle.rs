@@ -272,7 +272,10 @@ impl Owner {
             self.end(Cause::Completed);
             return Answered::Done(res);
         }
-        let grpc = length.is_none() && grpc::is_grpc(res.headers().get(http::header::CONTENT_TYPE));
+        let grpc = match length {
+            None => grpc::Wire::of(res.headers().get(http::header::CONTENT_TYPE)),
+            Some(_) => None,
+        };
         let live = !self.is_cancelled();
         let bound = match live {
             true => None,
@@ -359,8 +362,8 @@ pub(crate) struct Streaming {
     pub(crate) owner: Owner,
     /// Bytes the response announced (`Content-Length` or an exact size hint).
     pub(crate) length: Option<u64>,
-    /// A gRPC response: a deadline ends it with trailers, not an error.
-    pub(crate) grpc: bool,
+    /// A gRPC response, and its wire: a deadline ends it with a status, not an error.
+    pub(crate) grpc: Option<grpc::Wire>,
     /// The handler answered before the context was cancelled.
     pub(crate) live: bool,
     /// For an answer made after the cancellation: the context whose end cuts it (the end

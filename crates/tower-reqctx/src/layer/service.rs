@@ -81,11 +81,14 @@ where
         }
 
         // A gRPC service enables grpc-timeout; only then is the content type looked at.
-        let grpc = config
+        let grpc = match config
             .deadline_headers
             .iter()
             .any(|h| matches!(h, DeadlineHeader::GrpcTimeout))
-            && grpc::is_grpc(req.headers().get(http::header::CONTENT_TYPE));
+        {
+            true => grpc::Wire::of(req.headers().get(http::header::CONTENT_TYPE)),
+            false => None,
+        };
         let query = match config.query_param {
             Some(name) => {
                 match client_timeout(req.uri().query(), name, config.max_timeout, config.policy) {
@@ -154,8 +157,8 @@ where
             owner,
             config.grace,
             match grpc {
-                true => OnTimeout::Grpc,
-                false => OnTimeout::Status(config.timeout_status),
+                Some(wire) => OnTimeout::Grpc(wire),
+                None => OnTimeout::Status(config.timeout_status),
             },
         )
     }

@@ -74,6 +74,11 @@ impl Connections {
     }
 
     fn watch(&mut self, socket: BorrowedSocket<'_>, canceller: Weak<Canceller>) -> Option<Watch> {
+        if self.watcher.as_ref().is_some_and(Watcher::failed) {
+            // Its task ended on an error (logged there): the connections from now on get a
+            // new one. Those it held are seen when hyper reads or writes.
+            self.watcher = None;
+        }
         if self.watcher.is_none() {
             match Watcher::new() {
                 Ok(watcher) => self.watcher = Some(watcher),
@@ -99,5 +104,53 @@ impl Connections {
                 None
             }
         }
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    const BOUND: Duration = Duration::from_secs(5);
+
+    /// A watcher whose `epoll_wait` fails is replaced for the connections that come next:
+    /// a client that then leaves is seen by the new one.
+    #[tokio::test]
+    async fn a_failed_watcher_is_replaced_for_later_connections() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut connections = Connections::new(Context::background());
+
+        let first_client = TcpStream::connect(addr).await.unwrap();
+        let (first, _) = listener.accept().await.unwrap();
+        let first = connections.accept(first, None, None);
+        let failing = connections.watcher.clone().expect("a watcher");
+        failing.fail_next_wait_for_test();
+        drop(first_client); // wakes the watcher, whose epoll_wait now fails
+        tokio::time::timeout(BOUND, async {
+            while !failing.failed() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the watcher should record its failure");
+        drop(first);
+
+        let client = TcpStream::connect(addr).await.unwrap();
+        let (server_side, _) = listener.accept().await.unwrap();
+        let io = connections.accept(server_side, None, None);
+        let replaced = connections.watcher.as_ref().expect("a new watcher");
+        assert!(!replaced.failed(), "the connection got the failed watcher");
+        let ctx = io.connection().context().clone();
+        drop(client);
+        tokio::time::timeout(BOUND, ctx.cancelled())
+            .await
+            .expect("the new watcher should see the client leave");
+        assert_eq!(ctx.cause(), Some(Cause::ClientDisconnected));
+        drop(io);
     }
 }

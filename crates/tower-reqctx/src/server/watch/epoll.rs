@@ -7,6 +7,7 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 
@@ -56,6 +57,9 @@ struct Shared {
     epoll: AsyncFd<OwnedFd>,
     registry: Mutex<Registry>,
     task: Mutex<TaskState>,
+    failed: AtomicBool, // epoll_wait failed and the task ended: make a new watcher
+    #[cfg(test)]
+    fail_next_wait: AtomicBool,
 }
 
 struct Registry {
@@ -101,10 +105,19 @@ impl Watcher {
                 stopped: false,
                 waker: None,
             }),
+            failed: AtomicBool::new(false),
+            #[cfg(test)]
+            fail_next_wait: AtomicBool::new(false),
         });
         let task = tokio::spawn(drain(Arc::clone(&shared)));
         let handle = Arc::new(Handle { shared });
         Ok((Watcher { handle }, task))
+    }
+
+    /// Whether the task ended on an error of `epoll_wait`: nothing it holds is reported any
+    /// more, and a new watch would not be either. Its owner makes a new watcher.
+    pub(crate) fn failed(&self) -> bool {
+        self.handle.shared.failed.load(Ordering::Acquire)
     }
 
     /// Starts watching `fd`, a connected socket, itself (no duplicate: one fd per
@@ -245,6 +258,10 @@ impl Shared {
             tv_sec: 0,
             tv_nsec: 0,
         };
+        #[cfg(test)]
+        if self.fail_next_wait.swap(false, Ordering::Relaxed) {
+            return Err(io::Error::other("injected epoll_wait failure"));
+        }
         let events = loop {
             match epoll::wait(self.epoll.get_ref(), &mut buf, Some(&now)) {
                 Ok((events, _)) => break events,
@@ -266,6 +283,9 @@ impl Shared {
     }
 }
 
+/// A watcher of this process failed already: the next failure is logged at `debug` only.
+static FAILED_ONCE: AtomicBool = AtomicBool::new(false);
+
 /// The watcher task.
 async fn drain(shared: Arc<Shared>) {
     let mut ready = Vec::new();
@@ -283,7 +303,18 @@ async fn drain(shared: Arc<Shared>) {
             let n = match shared.harvest(&mut ready) {
                 Ok(n) => n,
                 Err(err) => {
-                    tracing::error!(%err, "connection watcher: epoll_wait failed; watcher stopped");
+                    // Never seen, but never silent: the owner replaces a failed watcher
+                    // for the connections that come next (see `Connections::watch`).
+                    shared.failed.store(true, Ordering::Release);
+                    tracing::debug!(%err, "connection watcher: epoll_wait failed; watcher stopped");
+                    if !FAILED_ONCE.swap(true, Ordering::Relaxed) {
+                        tracing::error!(
+                            %err,
+                            "connection watcher: epoll_wait failed; connections open now are \
+                             no longer watched (a client that leaves is seen when hyper reads \
+                             or writes), and new ones get a new watcher"
+                        );
+                    }
                     return;
                 }
             };
@@ -328,6 +359,14 @@ impl Watcher {
     /// A watcher and its task, to see the task end.
     pub(super) fn start_for_test() -> io::Result<(Watcher, JoinHandle<()>)> {
         Self::start()
+    }
+
+    /// Makes the next `epoll_wait` fail, as a broken epoll instance would.
+    pub(crate) fn fail_next_wait_for_test(&self) {
+        self.handle
+            .shared
+            .fail_next_wait
+            .store(true, Ordering::Relaxed);
     }
 
     /// How many sockets the epoll set holds, as the kernel lists them.

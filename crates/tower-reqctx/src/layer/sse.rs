@@ -9,11 +9,20 @@ use reqctx::{Bound, Context};
 /// its next event), the deadline passed, or the server shuts down. Feature `axum`.
 ///
 /// It is [`Sse::new`] over [`ctx.bind(stream)`](Context::bind): the stream is not polled
-/// again once the context is cancelled, and the response then ends cleanly (an
-/// `EventSource` client reconnects as it would after any end). Configure keep-alive
-/// comments on the result with [`Sse::keep_alive`]. Under [`ContextLayer`](crate::ContextLayer)
-/// a deadline that passes first ends the body with an error instead; use
-/// [`RouteTimeout::none`](crate::RouteTimeout::none) on long-lived event routes.
+/// again once the context is cancelled. Configure keep-alive comments on the result with
+/// [`Sse::keep_alive`].
+///
+/// How the response ends:
+/// - With a context of your own (not the request's), it ends cleanly when that context is
+///   cancelled: the last chunk goes out, and an `EventSource` client reconnects as after
+///   any end.
+/// - Under [`ContextLayer`](crate::ContextLayer), with the request's context, a
+///   cancellation while the stream is open cuts the body with an error, whatever the
+///   cause: the deadline, and the server's shutdown too (`serve`'s drain period ended). The
+///   client sees the stream cut, not ended (HTTP/1: no last chunk; HTTP/2: a stream reset);
+///   an `EventSource` client reconnects after its retry delay either way. Give long-lived
+///   event routes [`RouteTimeout::none`](crate::RouteTimeout::none), so that only the client
+///   or a shutdown ends them.
 ///
 /// ```
 /// use std::convert::Infallible;

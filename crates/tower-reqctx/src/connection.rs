@@ -204,3 +204,72 @@ impl fmt::Debug for ConnectionContext {
             .finish_non_exhaustive()
     }
 }
+
+/// The seam for HTTP/2 tunnels (CONNECT, extended CONNECT: a WebSocket over HTTP/2). Such
+/// a tunnel is one stream of a connection that goes on, so the connection cannot hold its
+/// owner (it would keep every tunnel's until the whole connection ends). Under
+/// [`serve`](crate::serve()), hyper spawns one task per tunnel through `serve`'s executor,
+/// during the poll of the stream that answered `2xx`: the owner parks itself here in that
+/// poll, the executor hands it to that task, and the task drops it when the tunnel ends.
+///
+/// The slot is open only while `serve`'s executor polls a task of its own; elsewhere
+/// (`axum::serve`) [`park`](tunnel::park) refuses and the owner ends at the answer.
+pub(crate) mod tunnel {
+    use std::cell::RefCell;
+
+    use super::Held;
+
+    enum Slot {
+        Closed,       // not inside a poll of serve's executor
+        Open,         // inside one, nothing parked
+        Parked(Held), // an owner waits for its tunnel's task
+    }
+
+    thread_local! {
+        static SLOT: RefCell<Slot> = const { RefCell::new(Slot::Closed) };
+    }
+
+    /// The owner of a tunnel that just opened: parks `item` for the task hyper spawns next
+    /// in this poll. `Err(item)` if no executor of `serve`'s is polling.
+    pub(crate) fn park(item: Held) -> Result<(), Held> {
+        SLOT.with(|slot| {
+            let mut slot = slot.borrow_mut();
+            match &*slot {
+                Slot::Closed => Err(item),
+                // Two tunnels in one poll: not how hyper works; the first ends now.
+                Slot::Open | Slot::Parked(_) => {
+                    *slot = Slot::Parked(item);
+                    Ok(())
+                }
+            }
+        })
+    }
+
+    /// For `serve`'s executor, spawning a task: what was parked in this poll, which the
+    /// task then carries.
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
+    pub(crate) fn take() -> Option<Held> {
+        SLOT.with(|slot| {
+            let mut slot = slot.borrow_mut();
+            match std::mem::replace(&mut *slot, Slot::Open) {
+                Slot::Parked(item) => Some(item),
+                Slot::Open => None,
+                Slot::Closed => {
+                    *slot = Slot::Closed;
+                    None
+                }
+            }
+        })
+    }
+
+    /// For `serve`'s executor: runs one poll of its task with the slot open. What was parked
+    /// and not taken (hyper refused the tunnel) is dropped after the poll: its end.
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
+    pub(crate) fn polling<R>(poll: impl FnOnce() -> R) -> R {
+        let outer = SLOT.with(|slot| std::mem::replace(&mut *slot.borrow_mut(), Slot::Open));
+        let out = poll();
+        let left = SLOT.with(|slot| std::mem::replace(&mut *slot.borrow_mut(), outer));
+        drop(left); // outside the borrow: a dropped owner records its end
+        out
+    }
+}

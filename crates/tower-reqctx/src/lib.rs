@@ -172,7 +172,7 @@ pub use crate::layer::{describe_metrics, record_metrics};
 #[cfg(all(feature = "server", feature = "axum"))]
 pub use crate::server::WatchedListener;
 #[cfg(feature = "server")]
-pub use crate::server::{Listener, Serve, ServeFuture, WatchedIo, serve};
+pub use crate::server::{Listener, Serve, ServeExecutor, ServeFuture, WatchedIo, serve};
 #[cfg(feature = "tls")]
 pub use crate::server::{TlsListener, TlsStream};
 pub use crate::wire::{ClampPolicy, duration, header};

@@ -33,6 +33,7 @@
 //! | the response future, or the body once polled, is dropped before its end | Running, Streaming | `ClientDisconnected` ([`HandlerPanicked`] while unwinding) |
 //! | the body is dropped before anything polled it (middleware outside replaced the response) | Streaming | [`ResponseDiscarded`] |
 //! | the upgraded connection ends (the server dropped its IO) | Held | `Completed` |
+//! | an HTTP/2 tunnel's stream ends (its task, under `serve`, is over) | Held | `Completed` |
 //!
 //! **Races:** the cause recorded first wins and every reader sees it. A deadline counts from
 //! the instant it passed, even if it is noticed later (the clock is compared whenever a
@@ -56,11 +57,19 @@
 //!
 //! # The seam with the connection
 //!
-//! An upgraded request outlives its response: the owner hands itself to its connection
-//! ([`ConnectionContext::hold`]) as an opaque item, which the connection drops when it
-//! ends; the drop records `Completed` unless the client's close (the connection's
-//! context) came first. Under plain `axum::serve` there is no connection to hold it, so
-//! an upgrade ends the context at the 101 (or 2xx) with `Completed`.
+//! An upgraded request outlives its response. Over HTTP/1 the tunnel is the whole
+//! connection: the owner hands itself to its connection ([`ConnectionContext::hold`]) as
+//! an opaque item, which the connection drops when it ends; the drop records `Completed`
+//! unless the client's close (the connection's context) came first. Over HTTP/2 a tunnel
+//! (extended CONNECT: a WebSocket; CONNECT) is one stream of a connection that goes on,
+//! so the connection never holds it: under `serve`, the owner parks itself for the task
+//! hyper spawns for that stream's tunnel ([`tunnel`](crate::connection::tunnel)), and the
+//! task's end (the tunnel's stream closed, by either side) records `Completed`; the
+//! connection's end, if it comes first, `ClientDisconnected`. hyper does not say why a
+//! tunnel's stream ended, so a client's `RST_STREAM` on one tunnel also reads `Completed`.
+//! Under `axum::serve` (with `WatchedListener` or plain) no task of ours holds an HTTP/2
+//! tunnel, and under plain `axum::serve` no connection an HTTP/1 one: such an upgrade
+//! ends the context at the 101 (or 2xx) with `Completed`.
 
 use std::cell::Cell;
 use std::time::Duration;
@@ -71,7 +80,7 @@ use http_body::Body;
 use reqctx::{Cancelled, Canceller, Cause, Context, DeadlineDriver, DeadlineOrigin};
 
 use crate::cause::{HandlerPanicked, ResponseDiscarded, ServiceFailed, label};
-use crate::connection::{ConnectionAbort, ConnectionContext};
+use crate::connection::{ConnectionAbort, ConnectionContext, tunnel};
 use crate::wire::grpc;
 
 /// The owner of one request's context: see the [module docs](self).
@@ -83,8 +92,9 @@ pub(crate) struct Owner {
     abort: Option<ConnectionAbort>,
     reported: Cell<bool>, // the cause went to tracing and metrics (once, by the first `end`)
     unpolled: bool,       // in a body that nothing has polled yet: its drop is a discarded response
-    // An upgrade request's connection: on an upgrade the owner is held there.
+    // An HTTP/1 upgrade request's connection: on an upgrade the owner is held there.
     upgrade: Option<ConnectionContext>,
+    tunnel: bool, // an HTTP/2 request that may open a tunnel: the tunnel's task holds it
 }
 
 /// What of the request decides the shape of its response.
@@ -106,6 +116,7 @@ impl Owner {
             reported: Cell::new(false),
             unpolled: false,
             upgrade: None,
+            tunnel: false,
         }
     }
 
@@ -115,9 +126,15 @@ impl Owner {
         self.abort = Some(abort);
     }
 
-    /// On an upgrade, hand the owner to `conn` instead of ending the context.
+    /// On an HTTP/1 upgrade, hand the owner to `conn` instead of ending the context.
     pub(crate) fn upgrades_on(&mut self, conn: ConnectionContext) {
         self.upgrade = Some(conn);
+    }
+
+    /// On an HTTP/2 tunnel's `2xx`, hand the owner to the tunnel's task (under `serve`),
+    /// instead of ending the context.
+    pub(crate) fn tunnels_on_its_stream(&mut self) {
+        self.tunnel = true;
     }
 
     /// The body was polled: from now on its drop before its end is the client's doing.
@@ -243,14 +260,17 @@ impl Owner {
         }
         let upgrade = status == StatusCode::SWITCHING_PROTOCOLS
             || (self.kind == RequestKind::Connect && status.is_success());
-        if upgrade {
-            if let Some(conn) = self.upgrade.take() {
-                // The context lives as long as the tunnel, with no deadline: the request's
-                // timeouts do not cut a WebSocket short.
-                self.driver.set_deadline(None);
-                conn.hold(Box::new(Held(self)));
-                return Answered::Done(res);
+        if upgrade && (self.upgrade.is_some() || self.tunnel) {
+            // The context lives as long as the tunnel, with no deadline: the request's
+            // timeouts do not cut a WebSocket short.
+            self.driver.set_deadline(None);
+            match self.upgrade.take() {
+                Some(conn) => conn.hold(Box::new(Held(self))),
+                // Refused outside `serve` (no task of the tunnel's to hold it): the
+                // context ends here, at the answer, as under plain `axum::serve`.
+                None => drop(tunnel::park(Box::new(Held(self)))),
             }
+            return Answered::Done(res);
         }
         self.upgrade = None; // no cycle through the connection's slot
         // hyper drops a body whose announced length it has written without polling it

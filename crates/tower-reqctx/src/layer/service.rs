@@ -132,9 +132,8 @@ where
                     .is_some()
             })
             .cloned();
-        let abort = conn
-            .filter(|_| req.version() <= http::Version::HTTP_11)
-            .map(ConnectionContext::abort_handle);
+        let http1 = req.version() <= http::Version::HTTP_11;
+        let abort = conn.filter(|_| http1).map(ConnectionContext::abort_handle);
         let (ctx, driver) = parent.with_driven_deadline(deadline);
         let ctx = with_request_id(ctx, &req, config);
         record_route(&req);
@@ -149,8 +148,12 @@ where
         if let Some(abort) = abort {
             owner.closes_on_stall(abort);
         }
-        if let Some(conn) = upgrade {
-            owner.upgrades_on(conn);
+        match upgrade {
+            // An HTTP/1 upgrade takes the whole connection: the connection holds the owner.
+            Some(conn) if http1 => owner.upgrades_on(conn),
+            // An HTTP/2 tunnel is one stream of it: the stream's own task holds it.
+            Some(_) => owner.tunnels_on_its_stream(),
+            None => {}
         }
         ResponseFuture::owner(
             self.inner.call(req),

@@ -7,8 +7,8 @@
 //! from it (the parent context, a way to close a stalled HTTP/1 connection, and a slot to
 //! park an upgraded request in).
 //!
-//! The arrows run one way: `serve` → `connections` → `watch` → `socket`; `listener`,
-//! `tls` and `watched` sit beside `serve`.
+//! The arrows run one way: `serve` → `connections` → `watch` → `socket`; `executor`,
+//! `listener`, `tls` and `watched` sit beside `serve`.
 //!
 //! Why the watcher is an epoll set of its own, not tokio's: tokio registers a socket once,
 //! for the task that reads it, and gives no other task a way to learn that the peer hung
@@ -17,6 +17,7 @@
 //! for the whole server (see the `watch` module).
 
 mod connections;
+mod executor;
 mod listener;
 mod serve;
 mod socket;
@@ -27,6 +28,7 @@ mod watch;
 #[cfg(feature = "axum")]
 mod watched;
 
+pub use self::executor::ServeExecutor;
 pub use self::listener::Listener;
 pub use self::serve::{Serve, ServeFuture, serve};
 #[cfg(feature = "tls")]

@@ -13,7 +13,7 @@ use std::time::Duration;
 use http::{Request, Response};
 use http_body::Body;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
 use reqctx::{Cause, Context};
@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tower_service::Service;
 
 use super::connections::Connections;
+use super::executor::ServeExecutor;
 use super::listener::{Listener, is_connection_error};
 use super::socket::AsSocket;
 use super::watch::WatchedIo;
@@ -206,7 +207,7 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let mut builder = Builder::new(TokioExecutor::new());
+    let mut builder = Builder::new(ServeExecutor);
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -262,7 +263,7 @@ pub struct Serve<S, L = TcpListener> {
     signal: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     drain_timeout: Duration,
     root: Context,
-    builder: Builder<TokioExecutor>,
+    builder: Builder<ServeExecutor>,
     max_connections: usize,
     half_close: bool,
     connect_info: bool,
@@ -403,7 +404,7 @@ impl<S, L: Listener> Serve<S, L> {
     ///     .await
     /// # }
     /// ```
-    pub fn http_builder(mut self, f: impl FnOnce(&mut Builder<TokioExecutor>)) -> Self {
+    pub fn http_builder(mut self, f: impl FnOnce(&mut Builder<ServeExecutor>)) -> Self {
         f(&mut self.builder);
         self
     }
@@ -617,7 +618,7 @@ fn reaped(joined: Result<(), JoinError>) {
 /// Serves one connection, and starts its graceful shutdown when `graceful` is cancelled.
 /// Drops it if the client sends nothing within `first_bytes_timeout`.
 async fn serve_connection<I, S, B>(
-    builder: Arc<Builder<TokioExecutor>>,
+    builder: Arc<Builder<ServeExecutor>>,
     io: WatchedIo<I>,
     service: WithConnection<S>,
     graceful: CancellationToken,

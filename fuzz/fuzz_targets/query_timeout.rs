@@ -56,7 +56,10 @@ fn fixed_lines() -> &'static [String] {
         .map(ToString::to_string)
         .chain(["above the maximum of 60s".to_owned()])
         .collect::<Vec<_>>();
-        let names = [http::HeaderName::from_static("grpc-timeout"), REQUEST_TIMEOUT_MS];
+        let names = [
+            http::HeaderName::from_static("grpc-timeout"),
+            REQUEST_TIMEOUT_MS,
+        ];
         let header = names.into_iter().flat_map(|name| {
             header
                 .iter()

@@ -27,13 +27,18 @@
 //! | a panic unwinds through the layer's future or body | Running, Streaming | [`HandlerPanicked`] |
 //! | the response carries a [`Cancelled`] (a handler's `?`) | Running | that `Cancelled`'s cause |
 //! | the response carries [`PanicResponse`]'s mark (`CatchPanicLayer` inside) | Running | [`HandlerPanicked`] |
-//! | the response has no body to send (HEAD, 1xx, 204, 304, an empty body) | Running | `Completed` |
+//! | the response has no body to send (HEAD, 1xx, 204, 304, an empty body, a `Content-Length: 0` whatever its body) | Running | `Completed` |
 //! | the body reached its end: `None`, `is_end_stream()`, all of its `Content-Length` (or exact size) yielded, or its trailers yielded | Streaming | `Completed` |
+//! | the context is cancelled while a body answered before the cancellation streams | Streaming | (already recorded) the body ends with an error, or a gRPC status: HTTP/2 trailers, or grpc-web's trailer frame in the body |
+//! | a body answered after the cancellation (in the grace) streams | Streaming | (already recorded) never cut by that cancellation; cut at the end of the grace when the cancellation was the deadline |
 //! | the body yields an error | Streaming | [`ResponseBodyFailed`] |
 //! | the response future, or the body once polled, is dropped before its end | Running, Streaming | `ClientDisconnected` ([`HandlerPanicked`] while unwinding) |
 //! | the body is dropped before anything polled it (middleware outside replaced the response) | Streaming | [`ResponseDiscarded`] |
 //! | the upgraded connection ends (the server dropped its IO) | Held | `Completed` |
 //! | an HTTP/2 tunnel's stream ends (its task, under `serve`, is over) | Held | `Completed` |
+//!
+//! Every timer the owner arms (the deadline, the grace) goes through `reqctx`'s one guard
+//! against the end of the clock, so no budget, however large, can overflow it.
 //!
 //! **Races:** the cause recorded first wins and every reader sees it. A deadline counts from
 //! the instant it passed, even if it is noticed later (the clock is compared whenever a

@@ -205,15 +205,17 @@ impl Owner {
         }
         let kind = label(&cause);
         super::metrics::cause(kind);
-        // Fills `cause` on the request's span, if it declares one (see the crate docs).
+        // Fills `cause` on the request's span, if it declares one (see the crate docs); as
+        // `Display`, so that a text log reads `cause=client_disconnected`.
+        let kind_field = tracing::field::display(kind);
         let _in_span = match self.span.as_deref() {
             Some(span) => {
-                span.record("cause", kind);
+                span.record("cause", kind_field);
                 Some(span.enter())
             }
             None => {
                 if tracing::dispatcher::has_been_set() {
-                    tracing::Span::current().record("cause", kind);
+                    tracing::Span::current().record("cause", kind_field);
                 }
                 None
             }

@@ -119,14 +119,16 @@ impl Recorder {
                 let changed = self.changed.notified();
                 tokio::pin!(changed);
                 changed.as_mut().enable();
-                let closed = self.closed.lock().unwrap();
-                if let Some(span) = closed
-                    .iter()
-                    .find(|s| s.fields.get("uri").map(String::as_str) == Some(uri))
-                {
-                    return span.clone();
+                let found = {
+                    let closed = self.closed.lock().unwrap();
+                    let mut spans = closed.iter();
+                    spans
+                        .find(|s| s.fields.get("uri").map(String::as_str) == Some(uri))
+                        .cloned()
+                };
+                if let Some(span) = found {
+                    return span;
                 }
-                drop(closed);
                 changed.await;
             }
         })

@@ -1,19 +1,12 @@
 //! The guide's next step after the first hour: each request's cause in its span, a client's
 //! own deadline that is not an `ERROR`, the layers' order, and an app error type.
 
-use std::time::Duration;
-
-use axum::extract::Path;
-use axum::http::{Request, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::{Router, routing::get};
-use tower::ServiceBuilder;
-use tower_http::trace::TraceLayer;
-use tower_reqctx::{ContextLayer, ReqCtx, ServerErrorsExceptClientDeadlines, reqctx::Cancelled};
-use tracing_subscriber::EnvFilter;
-use tracing_subscriber::fmt::format::FmtSpan;
-
 // [guide:app-error]
+use axum::extract::Path;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use tower_reqctx::{ReqCtx, reqctx::Cancelled};
+
 /// The app's error type. A `Cancelled` answers for itself: its status, its
 /// `x-reqctx-deadline` header, and the cause that the layer and the classifier read.
 enum AppError {
@@ -42,12 +35,21 @@ async fn report(ctx: ReqCtx, Path(id): Path<u32>) -> Result<String, AppError> {
         return Err(AppError::NotFound);
     }
     tracing::info!("building report {id}");
-    ctx.run(tokio::time::sleep(Duration::from_secs(3))).await?;
+    ctx.run(tokio::time::sleep(std::time::Duration::from_secs(3)))
+        .await?;
     Ok(format!("report {id}\n"))
 }
 // [/guide:app-error]
 
 // [guide:layers]
+use std::time::Duration;
+
+use axum::http::Request;
+use axum::{Router, routing::get};
+use tower::ServiceBuilder;
+use tower_http::trace::TraceLayer;
+use tower_reqctx::{ContextLayer, ServerErrorsExceptClientDeadlines};
+
 fn app() -> Router {
     // The request's span declares `cause`: the ContextLayer fills it when the context ends.
     // The classifier keeps a client's own `?timeout=` (or deadline header) from being an ERROR.
@@ -77,6 +79,9 @@ fn app() -> Router {
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
     // [guide:logger]
+    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::fmt::format::FmtSpan;
+
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,tower_http=debug,tower_reqctx=debug"));
     tracing_subscriber::fmt()

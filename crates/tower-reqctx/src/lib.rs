@@ -90,15 +90,30 @@
 //! The context tree is: the server's root, then one context per connection
 //! ([`ConnectionContext`]), then one per request.
 //!
-//! # Tracing
+//! # Tracing and logging
 //!
 //! When the context ends, the layer records the cause's [`kind`](reqctx::Cause::kind)
 //! (`completed`, `client_disconnected`, `deadline_exceeded`, ...) in the field `cause` of
-//! the current span, which is the request's span when a tracing layer such as tower-http's
-//! `TraceLayer` wraps the `ContextLayer` and declares the field
-//! (`cause = tracing::field::Empty` in its `make_span_with`). It also emits an event at
-//! `debug` for every cause but `completed` (which is at `trace`): a client that leaves is
-//! not an error.
+//! the request's span: the span current when the layer's service was called, which is the
+//! request's span when a tracing layer such as tower-http's `TraceLayer` wraps the
+//! `ContextLayer` and declares the field (`cause = tracing::field::Empty` in its
+//! `make_span_with`). It also emits an event with target `tower_reqctx`, inside that span,
+//! at `debug` for every cause but `completed` (which is at `trace`): a client that leaves
+//! is not an error. Both hold for every cause, a client that left included (hyper drops
+//! the response outside any span: the layer enters the request's span it kept), under
+//! [`serve`], `WatchedListener` and plain `axum::serve`.
+//!
+//! With no tracing subscriber installed, the same events go to the [`log`] crate's logger
+//! (env_logger and the like; tracing's `log` feature, which this crate enables), as
+//! `request context cancelled cause=client disconnected kind=client_disconnected`. When
+//! neither listens, the cost is a few loads and compares per request.
+//!
+//! A `504` for the client's own deadline (`?timeout=`, a deadline header) carries its
+//! cause: [`is_client_deadline`] tells it from a server failure, and
+//! `ServerErrorsExceptClientDeadlines` (feature `trace`) is the classifier that keeps it
+//! out of `TraceLayer`'s `ERROR` lines.
+//!
+//! [`log`]: https://docs.rs/log
 //!
 //! # Cancellation safety
 //!
@@ -118,6 +133,8 @@
 //!   `reqwest-rustls` adds rustls (and its C-built crypto provider).
 //! - `tls` (off): `TlsListener`, [`serve`] over TLS with tokio-rustls
 //!   and rustls's `ring` provider (built from C with the machine's C compiler; no aws-lc).
+//! - `trace` (off): `ServerErrorsExceptClientDeadlines`, a classifier for tower-http's
+//!   `TraceLayer` that does not count a client's own deadline as a failure.
 //! - `metrics` (off): `reqctx_requests_total{cause}` and `reqctx_live_request_contexts`
 //!   through the `metrics` facade, no exporter: see `record_metrics`.
 //!
@@ -161,9 +178,11 @@ pub use crate::cause::{
 pub use crate::connection::ConnectionContext;
 #[cfg(feature = "catch-panic")]
 pub use crate::layer::PanicResponse;
+#[cfg(feature = "trace")]
+pub use crate::layer::ServerErrorsExceptClientDeadlines;
 pub use crate::layer::{
     ContextBody, ContextLayer, ContextService, RequestId, ResponseFuture, RouteTimeout,
-    live_request_contexts, request_context, set_request_value,
+    is_client_deadline, live_request_contexts, request_context, set_request_value,
 };
 #[cfg(feature = "axum")]
 pub use crate::layer::{MissingContextLayer, ReqCtx, sse};

@@ -601,7 +601,10 @@ mod recorder {
                 _ => {}
             }
         }
-        fn record_debug(&mut self, _: &Field, _: &dyn std::fmt::Debug) {}
+        // The layer records `cause` as `Display` (a `DisplayValue`, whose `Debug` is the text).
+        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+            self.record_str(field, &format!("{value:?}"));
+        }
     }
 
     impl Subscriber for Recorder {

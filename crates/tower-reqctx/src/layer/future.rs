@@ -73,12 +73,16 @@ impl Answer {
                     origin: DeadlineOrigin::Layer,
                 });
                 let deadline = matches!(cause, Cause::DeadlineExceeded { .. });
-                let text = Cancelled::new(cause).answer_text();
+                let cancelled = Cancelled::new(cause);
+                let text = cancelled.answer_text();
                 let mut res = ContextBody::message_response(status, text);
                 if deadline {
                     // Tells an upstream reqctx client that the budget ran out here.
                     res.headers_mut().insert(X_REQCTX_DEADLINE, EXCEEDED);
                 }
+                // The cause, for middleware outside (`is_client_deadline`), as a handler's
+                // `Cancelled` answer carries it.
+                res.extensions_mut().insert(cancelled);
                 res
             }
             Answer::Grpc(wire, code, message) => {

@@ -100,6 +100,10 @@ pub(crate) struct Owner {
     // An HTTP/1 upgrade request's connection: on an upgrade the owner is held there.
     upgrade: Option<ConnectionContext>,
     tunnel: bool, // an HTTP/2 request that may open a tunnel: the tunnel's task holds it
+    // The span current when the owner was made (the request's span, under a tracing layer
+    // outside ours), so that a cause recorded outside it still lands in it: see `report`.
+    // Boxed (a `Span` is 40 bytes) and `None` when no subscriber was ever installed.
+    span: Option<Box<tracing::Span>>,
 }
 
 /// What of the request decides the shape of its response.
@@ -122,6 +126,7 @@ impl Owner {
             unpolled: false,
             upgrade: None,
             tunnel: false,
+            span: request_span(),
         }
     }
 
@@ -219,25 +224,40 @@ impl Owner {
         }
     }
 
-    /// Sends the cause to tracing and metrics, the first time only.
+    /// Sends the cause to tracing (or `log`) and metrics, the first time only.
+    ///
+    /// Inside the request's span, whoever records the cause: hyper drops the response
+    /// future or body of a client that left outside any span, so the owner enters the span
+    /// it kept. With no subscriber ever installed there is no span; the events then go to
+    /// the `log` crate's logger through tracing's `log` feature, if one listens at their
+    /// level (a few loads and compares when none does).
     fn report(&self, cause: Cause) {
         if self.reported.replace(true) {
             return;
         }
         let kind = label(&cause);
         super::metrics::cause(kind);
-        if !tracing::dispatcher::has_been_set() {
-            return; // no subscriber was ever installed: nothing would see the rest
-        }
-        // Fills `cause` on the request's span, if it declares one (see the crate docs):
-        // the span is current while a tracing layer outside ours polls us.
-        tracing::Span::current().record("cause", kind);
+        // Fills `cause` on the request's span, if it declares one (see the crate docs); as
+        // `Display`, so that a text log reads `cause=client_disconnected`.
+        let kind_field = tracing::field::display(kind);
+        let _in_span = match self.span.as_deref() {
+            Some(span) => {
+                span.record("cause", kind_field);
+                Some(span.enter())
+            }
+            None => {
+                if tracing::dispatcher::has_been_set() {
+                    tracing::Span::current().record("cause", kind_field);
+                }
+                None
+            }
+        };
         match cause {
             Cause::Completed => {
                 tracing::trace!(target: "tower_reqctx", "request context completed");
             }
             cause => {
-                tracing::debug!(target: "tower_reqctx", cause = %cause, kind, "request context cancelled");
+                tracing::debug!(target: "tower_reqctx", cause = %cause, kind = %kind, "request context cancelled");
             }
         }
     }
@@ -373,6 +393,17 @@ impl Drop for Owner {
         };
         self.end(cause);
     }
+}
+
+/// The current span, if a subscriber was ever installed and a span is current: the
+/// request's span when a tracing layer such as tower-http's `TraceLayer` wraps ours (it
+/// enters its span around our `call`). Nothing is read, kept or allocated otherwise.
+fn request_span() -> Option<Box<tracing::Span>> {
+    if !tracing::dispatcher::has_been_set() {
+        return None;
+    }
+    let span = tracing::Span::current();
+    (!span.is_none()).then(|| Box::new(span))
 }
 
 /// What the response means for the owner: the context ended (or an upgraded connection

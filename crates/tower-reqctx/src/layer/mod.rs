@@ -9,6 +9,7 @@
 
 mod body;
 mod builder;
+mod classify;
 mod config;
 #[cfg(feature = "axum")]
 mod extract;
@@ -24,6 +25,9 @@ mod values;
 
 pub use self::body::ContextBody;
 pub use self::builder::ContextLayer;
+#[cfg(feature = "trace")]
+pub use self::classify::ServerErrorsExceptClientDeadlines;
+pub use self::classify::is_client_deadline;
 #[cfg(feature = "axum")]
 pub use self::extract::{MissingContextLayer, ReqCtx};
 pub use self::future::ResponseFuture;

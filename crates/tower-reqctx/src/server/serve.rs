@@ -354,12 +354,12 @@ impl<S, L: Listener> Serve<S, L> {
     /// two look alike, and the request runs on. The difference shows only when the server
     /// writes: a closed socket's kernel answers the write with a reset, a round trip later.
     /// So such a client is seen
-    /// - by a response written in several writes (a streamed body): at the write after
-    ///   the reset came back, as `ClientDisconnected`;
-    /// - by a response written in one write (a fixed-length body, sent with its head): not
-    ///   by the request. Its context records the body's end (`Completed`) when hyper takes
-    ///   the last bytes, before writing them, so before any reset exists; it ends
-    ///   `Completed`. The connection's context ends `ClientDisconnected` once the reset
+    /// - by a response still streaming when the reset comes back: at its next write, as
+    ///   `ClientDisconnected`;
+    /// - by a response written in one write (a fixed-length body, sent with its head), or
+    ///   whose last bytes were taken before the reset came back: not by the request. Its
+    ///   context records the body's end (`Completed`) when hyper takes the last bytes,
+    ///   before writing them, so before any reset to them exists; it ends `Completed`. The connection's context ends `ClientDisconnected` once the reset
     ///   arrives (when the server then closes the connection, the reset is checked for on
     ///   the socket first);
     /// - or at the request's deadline, whichever comes first.

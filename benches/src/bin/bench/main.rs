@@ -42,7 +42,7 @@ const USAGE: &str = "usage:
              --repeats: two-point measurements per instruction case, 2 by default)
   bench detect --trials N [--patience-ms MS] [--give-up-after N]
   bench upload-detect --server-bin PATH --serve reqctx|watched --load LABEL --trials N
-            [--patience-ms MS] [--sizes-kib 1,8,...] [--port P] [--connect ADDR] [--h2] [--raw]
+            [--patience-ms MS] [--sizes-kib 1,8,...] [--port P] [--connect ADDR] [--h2 | --h2-close] [--raw]
   bench spin --seconds S
   bench fanout --n N --reps R
   bench lateness-client --addr A --n N --probes P --lead-ms L --window-ms W
@@ -74,7 +74,8 @@ fn main() {
                     .collect::<Result<_, _>>()?,
                 port: flag(&args, "--port")?.unwrap_or(0),
                 connect: flag(&args, "--connect")?,
-                h2: args.iter().any(|a| a == "--h2"),
+                h2: args.iter().any(|a| a == "--h2" || a == "--h2-close"),
+                h2_close: args.iter().any(|a| a == "--h2-close"),
                 raw: args.iter().any(|a| a == "--raw"),
             })
         })(),

@@ -71,6 +71,9 @@ pub(crate) struct Options {
     pub(crate) port: u16,
     pub(crate) connect: Option<String>,
     pub(crate) h2: bool,
+    /// Over HTTP/2, close the whole connection (a new one per trial) instead of resetting
+    /// the stream.
+    pub(crate) h2_close: bool,
     /// Also print each trial: `trial SERVE KIB CLIENT_PORT CLOSED_NS END_NS` (END_NS `-`
     /// if not seen), to join with a packet trace.
     pub(crate) raw: bool,
@@ -108,18 +111,26 @@ pub(crate) fn main(o: Options) -> Result<(), String> {
             .ok_or_else(|| format!("the server said {first:?}, not `ready ADDR`"))?
             .to_owned();
         let addr = o.connect.clone().unwrap_or(addr);
+        let sock: Option<std::net::SocketAddr> = addr.parse().ok();
         let mut h2 = None;
-        if o.h2 {
-            let sock: std::net::SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+        if o.h2 && !o.h2_close {
+            let sock = sock.ok_or_else(|| format!("not an address: {addr}"))?;
             h2 = Some(reqctx_tests::h2_client(sock).await.0);
         }
         for &kib in &o.sizes_kib {
             let mut lat = Vec::new();
             let mut causes = BTreeSet::new();
             for _ in 0..o.trials {
-                let seen = match &mut h2 {
-                    Some(send) => h2_trial(send, kib * 1024, &mut lines, o.patience).await?,
-                    None => trial(&addr, kib * 1024, &mut lines, o.patience).await?,
+                let seen = match (&mut h2, sock) {
+                    (Some(send), _) => {
+                        h2_trial(send, kib * 1024, &mut lines, o.patience, None).await?
+                    }
+                    (None, Some(sock)) if o.h2_close => {
+                        let (mut send, conn) = reqctx_tests::h2_client(sock).await;
+                        let size = kib * 1024;
+                        h2_trial(&mut send, size, &mut lines, o.patience, Some(conn)).await?
+                    }
+                    _ => trial(&addr, kib * 1024, &mut lines, o.patience).await?,
                 };
                 if o.raw {
                     let (port, closed, end) = seen.as_ref().map_or((0, 0, None), |t| t.2);
@@ -218,13 +229,15 @@ async fn trial(
     Ok(seen.map(|(us, cause, at)| (us, cause, (port, closed, Some(at)))))
 }
 
-/// One HTTP/2 trial on a kept connection: the request and its body (stream left open),
-/// then RST_STREAM(CANCEL) once the handler started.
+/// One HTTP/2 trial: the request and its whole body, then, once the handler started,
+/// RST_STREAM(CANCEL) on the kept connection, or, given the connection's task, the
+/// whole connection closed.
 async fn h2_trial(
     send: &mut h2::client::SendRequest<Bytes>,
     size: usize,
     lines: &mut Lines<BufReader<ChildStdout>>,
     patience: Duration,
+    close: Option<tokio::task::JoinHandle<()>>,
 ) -> Result<Option<Trial>, String> {
     let req = http::Request::post("http://t/upload")
         .body(())
@@ -232,13 +245,19 @@ async fn h2_trial(
     let ready = std::future::poll_fn(|cx| send.poll_ready(cx));
     ready.await.map_err(|e| e.to_string())?;
     let (_resp, mut stream) = send.send_request(req, false).map_err(|e| e.to_string())?;
-    // Within the default 64 KiB stream window; not waited for, as a client that gives up
-    // does not wait either.
+    // The whole body, ending the request (a proxy cannot forward an unfinished HTTP/1.1
+    // request and keep its upstream connection, so an unfinished one would tell nothing
+    // about how it passes on a reset). Within the default 64 KiB stream window; not
+    // waited for, as a client that gives up does not wait either.
     let data = Bytes::from(vec![b'a'; size.min(65_535)]);
-    stream.send_data(data, false).map_err(|e| e.to_string())?;
+    stream.send_data(data, true).map_err(|e| e.to_string())?;
     started(lines).await?;
     let closed = now_ns();
-    stream.send_reset(h2::Reason::CANCEL);
+    match close {
+        // Dropping the connection's task closes its socket.
+        Some(conn) => conn.abort(),
+        None => stream.send_reset(h2::Reason::CANCEL),
+    }
     let seen = ended(closed, lines, patience).await?;
     Ok(seen.map(|(us, cause, at)| (us, cause, (0, closed, Some(at)))))
 }

@@ -75,11 +75,16 @@ pub enum Variant {
     /// Deadline lateness: `/late` waits for its context (the client sets `?timeout=`) and
     /// answers how many microseconds after the deadline it saw the cancellation.
     Lateness,
+    /// Detection of an unread upload: `POST /upload` never reads its body; it prints
+    /// `start` on stdout, waits for its context, then prints `end NANOS CAUSE` (NANOS: the
+    /// wall clock, in ns since the Unix epoch, when the wait ended), so a client in another
+    /// process can time the context's end from its own close.
+    Upload,
 }
 
 impl Variant {
     /// Every variant, with the name `--variant` takes.
-    pub const ALL: [(Variant, &'static str); 16] = [
+    pub const ALL: [(Variant, &'static str); 17] = [
         (Variant::Bare, "bare"),
         (Variant::Noop, "noop"),
         (Variant::Ctx, "ctx"),
@@ -96,6 +101,7 @@ impl Variant {
         (Variant::CtxTimeoutPark, "ctx-timeout-park"),
         (Variant::CtxTimeoutCancelled, "ctx-timeout-cancelled"),
         (Variant::Lateness, "lateness"),
+        (Variant::Upload, "upload"),
     ];
 
     /// The variant called `name`.
@@ -168,6 +174,9 @@ impl Variant {
                 .route("/late", get(late))
                 // The handler answers for itself after the deadline.
                 .layer(ContextLayer::new().grace(Duration::from_secs(10))),
+            Variant::Upload => Router::new()
+                .route("/upload", axum::routing::post(unread_upload))
+                .layer(ContextLayer::new()),
         }
     }
 }
@@ -224,6 +233,27 @@ async fn late(ctx: ReqCtx) -> String {
             .to_string(),
         None => "no deadline".to_owned(),
     }
+}
+
+/// Never reads its body: says when it started and when its context ended (see
+/// [`Variant::Upload`]). The end is reported by a task of its own: hyper may drop the
+/// handler when it sees the client leave.
+async fn unread_upload(ctx: ReqCtx, _body: axum::body::Body) -> &'static str {
+    let ctx = ctx.0;
+    let waiter = ctx.clone();
+    tokio::spawn(async move {
+        waiter.cancelled().await;
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let cause = waiter
+            .cause()
+            .map_or_else(|| "none".to_owned(), |c| format!("{c:?}"));
+        println!("end {at} {}", cause.replace(char::is_whitespace, ""));
+    });
+    println!("start");
+    ctx.cancelled().await;
+    HELLO
 }
 
 /// A layer that does nothing, but is one: `tower::layer::util::Identity` returns the

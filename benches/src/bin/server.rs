@@ -1,10 +1,11 @@
 //! One benchmark server:
-//! `server --variant NAME --port N [--serve reqctx|reqctx-notimer|axum]
+//! `server --variant NAME --port N [--serve reqctx|reqctx-notimer|axum|watched]
 //! [--runtime current-thread|multi-thread] [--workers 1]`.
 //!
 //! `--serve`: `tower_reqctx::serve` as it ships (`reqctx`, the default), the same with
 //! hyper's HTTP/1 header-read timer off (`reqctx-notimer`, to isolate that timer's cost:
-//! `serve` arms it for every request, plain `axum::serve` does not), or plain `axum::serve`.
+//! `serve` arms it for every request, plain `axum::serve` does not), plain `axum::serve`,
+//! or `axum::serve` over `WatchedListener` (`watched`).
 //! `--runtime`: tokio's current-thread runtime, or the multi-thread one with `--workers`
 //! workers (the default).
 //!
@@ -17,6 +18,7 @@ use std::time::Duration;
 use reqctx_benches::{Variant, flag};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::signal::unix::{SignalKind, signal};
+use tower_reqctx::{ConnectionContext, WatchedListener};
 
 fn main() {
     if let Err(err) = run() {
@@ -32,8 +34,10 @@ fn run() -> Result<(), String> {
     let port: u16 = flag(&args, "--port")?.unwrap_or(0);
     let workers: usize = flag(&args, "--workers")?.unwrap_or(1);
     let serve: String = flag(&args, "--serve")?.unwrap_or_else(|| "reqctx".to_owned());
-    if !["reqctx", "reqctx-notimer", "axum"].contains(&serve.as_str()) {
-        return Err(format!("--serve reqctx|reqctx-notimer|axum, not {serve:?}"));
+    if !["reqctx", "reqctx-notimer", "axum", "watched"].contains(&serve.as_str()) {
+        return Err(format!(
+            "--serve reqctx|reqctx-notimer|axum|watched, not {serve:?}"
+        ));
     }
     let runtime: String = flag(&args, "--runtime")?.unwrap_or_else(|| "multi-thread".to_owned());
     let rt = match runtime.as_str() {
@@ -66,7 +70,15 @@ fn run() -> Result<(), String> {
             listener.local_addr().map_err(|e| e.to_string())?
         );
         let app = variant.app();
-        let served = if serve != "axum" {
+        let served = if serve == "watched" {
+            axum::serve(
+                WatchedListener::new(listener),
+                app.into_make_service_with_connect_info::<ConnectionContext>(),
+            )
+            .with_graceful_shutdown(stop)
+            .into_future()
+            .await
+        } else if serve != "axum" {
             let timer = serve == "reqctx";
             tower_reqctx::serve(listener, app)
                 .drain_timeout(Duration::from_millis(200))

@@ -555,6 +555,86 @@ async fn half_close_full_close_is_seen_at_the_next_write() {
     assert_eq!(cause, Some(Cause::ClientDisconnected));
 }
 
+/// Under `half_close(true)`, a client that closed fully while its handler ran, and an
+/// answer written in one write: on the wire the close was a FIN, the same as a half-close,
+/// so the request runs on and its context ends `Completed` (the body's end is recorded
+/// when hyper takes its last bytes, before it writes them). The client's kernel answers
+/// that write with a reset, and the connection's context ends `ClientDisconnected`.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_full_close_then_one_write_answer_completes() {
+    type Causes = mpsc::UnboundedSender<(&'static str, Option<Cause>)>;
+    fn report(ctx: tower_reqctx::reqctx::Context, which: &'static str, tx: &Causes) {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            ctx.cancelled().await;
+            let _ = tx.send((which, ctx.cause()));
+        });
+    }
+    let (tx, mut causes) = mpsc::unbounded_channel();
+    let (started_tx, mut started) = mpsc::unbounded_channel::<()>();
+    let (go_tx, go_rx) = oneshot::channel::<()>();
+    let go_rx = std::sync::Arc::new(std::sync::Mutex::new(Some(go_rx)));
+    let router = Router::new()
+        .route(
+            "/once",
+            get(move |ctx: tower_reqctx::ReqCtx, req: Request| {
+                let (tx, started_tx) = (tx.clone(), started_tx.clone());
+                let go = go_rx.lock().unwrap().take().unwrap();
+                async move {
+                    report(ctx.0.clone(), "request", &tx);
+                    report(connection(&req).context().clone(), "connection", &tx);
+                    let _ = started_tx.send(());
+                    let _ = go.await;
+                    "hello" // one write: a fixed-length body, sent with the head
+                }
+            }),
+        )
+        .layer(tower_reqctx::ContextLayer::new());
+    let (addr, _server) = spawn_server(|l| serve(l, router).half_close(true).into_future()).await;
+
+    let client = send(addr, b"GET /once HTTP/1.1\r\nhost: test\r\n\r\n").await;
+    let client_port = client.local_addr().unwrap().port();
+    timeout(BOUND, started.recv()).await.unwrap().unwrap();
+    drop(client); // a full close: a FIN, as a half-close would send
+    // The server's kernel has the FIN (its socket is in CLOSE_WAIT) before the answer.
+    timeout(BOUND, async {
+        while tcp_state(addr.port(), client_port) != Some(0x08) {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the client's FIN never reached the server's socket");
+    // Under half-close a FIN is the end of the client's requests, not a disconnect.
+    assert!(causes.try_recv().is_err(), "a context ended on the FIN");
+    go_tx.send(()).unwrap();
+
+    let mut seen = std::collections::HashMap::new();
+    while seen.len() < 2 {
+        let (which, cause) = timeout(BOUND, causes.recv())
+            .await
+            .expect("both contexts should end")
+            .unwrap();
+        seen.insert(which, cause);
+    }
+    assert_eq!(seen["request"], Some(Cause::Completed));
+    assert_eq!(seen["connection"], Some(Cause::ClientDisconnected));
+}
+
+/// The TCP state of the IPv4 loopback socket from `local` to `remote` (ports), as
+/// `/proc/net/tcp` lists it (`0x08` is CLOSE_WAIT).
+#[cfg(target_os = "linux")]
+fn tcp_state(local: u16, remote: u16) -> Option<u8> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let (l, r) = (format!(":{local:04X}"), format!(":{remote:04X}"));
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f.len() > 3 && f[1].ends_with(&l) && f[2].ends_with(&r))
+            .then(|| u8::from_str_radix(f[3], 16).ok())
+            .flatten()
+    })
+}
+
 /// A stream of the receiver's items.
 fn futures_stream<T>(
     rx: mpsc::UnboundedReceiver<T>,

@@ -17,6 +17,7 @@ mod lateness;
 mod memory;
 mod procs;
 mod report;
+mod uploads;
 mod wallclock;
 
 use procs::{Bins, Spawned, pinned, run};
@@ -40,6 +41,9 @@ const USAGE: &str = "usage:
             (--only: the sections not named keep their text from --template;
              --repeats: two-point measurements per instruction case, 2 by default)
   bench detect --trials N [--patience-ms MS] [--give-up-after N]
+  bench upload-detect --server-bin PATH --serve reqctx|watched --load LABEL --trials N
+            [--patience-ms MS] [--sizes-kib 1,8,...] [--port P] [--connect ADDR] [--h2 | --h2-close] [--raw]
+  bench spin --seconds S
   bench fanout --n N --reps R
   bench lateness-client --addr A --n N --probes P --lead-ms L --window-ms W
   bench hold-client --addr A --n N --pid PID [--settle-ms MS]";
@@ -55,6 +59,27 @@ fn main() {
                 flag(&args, "--give-up-after")?.unwrap_or(3),
             )
         })(),
+        Some("upload-detect") => (|| {
+            let sizes: String = flag(&args, "--sizes-kib")?
+                .unwrap_or_else(|| uploads::SIZES_KIB.map(|k| k.to_string()).join(","));
+            uploads::main(uploads::Options {
+                server_bin: flag(&args, "--server-bin")?.ok_or("--server-bin is required")?,
+                serve: flag(&args, "--serve")?.ok_or("--serve is required")?,
+                load: flag(&args, "--load")?.unwrap_or_else(|| "quiet".to_owned()),
+                trials: flag(&args, "--trials")?.unwrap_or(50),
+                patience: Duration::from_millis(flag(&args, "--patience-ms")?.unwrap_or(1000)),
+                sizes_kib: sizes
+                    .split(',')
+                    .map(|k| k.parse().map_err(|e| format!("--sizes-kib {k:?}: {e}")))
+                    .collect::<Result<_, _>>()?,
+                port: flag(&args, "--port")?.unwrap_or(0),
+                connect: flag(&args, "--connect")?,
+                h2: args.iter().any(|a| a == "--h2" || a == "--h2-close"),
+                h2_close: args.iter().any(|a| a == "--h2-close"),
+                raw: args.iter().any(|a| a == "--raw"),
+            })
+        })(),
+        Some("spin") => (|| uploads::spin(flag(&args, "--seconds")?.unwrap_or(60)))(),
         Some("fanout") => (|| {
             let n = flag(&args, "--n")?.unwrap_or(100_000);
             fanout::main(n, flag(&args, "--reps")?.unwrap_or(5))
@@ -100,6 +125,7 @@ pub(crate) struct Plan {
     pub(crate) detect_trials: usize,
     pub(crate) detect_patience_ms: u64,
     pub(crate) detect_give_up: usize,
+    pub(crate) upload_trials: usize,
     pub(crate) lateness_n: [usize; 2],
     pub(crate) lateness_window_ms: u64,
     pub(crate) memory_n: usize,
@@ -125,6 +151,7 @@ impl Plan {
             detect_trials: 100,
             detect_patience_ms: 1000,
             detect_give_up: 3,
+            upload_trials: 100,
             lateness_n: [1_000, 10_000],
             lateness_window_ms: 1_000,
             memory_n: 10_000,
@@ -150,6 +177,7 @@ impl Plan {
             detect_trials: 5,
             detect_patience_ms: 300,
             detect_give_up: 1,
+            upload_trials: 5,
             lateness_n: [100, 1_000],
             lateness_window_ms: 200,
             memory_n: 500,
@@ -194,6 +222,7 @@ pub(crate) struct Results {
     pub(crate) wall_h1: Measured<wallclock::Rounds>,
     pub(crate) wall_h2: Measured<wallclock::Rounds>,
     pub(crate) detect: Measured<Vec<detect::Row>>,
+    pub(crate) uploads: Measured<Vec<uploads::Row>>,
     pub(crate) lateness: Measured<Vec<lateness::Lateness>>,
     pub(crate) memory: Measured<MemoryRuns>,
     pub(crate) fanout: Measured<Vec<fanout::Run>>,
@@ -239,6 +268,7 @@ fn run_all(args: &[String]) -> Result<(), String> {
         wall_h1: None,
         wall_h2: None,
         detect: None,
+        uploads: None,
         lateness: None,
         memory: None,
         fanout: None,
@@ -297,6 +327,7 @@ fn run_all(args: &[String]) -> Result<(), String> {
                 ]))
                 .map(|out| detect::parse(&out)),
             );
+            r.uploads = Some(uploads_all(&bins, plan));
         });
     }
     if wanted("lateness") {
@@ -405,6 +436,44 @@ fn wall_clock(
         },
         !plan.quick,
     )
+}
+
+/// The unread-upload rows: every load, every server, the client on CPU 1 and the server
+/// on CPU 0; a load's spinner runs for at most two minutes and is killed once the load's
+/// rows are done.
+fn uploads_all(bins: &Bins, plan: Plan) -> Result<Vec<uploads::Row>, String> {
+    let mut rows = Vec::new();
+    for (load, _, cpu) in uploads::LOADS {
+        let spinner = match cpu {
+            Some(cpu) => {
+                let mut cmd = pinned(cpu, &bins.bench);
+                cmd.args(["spin", "--seconds", "120"])
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null());
+                Some(cmd.spawn().map_err(|e| format!("{cmd:?}: {e}"))?)
+            }
+            None => None,
+        };
+        let mut measured = || -> Result<(), String> {
+            for (serve, _) in uploads::SERVERS {
+                let out = run(pinned(1, &bins.bench)
+                    .args(["upload-detect", "--server-bin"])
+                    .arg(&bins.server)
+                    .args(["--serve", serve, "--load", load, "--trials"])
+                    .arg(plan.upload_trials.to_string())
+                    .args(["--patience-ms", &plan.detect_patience_ms.to_string()]))?;
+                rows.extend(uploads::parse(&out));
+            }
+            Ok(())
+        };
+        let result = measured();
+        if let Some(mut spinner) = spinner {
+            let _ = spinner.kill();
+            let _ = spinner.wait();
+        }
+        result?;
+    }
+    Ok(rows)
 }
 
 fn lateness_all(

@@ -347,10 +347,25 @@ impl<S, L: Listener> Serve<S, L> {
     /// alone would be overridden by the watcher, which takes a FIN for a disconnect).
     ///
     /// With `true`, a FIN is not a disconnect: only a reset (RST, `EPOLLERR`), a socket shut
-    /// in both directions, or a failed read or write is. A client that closed its connection
-    /// fully (not only its sending side) is then seen at the server's next write to it (the
-    /// client's kernel answers that write with a reset) or at the request's deadline, not
-    /// while the handler works. Defaults to `false`, as hyper's setting does.
+    /// in both directions, or a failed read or write is. Defaults to `false`, as hyper's
+    /// setting does.
+    ///
+    /// What it can and cannot know: a client that closed its socket fully and one that
+    /// only shut down its sending side send the same FIN, so while the handler works the
+    /// two look alike, and the request runs on. The difference shows only when the server
+    /// writes: a closed socket's kernel answers the write with a reset, a round trip later.
+    /// So such a client is seen
+    /// - by a response still streaming when the reset comes back: at its next write, as
+    ///   `ClientDisconnected`;
+    /// - by a response written in one write (a fixed-length body, sent with its head), or
+    ///   whose last bytes were taken before the reset came back: not by the request. Its
+    ///   context records the body's end (`Completed`) when hyper takes the last bytes,
+    ///   before writing them, so before any reset to them exists; it ends `Completed`. The connection's context ends `ClientDisconnected` once the reset
+    ///   arrives (when the server then closes the connection, the reset is checked for on
+    ///   the socket first);
+    /// - or at the request's deadline, whichever comes first.
+    ///
+    /// Use it only for clients that half-close, and keep a deadline.
     pub fn half_close(mut self, half_close: bool) -> Self {
         self.half_close = half_close;
         self.builder.http1().half_close(half_close);

@@ -58,6 +58,10 @@ pub(crate) fn failures(r: &Results) -> Vec<String> {
         r.detect.as_ref().and_then(|x| x.as_ref().err()),
     );
     check(
+        "unread-upload detection",
+        r.uploads.as_ref().and_then(|x| x.as_ref().err()),
+    );
+    check(
         "lateness",
         r.lateness.as_ref().and_then(|x| x.as_ref().err()),
     );

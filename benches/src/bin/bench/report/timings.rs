@@ -8,8 +8,8 @@ use reqctx_benches::stats::{median, min_median_max};
 use super::failed;
 use super::figures::{int, met, ms, serve_name};
 use crate::Results;
-use crate::detect;
 use crate::wallclock::Rounds;
+use crate::{detect, uploads};
 
 pub(super) fn wall(s: &mut String, r: &Results) {
     let p = r.plan;
@@ -148,6 +148,69 @@ pub(super) fn detection(s: &mut String, r: &Results) {
         worst.map_or("–".into(), |(p, c)| format!("worst {} ms ({c})", ms(p))),
         worst.map_or("–", |(p, _)| met(p <= 1000.0))
     );
+    uploads(s, r);
+}
+
+/// The unread-upload rows, per size, server and load.
+fn uploads(s: &mut String, r: &Results) {
+    let _ = writeln!(
+        s,
+        "**Unread uploads, client and server in separate processes.** The client sends \
+         `POST /upload` with its whole body (the sizes below, all under loopback's 128 KiB \
+         receive buffer), waits for the handler (which never reads the body) to start, and \
+         closes (FIN). From that close to the handler's context ending, both stamped with \
+         the wall clock. The server (one tokio worker) is pinned to CPU 0, the client to \
+         CPU 1; the loaded columns add a spinning process, bounded in time, on the client's \
+         CPU or on the server's. {} trials per row; p50 and p99 by nearest rank. Other work \
+         on the machine is not stopped: see the load average in the run's notes.\n",
+        r.plan.upload_trials
+    );
+    let rows = match &r.uploads {
+        None => return,
+        Some(Err(e)) => return failed(s, "Unread-upload detection", e),
+        Some(Ok(rows)) => rows,
+    };
+    let _ = write!(s, "| upload | server |");
+    for (_, name, _) in uploads::LOADS {
+        let _ = write!(s, " {name}: seen, p50 / p99 ms |");
+    }
+    let _ = writeln!(s, " cause |\n|---:|---|---:|---:|---:|---|");
+    for kib in uploads::SIZES_KIB {
+        for (serve, server) in uploads::SERVERS {
+            let _ = write!(s, "| {kib} KiB | {server} |");
+            let mut causes = std::collections::BTreeSet::new();
+            for (load, _, _) in uploads::LOADS {
+                match rows
+                    .iter()
+                    .find(|x| x.server == serve && x.load == load && x.kib == kib)
+                {
+                    Some(x) => {
+                        let _ = write!(
+                            s,
+                            " {}/{}, {} / {} |",
+                            x.seen,
+                            x.trials,
+                            x.p50_us.map_or("–".into(), ms),
+                            x.p99_us.map_or("–".into(), ms)
+                        );
+                        for c in x.causes.split(", ").filter(|c| !c.is_empty()) {
+                            causes.insert(c.to_owned());
+                        }
+                        let _ = x.max_us;
+                    }
+                    None => {
+                        let _ = write!(s, " – |");
+                    }
+                }
+            }
+            let _ = writeln!(
+                s,
+                " {} |",
+                causes.into_iter().collect::<Vec<_>>().join(", ")
+            );
+        }
+    }
+    s.push('\n');
 }
 
 pub(super) fn lateness(s: &mut String, r: &Results) {

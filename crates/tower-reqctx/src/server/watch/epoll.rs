@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 
-use rustix::event::Timespec;
 use rustix::event::epoll::{self, CreateFlags, Event, EventData, EventFlags};
+use rustix::event::{PollFd, PollFlags, Timespec, poll};
 use rustix::io::Errno;
 use tokio::io::Interest;
 use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
@@ -285,6 +285,20 @@ impl Shared {
 
 /// A watcher of this process failed already: the next failure is logged at `debug` only.
 static FAILED_ONCE: AtomicBool = AtomicBool::new(false);
+
+/// Whether the kernel has recorded an error on `fd`, a connected socket: a reset from the
+/// peer (`POLLERR`; a peer that closed fully answers a write with one), whether or not the
+/// watcher task has taken its event yet. Not `POLLHUP`, which both sides shutting down
+/// their sending directions also gives. One `poll` that does not wait.
+pub(crate) fn was_reset(fd: BorrowedFd<'_>) -> bool {
+    let mut fds = [PollFd::from_borrowed_fd(fd, PollFlags::empty())];
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    matches!(poll(&mut fds, Some(&now)), Ok(n) if n > 0)
+        && fds[0].revents().contains(PollFlags::ERR)
+}
 
 /// The watcher task.
 async fn drain(shared: Arc<Shared>) {

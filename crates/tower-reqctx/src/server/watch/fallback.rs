@@ -42,6 +42,11 @@ impl Watcher {
     }
 }
 
+/// No OS watch here, so no reset is known before a read or write fails.
+pub(crate) fn was_reset(_socket: Socket<'_>) -> bool {
+    false
+}
+
 impl Watch {
     /// Runs the callback now, on this thread, if it has not run.
     pub(crate) fn fire(&self) {

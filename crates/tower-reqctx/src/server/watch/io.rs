@@ -11,7 +11,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
-use super::Watch;
+use super::{Watch, was_reset};
 use crate::cause::{HandlerPanicked, server_closed};
 use crate::connection::ConnectionContext;
 use crate::server::socket::{AsSocket, borrow};
@@ -26,7 +26,9 @@ pin_project! {
     ///   (FIN) or reset the connection, when a read returns end-of-file or an error, or when a
     ///   write, flush or shutdown fails: in each case the connection is gone, whether or not
     ///   the OS reported its close. Under [`Serve::half_close`](crate::Serve::half_close) a
-    ///   FIN and an end-of-file are not a close; a reset and a failed write still are.
+    ///   FIN and an end-of-file are not a close; a reset and a failed write still are, and
+    ///   so is a reset already recorded on the socket when the `WatchedIo` is dropped (the
+    ///   server closed the connection before the watcher task took the reset's event).
     /// - when the `WatchedIo` is dropped (the server closed the connection: keep-alive over,
     ///   `connection: close`, a timeout, a protocol error, an upgraded connection's IO
     ///   dropped), with [`ServerClosed`](crate::ServerClosed), or with [`Cause::Shutdown`]
@@ -58,6 +60,13 @@ pin_project! {
     {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
+            // Under half-close the server may close a connection whose client had closed
+            // fully, right after the write that client's kernel reset: hyper read the
+            // FIN as the end of its requests. The reset is recorded on the socket even if
+            // the watcher task has not taken its event yet; it is the client's close.
+            if this.end.half_close && was_reset(borrow(this.io.as_ref().get_ref())) {
+                gone(this.watch, this.end);
+            }
             if let Some(watch) = this.watch {
                 // Through the socket, while it is still open: invariant 4 of the watcher.
                 watch.stop(borrow(this.io.as_ref().get_ref()));

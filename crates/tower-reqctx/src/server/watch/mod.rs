@@ -45,9 +45,9 @@ mod io;
 mod tests;
 
 #[cfg(target_os = "linux")]
-pub(crate) use epoll::{Watch, Watcher};
+pub(crate) use epoll::{Watch, Watcher, was_reset};
 #[cfg(not(target_os = "linux"))]
-pub(crate) use fallback::{Watch, Watcher};
+pub(crate) use fallback::{Watch, Watcher, was_reset};
 pub(crate) use io::Parts;
 pub use io::WatchedIo;
 

@@ -242,7 +242,8 @@ async fn a_body_replaced_outside_the_layer_is_discarded_not_a_disconnect() {
             _ => res,
         }
     }
-    let cases: [(&str, fn(Router) -> Router, &str); 3] = [
+    type Case = (&'static str, fn(Router) -> Router, &'static str);
+    let cases: [Case; 3] = [
         (
             "map_response",
             |r| r.layer(axum::middleware::map_response(error_page)),

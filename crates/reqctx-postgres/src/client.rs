@@ -374,6 +374,12 @@ impl ContextClient {
         self.client.get()
     }
 
+    /// Where this connection's cancels go: for a connection this crate opened, the
+    /// address it reached ([`CancelTarget::Addr`]).
+    pub fn cancel_target(&self) -> &CancelTarget {
+        &self.route.target
+    }
+
     /// The server process id of this connection's backend (as in `pg_stat_activity.pid`).
     pub fn backend_pid(&self) -> i32 {
         self.pid
@@ -517,8 +523,7 @@ impl ContextClient {
     /// literal counts): a wrong yes costs one check query when the pool takes the
     /// connection back, a wrong no would hand out a connection inside a transaction.
     fn note_sql(&mut self, sql: &str) {
-        if !self.state.tx_maybe && (contains_word(sql, b"begin") || contains_word(sql, b"start"))
-        {
+        if !self.state.tx_maybe && (contains_word(sql, b"begin") || contains_word(sql, b"start")) {
             self.state.tx_maybe = true;
         }
     }
@@ -665,7 +670,8 @@ impl ContextClient {
     pub(crate) async fn reset_for_reuse(&mut self) -> Result<(), Error> {
         self.settle(None).await?;
         let rollback = mem::take(&mut self.state.rollback);
-        let tx_maybe = mem::take(&mut self.state.tx_maybe) | self.raw_used.swap(false, Ordering::Relaxed);
+        let tx_maybe =
+            mem::take(&mut self.state.tx_maybe) | self.raw_used.swap(false, Ordering::Relaxed);
         self.state.rolled_back = false;
         let reset = self.state.timeout != Known::Default;
         let client = self.client.get();
@@ -1045,7 +1051,10 @@ mod tests {
         assert!(ends_transaction("end"));
         assert!(!ends_transaction("endless"));
         assert!(!ends_transaction("SELECT 1"));
-        assert!(contains_word("BEGIN ISOLATION LEVEL SERIALIZABLE", b"begin"));
+        assert!(contains_word(
+            "BEGIN ISOLATION LEVEL SERIALIZABLE",
+            b"begin"
+        ));
         assert!(contains_word("start transaction", b"start"));
         assert!(!contains_word("SELECT 1", b"begin"));
     }

@@ -282,8 +282,7 @@ fn endpoints_check(config: &Config) -> Result<usize, Error> {
     }
     if n > 1 && config.get_target_session_attrs() != TargetSessionAttrs::Any {
         return Err(Error::Config(
-            "target_session_attrs with several hosts is not supported here: name one host"
-                .into(),
+            "target_session_attrs with several hosts is not supported here: name one host".into(),
         ));
     }
     Ok(n)
@@ -310,8 +309,7 @@ pub(crate) async fn open<T: Tls>(config: &Config, tls: T) -> Result<Opened, Erro
         };
         let targets: Vec<CancelTarget> = match (hosts.get(i), addrs.get(i)) {
             (_, Some(a)) => vec![CancelTarget::Addr(SocketAddr::new(*a, port))],
-            (Some(Host::Tcp(h)), None) => match tokio::net::lookup_host((h.as_str(), port)).await
-            {
+            (Some(Host::Tcp(h)), None) => match tokio::net::lookup_host((h.as_str(), port)).await {
                 Ok(found) => found.map(CancelTarget::Addr).collect(),
                 Err(e) => {
                     last = Some(Error::Io(e));

@@ -388,6 +388,42 @@ async fn the_pool_waits_for_a_dropped_statements_cleanup() {
     conn.client().simple_query("SELECT 1").await.unwrap();
 }
 
+/// A host name is looked up once, when connecting: the cancels go to the address that
+/// answered, not to a new lookup (which, with several addresses, may reach another server).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cancel_goes_to_the_address_the_connection_reached() {
+    let Some(db) = db() else { return };
+    if db.dir.is_none() {
+        return; // a DATABASE_URL server: its addresses are not known here
+    }
+    let mut config = db.config();
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    config.host("localhost"); // ::1 (refused: the server listens on 127.0.0.1), 127.0.0.1
+    let mut conn = ContextClient::connect(&config, Options::default())
+        .await
+        .expect("one of localhost's addresses answers");
+    assert_eq!(
+        conn.cancel_target(),
+        &CancelTarget::Addr(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+    );
+    // And the cancel sent there stops the statement.
+    let pid = conn.backend_pid();
+    let (ctx, cancel) = Context::background().with_cancel();
+    let mon = db.monitor().await;
+    tokio::spawn(async move {
+        wait_active(&mon, pid).await;
+        cancel.cancel();
+    });
+    assert!(
+        conn.query(&ctx, SLEEP, &[])
+            .await
+            .unwrap_err()
+            .cancelled()
+            .is_some()
+    );
+    assert!(conn.is_usable());
+}
+
 #[tokio::test]
 async fn bad_configuration_is_a_clear_error() {
     for bad in [

@@ -2,6 +2,10 @@
 //! cluster (`initdb` + `pg_ctl`, run as the `postgres` user when we are root) in a
 //! temporary directory on a free port, stopped by a watchdog when the test process exits.
 //!
+//! The throwaway cluster also serves TLS (`ssl = on`) with a certificate for `127.0.0.1`
+//! and `localhost` signed by a CA generated here ([`Db::ca`]); plain connections work as
+//! before.
+//!
 //! No server at all: the tests fail under `REQCTX_PG_REQUIRED=1` (CI), and otherwise say
 //! loudly that they were skipped.
 #![allow(dead_code, unreachable_pub)]
@@ -17,6 +21,11 @@ use std::time::{Duration, Instant};
 pub struct Db {
     /// A connection string for it.
     pub url: String,
+    /// The CA (DER) that signed the server's certificate: `None` when the server is
+    /// `DATABASE_URL` (TLS unknown).
+    pub ca: Option<Vec<u8>>,
+    /// The cluster's directory (sockets, log), for helpers that start next to it.
+    pub dir: Option<PathBuf>,
 }
 
 impl Db {
@@ -60,7 +69,11 @@ pub fn db() -> Option<&'static Db> {
 
 fn find_or_start() -> Result<Db, String> {
     if let Ok(url) = std::env::var("DATABASE_URL") {
-        return Ok(Db { url });
+        return Ok(Db {
+            url,
+            ca: None,
+            dir: None,
+        });
     }
     let bin = find_bindir().ok_or("no initdb under /usr/lib/postgresql/*/bin or on PATH")?;
     start_cluster(&bin)
@@ -136,6 +149,22 @@ fn start_cluster(bin: &Path) -> Result<Db, String> {
     ]);
     run(initdb, "initdb")?;
 
+    // TLS: a CA and a server certificate signed by it, for the TLS tests.
+    let (ca, cert_pem, key_pem) = certificates()?;
+    let (cert, key) = (data.join("server.crt"), data.join("server.key"));
+    std::fs::write(&cert, cert_pem).map_err(|e| format!("write the certificate: {e}"))?;
+    std::fs::write(&key, key_pem).map_err(|e| format!("write the key: {e}"))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| format!("chmod the key: {e}"))?;
+    }
+    if root {
+        let mut chown = Command::new("chown");
+        chown.arg("postgres:").arg(&cert).arg(&key);
+        run(chown, "chown the certificate to postgres")?;
+    }
+
     let port = TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map_err(|e| format!("find a free port: {e}"))?
@@ -152,7 +181,8 @@ fn start_cluster(bin: &Path) -> Result<Db, String> {
             "60",
             "-o",
             &format!(
-                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200 \
+                 -c ssl=on",
                 dir.display()
             ),
             "start",
@@ -178,7 +208,41 @@ fn start_cluster(bin: &Path) -> Result<Db, String> {
 
     Ok(Db {
         url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+        ca: Some(ca),
+        dir: Some(dir),
     })
+}
+
+/// A CA (DER) and a server certificate and key (PEM) for `127.0.0.1` and `localhost`.
+fn certificates() -> Result<(Vec<u8>, String, String), String> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let err = |e: rcgen::Error| format!("rcgen: {e}");
+    let ca_key = KeyPair::generate().map_err(err)?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).map_err(err)?;
+    let key = KeyPair::generate().map_err(err)?;
+    let params = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        .map_err(err)?;
+    let cert = params.signed_by(&key, &ca, &ca_key).map_err(err)?;
+    Ok((ca.der().to_vec(), cert.pem(), key.serialize_pem()))
+}
+
+/// A rustls connector trusting the test CA, for `tokio-postgres`.
+pub fn rustls(db: &Db) -> Option<tokio_postgres_rustls::MakeRustlsConnect> {
+    let ca = db.ca.as_ref()?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(ca.clone()))
+        .expect("the test CA is a certificate");
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("TLS 1.2 and 1.3 with ring")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Some(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
 /// Polls `pg_stat_activity` until `pid` is idle; the time it took, or `None` after `limit`.

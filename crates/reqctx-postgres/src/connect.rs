@@ -128,7 +128,9 @@ impl AsyncWrite for PgStream {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if !this.shut {
+        // The cancel connection keeps its write side open, as libpq does: PgBouncer drops a
+        // cancel whose client has closed (a FIN counts) before it was forwarded.
+        if !this.shut && !this.drain_on_shutdown {
             ready!(match &mut this.transport {
                 Transport::Tcp(s) => Pin::new(s).poll_shutdown(cx),
                 #[cfg(unix)]

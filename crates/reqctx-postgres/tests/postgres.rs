@@ -1,7 +1,7 @@
 //! Statements bound to a context, against a real PostgreSQL (see `support`): each test
 //! watches the server through `pg_stat_activity` from a separate connection.
 
-mod support;
+use reqctx_pg_test_support as support;
 
 use std::time::{Duration, Instant};
 
@@ -332,6 +332,95 @@ async fn a_cancel_inside_a_transaction_is_rolled_back_before_reuse() {
     assert_eq!(n, 0);
     let state = state_of(&monitor, pid).await;
     assert_eq!(state.as_deref(), Some("idle"), "left in a transaction");
+}
+
+/// A handler that opened a transaction and returned early (a non-database error) gives
+/// the connection back inside it: the pool rolls it back before anyone else gets it,
+/// whether the `BEGIN` went through `ContextClient` or through the plain client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_rolls_back_a_transaction_left_open() {
+    let Some(db) = db() else { return };
+    let monitor = db.monitor().await;
+    monitor
+        .batch_execute("CREATE TABLE IF NOT EXISTS left_open (x int)")
+        .await
+        .unwrap();
+    let pool = pool(db, 1);
+    let bg = Context::background();
+    for raw in [false, true] {
+        let mut conn = pool.get().await.unwrap();
+        let pid = conn.backend_pid();
+        if raw {
+            let c = conn.client();
+            c.batch_execute("BEGIN").await.unwrap();
+            c.execute("INSERT INTO left_open VALUES (1)", &[])
+                .await
+                .unwrap();
+        } else {
+            conn.batch_execute(&bg, "BEGIN").await.unwrap();
+            conn.execute(&bg, "INSERT INTO left_open VALUES (1)", &[])
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            state_of(&monitor, pid).await.as_deref(),
+            Some("idle in transaction")
+        );
+        drop(conn); // the handler returned early
+        let conn = pool.get().await.unwrap();
+        assert_eq!(conn.backend_pid(), pid, "raw={raw}: connection discarded");
+        assert_eq!(
+            state_of(&monitor, pid).await.as_deref(),
+            Some("idle"),
+            "raw={raw}: handed out inside a transaction"
+        );
+        let n: i64 = monitor
+            .query_one("SELECT count(*) FROM left_open", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 0, "raw={raw}: the insert was committed");
+    }
+}
+
+/// A statement cancelled inside a transaction: the transaction is rolled back right
+/// after the cancel, while the handler still holds the connection (not left "idle in
+/// transaction (aborted)" until the pool takes it back); statements that would have run
+/// in it are refused, and its `ROLLBACK` is answered here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_inside_a_transaction_rolls_it_back_at_once() {
+    let Some(db) = db() else { return };
+    let monitor = db.monitor().await;
+    let mut conn = connect(db).await;
+    let pid = conn.backend_pid();
+    let bg = Context::background();
+    conn.batch_execute(&bg, "BEGIN").await.unwrap();
+    let (ctx, cancel) = Context::background().with_cancel();
+    let mon = db.monitor().await;
+    tokio::spawn(async move {
+        wait_active(&mon, pid).await;
+        cancel.cancel();
+    });
+    let err = conn.query(&ctx, SLEEP, &[]).await.unwrap_err();
+    assert!(err.cancelled().is_some(), "{err}");
+    assert_eq!(state_of(&monitor, pid).await.as_deref(), Some("idle"));
+    assert!(conn.is_usable());
+    // Outside the transaction now: refused rather than run in autocommit.
+    assert!(matches!(
+        conn.execute(&bg, "SELECT 1", &[]).await,
+        Err(Error::RolledBack)
+    ));
+    conn.batch_execute(&bg, "ROLLBACK").await.unwrap();
+    assert_eq!(conn.query(&bg, "SELECT 1", &[]).await.unwrap().len(), 1);
+    // Outside a transaction nothing is rolled back or refused.
+    let (ctx, cancel) = Context::background().with_cancel();
+    let mon = db.monitor().await;
+    tokio::spawn(async move {
+        wait_active(&mon, pid).await;
+        cancel.cancel();
+    });
+    assert!(conn.query(&ctx, SLEEP, &[]).await.is_err());
+    assert_eq!(conn.query(&bg, "SELECT 1", &[]).await.unwrap().len(), 1);
 }
 
 /// Any failed statement leaves its transaction aborted, as a cancel does: the case where

@@ -8,7 +8,7 @@
 //!
 //! No server at all: the tests fail under `REQCTX_PG_REQUIRED=1` (CI), and otherwise say
 //! loudly that they were skipped.
-#![allow(dead_code, unreachable_pub)]
+#![allow(missing_docs)]
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -280,4 +280,123 @@ pub async fn state_of(monitor: &tokio_postgres::Client, pid: i32) -> Option<Stri
         .await
         .expect("read pg_stat_activity")
         .and_then(|row| row.get::<_, Option<String>>(0))
+}
+
+/// A PgBouncer in front of the throwaway cluster, started by the tests (Debian's
+/// `pgbouncer`, run as the `postgres` user when we are root, stopped with the test
+/// process).
+#[derive(Debug)]
+pub struct Bouncer {
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+}
+
+impl Bouncer {
+    /// A connection string through it to `pool` (`"a"` or `"b"`: two pools over the same
+    /// database, one server connection each, so that tests running at once do not share
+    /// a backend).
+    pub fn url(&self, pool: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{pool}", self.port)
+    }
+
+    pub fn config(&self, pool: &str) -> tokio_postgres::Config {
+        self.url(pool).parse().expect("the bouncer URL parses")
+    }
+}
+
+static SESSION: OnceLock<Option<Bouncer>> = OnceLock::new();
+static TRANSACTION: OnceLock<Option<Bouncer>> = OnceLock::new();
+
+/// PgBouncer in `pool_mode` (`"session"` or `"transaction"`) with one server connection
+/// per pool (so clients share a backend), or `None` (after saying so) without a
+/// `pgbouncer` binary or our own cluster; under `REQCTX_PG_REQUIRED=1` a missing one fails.
+pub fn bouncer(db: &Db, pool_mode: &str) -> Option<&'static Bouncer> {
+    let slot = match pool_mode {
+        "session" => &SESSION,
+        "transaction" => &TRANSACTION,
+        other => panic!("pool mode {other}"),
+    };
+    let b = slot.get_or_init(|| match start_bouncer(db, pool_mode) {
+        Ok(b) => Some(b),
+        Err(why) => {
+            if std::env::var("REQCTX_PG_REQUIRED").as_deref() == Ok("1") {
+                panic!("REQCTX_PG_REQUIRED=1 but no PgBouncer: {why}");
+            }
+            eprintln!("\n!!! SKIPPED: no PgBouncer ({why}) !!!\n");
+            None
+        }
+    });
+    b.as_ref()
+}
+
+fn start_bouncer(db: &Db, pool_mode: &str) -> Result<Bouncer, String> {
+    let bin = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .ok_or("no pgbouncer binary (apt-get install pgbouncer)")?;
+    let cluster = db.dir.as_ref().ok_or("DATABASE_URL server: not ours")?;
+    let upstream = db.config().get_ports().first().copied().unwrap_or(5432);
+    let dir = cluster.join(format!("pgbouncer-{pool_mode}"));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("find a free port: {e}"))?
+        .port();
+    let ini = dir.join("pgbouncer.ini");
+    std::fs::write(dir.join("users.txt"), "\"postgres\" \"\"\n")
+        .map_err(|e| format!("write users.txt: {e}"))?;
+    std::fs::write(
+        &ini,
+        format!(
+            "[databases]\n\
+             a = host=127.0.0.1 port={upstream} dbname=postgres user=postgres\n\
+             b = host=127.0.0.1 port={upstream} dbname=postgres user=postgres\n\
+             [pgbouncer]\n\
+             listen_addr = 127.0.0.1\n\
+             listen_port = {port}\n\
+             unix_socket_dir =\n\
+             auth_type = trust\n\
+             auth_file = {dir}/users.txt\n\
+             pool_mode = {pool_mode}\n\
+             default_pool_size = 1\n\
+             max_client_conn = 200\n\
+             ignore_startup_parameters = extra_float_digits\n\
+             logfile = {dir}/pgbouncer.log\n\
+             pidfile = {dir}/pgbouncer.pid\n",
+            dir = dir.display()
+        ),
+    )
+    .map_err(|e| format!("write pgbouncer.ini: {e}"))?;
+    let root = is_root();
+    if root {
+        let mut chown = Command::new("chown");
+        chown.arg("-R").arg("postgres:").arg(&dir);
+        run(chown, "chown the bouncer directory to postgres")?;
+    }
+    let mut start = as_server_user(root, &bin);
+    start.arg("-d").arg(&ini);
+    run(start, "pgbouncer -d")?;
+    // Stop it once this test process has exited.
+    let stop = format!(
+        "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; kill $(cat {dir}/pgbouncer.pid)",
+        pid = std::process::id(),
+        dir = dir.display(),
+    );
+    Command::new("sh")
+        .args(["-c", &stop])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("spawn the bouncer's watchdog: {e}"))?;
+    // Daemonised once listening; still, wait until it accepts.
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if started.elapsed() > Duration::from_secs(10) {
+            return Err("pgbouncer did not listen within 10 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(Bouncer { port })
 }

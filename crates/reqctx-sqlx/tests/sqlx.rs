@@ -185,13 +185,13 @@ async fn sleep(
     let _ = app.seen.send((ctx.clone(), pid));
     match sqlx::query(SLEEP).execute(conn.bind(&ctx)).await {
         Ok(_) => Ok("slept"),
-        Err(e) => match {
+        Err(e) => {
             let _ = app.causes.send(reqctx_sqlx::cause(&e).cloned());
-            reqctx_sqlx::cause(&e)
-        } {
-            Some(cause) => Err((StatusCode::GATEWAY_TIMEOUT, format!("{cause:?}"))),
-            None => Err((StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
-        },
+            match reqctx_sqlx::cause(&e) {
+                Some(cause) => Err((StatusCode::GATEWAY_TIMEOUT, format!("{cause:?}"))),
+                None => Err((StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+            }
+        }
     }
 }
 

@@ -175,6 +175,7 @@ impl ContextPool {
     /// connection of its own from the pool (as with `&PgPool`).
     ///
     /// ```no_run
+    /// # #![allow(dead_code)]
     /// # async fn run(pool: reqctx_sqlx::ContextPool, ctx: reqctx::Context) -> Result<(), sqlx::Error> {
     /// let rows = sqlx::query("SELECT id FROM orders WHERE total > $1")
     ///     .bind(100_i64)
@@ -213,11 +214,11 @@ impl ContextPool {
 /// A pooled connection whose statements are bound with [`bind`](ContextConnection::bind).
 ///
 /// Once a statement on it was cut by its context, the connection is closed: every later
-/// statement fails with [`sqlx::Error::PoolClosed`]-like `Io` error ("connection closed
-/// after a cut statement"). Dropped, it goes back to the pool (its `statement_timeout`
-/// reset first, if a statement set it).
+/// statement fails with an [`sqlx::Error::Io`] of kind `NotConnected`. Dropped, it goes
+/// back to the pool (its `statement_timeout` reset first, if a statement set it).
 ///
 /// ```no_run
+/// # #![allow(dead_code)]
 /// # async fn run(pool: reqctx_sqlx::ContextPool, ctx: reqctx::Context) -> Result<(), sqlx::Error> {
 /// let mut conn = pool.acquire(&ctx).await?;
 /// sqlx::query("BEGIN").execute(conn.bind(&ctx)).await?;
@@ -463,14 +464,36 @@ impl<'c> Bound<'c> {
             let conn = guard.slot.as_mut().ok_or_else(closed)?;
             if let Some(budget) = remaining {
                 let set = timeout_sql(budget);
-                tokio::select! {
+                let set = tokio::select! {
                     biased;
-                    () = ctx.cancelled() => Err(ended(ctx)),
-                    r = conn.execute(set.as_str()) => r.map(|_| ()),
-                }?;
-                *timeout_set = true;
+                    () = ctx.cancelled() => None,
+                    r = conn.execute(set.as_str()) => Some(r),
+                };
+                match set {
+                    // Cut while setting it: the guard closes the connection.
+                    None => Err(ended(ctx))?,
+                    Some(Ok(_)) => *timeout_set = true,
+                    // Refused (an aborted transaction, whose `ROLLBACK` must still go
+                    // through): the statement runs without the backstop.
+                    Some(Err(sqlx::Error::Database(_))) => {}
+                    Some(Err(e)) => Err(e)?,
+                }
             }
-            let our_timeout = remaining.is_some();
+            if remaining.is_none() && *timeout_set {
+                // A held connection after a statement with a deadline: no budget now.
+                let reset = tokio::select! {
+                    biased;
+                    () = ctx.cancelled() => None,
+                    r = conn.execute("SET statement_timeout TO DEFAULT") => Some(r),
+                };
+                match reset {
+                    None => Err(ended(ctx))?,
+                    Some(Ok(_)) => *timeout_set = false,
+                    Some(Err(sqlx::Error::Database(_))) => {}
+                    Some(Err(e)) => Err(e)?,
+                }
+            }
+            let our_timeout = remaining.is_some() && *timeout_set;
             let mut inner = conn.fetch_many(query);
             let failure = loop {
                 let next = tokio::select! {

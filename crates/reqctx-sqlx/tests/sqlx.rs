@@ -141,6 +141,19 @@ async fn a_deadline_bounds_the_statement_on_the_server_too() {
         set.ends_with('s') && (9_000..=10_000).contains(&ms) || set == "10s",
         "statement_timeout {set} for a 10 s budget"
     );
+    // On a held connection, the next statement without a deadline runs without it.
+    let mut conn = pool.acquire(&ctx).await.unwrap();
+    let (short, _c2) = ctx.with_timeout(Duration::from_secs(2));
+    sqlx::query("SELECT 1")
+        .execute(conn.bind(&short))
+        .await
+        .unwrap();
+    let (now,): (String,) = sqlx::query_as("SHOW statement_timeout")
+        .fetch_one(conn.bind(&Context::background()))
+        .await
+        .unwrap();
+    assert_eq!(now, "0", "a held connection kept the last budget");
+    drop(conn);
     // Reset before the connection goes back: a statement without a deadline has none.
     let started = Instant::now();
     loop {

@@ -13,7 +13,7 @@ use reqctx_sqlx::{ContextPool, Options};
 use sqlx::postgres::PgPoolOptions;
 
 const N: usize = 10_000;
-const ROUNDS: usize = 9;
+const ROUNDS: usize = 7;
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();

@@ -106,6 +106,8 @@ use sqlx::{Describe, Either, Execute, Executor, Postgres};
 pub struct Options {
     check_interval: Duration,
     statement_timeout: bool,
+    /// The sessions' own `statement_timeout` (ms, 0 = none), read at connect.
+    baseline_ms: u64,
 }
 
 impl Default for Options {
@@ -113,6 +115,7 @@ impl Default for Options {
         Options {
             check_interval: Duration::from_millis(100),
             statement_timeout: true,
+            baseline_ms: 0,
         }
     }
 }
@@ -168,6 +171,17 @@ impl ContextPool {
             .after_connect(move |conn, _| prepare(conn, every).boxed())
             .connect_with(connect)
             .await?;
+        // The sessions' own limit (the role's, the database's): a budget is sent only when
+        // shorter, so it never lifts a DBA's limit.
+        let (baseline,): (i64,) = sqlx::query_as(
+            "SELECT setting::bigint FROM pg_settings WHERE name = 'statement_timeout'",
+        )
+        .fetch_one(&pool)
+        .await?;
+        let options = Options {
+            baseline_ms: u64::try_from(baseline).unwrap_or(0),
+            ..options
+        };
         Ok(ContextPool { pool, options })
     }
 
@@ -407,17 +421,14 @@ impl Drop for CloseGuard<'_> {
     }
 }
 
-/// `SET statement_timeout` to the budget, never above the session's own limit.
-fn timeout_sql(budget: Duration) -> String {
-    let ms = budget
-        .as_nanos()
-        .div_ceil(1_000_000)
-        .clamp(1, i32::MAX as u128);
-    format!(
-        "SELECT set_config('statement_timeout', \
-         CASE WHEN setting::bigint = 0 OR setting::bigint > {ms} THEN '{ms}' ELSE setting END, \
-         false) FROM pg_settings WHERE name = 'statement_timeout'"
-    )
+/// `SET statement_timeout` to the budget (rounded up: the server's clock starts after
+/// ours), or `None` when the session's own limit is already no longer.
+fn timeout_sql(budget: Duration, baseline_ms: u64) -> Option<String> {
+    let ms = budget.as_nanos().div_ceil(1_000_000).max(1);
+    if ms > i32::MAX as u128 || (baseline_ms != 0 && u128::from(baseline_ms) <= ms) {
+        return None;
+    }
+    Some(format!("SET statement_timeout = {ms}"))
 }
 
 fn is_query_canceled(e: &sqlx::Error) -> bool {
@@ -462,12 +473,12 @@ impl<'c> Bound<'c> {
             let mut guard = CloseGuard { slot, armed: true };
             let remaining = ctx.remaining().filter(|_| options.statement_timeout);
             let conn = guard.slot.as_mut().ok_or_else(closed)?;
-            if let Some(budget) = remaining {
-                let set = timeout_sql(budget);
+            let set_sql = remaining.and_then(|budget| timeout_sql(budget, options.baseline_ms));
+            if let Some(set) = set_sql.as_deref() {
                 let set = tokio::select! {
                     biased;
                     () = ctx.cancelled() => None,
-                    r = conn.execute(set.as_str()) => Some(r),
+                    r = conn.execute(set) => Some(r),
                 };
                 match set {
                     // Cut while setting it: the guard closes the connection.
@@ -479,7 +490,7 @@ impl<'c> Bound<'c> {
                     Some(Err(e)) => Err(e)?,
                 }
             }
-            if remaining.is_none() && *timeout_set {
+            if set_sql.is_none() && *timeout_set {
                 // A held connection after a statement with a deadline: no budget now.
                 let reset = tokio::select! {
                     biased;
@@ -493,7 +504,7 @@ impl<'c> Bound<'c> {
                     Some(Err(e)) => Err(e)?,
                 }
             }
-            let our_timeout = remaining.is_some() && *timeout_set;
+            let our_timeout = set_sql.is_some() && *timeout_set;
             let mut inner = conn.fetch_many(query);
             let failure = loop {
                 let next = tokio::select! {

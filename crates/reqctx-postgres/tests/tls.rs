@@ -109,12 +109,14 @@ async fn no_stale_cancel_hits_the_next_statement_over_tls() {
     let (mut kept, mut given_up, mut finished) = (0, 0, 0);
     for round in 0..300u64 {
         let (ctx, cancel) = Context::background().with_cancel();
-        let delay = Duration::from_micros(1_000 + (round * 7_919) % 2_000);
+        // The TLS handshake delays the cancel by milliseconds: a 20 ms statement, cancelled
+        // between 1 and 21 ms in, still makes the cancel and its end race.
+        let delay = Duration::from_micros(1_000 + (round * 7_919) % 20_000);
         let t = tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             cancel.cancel();
         });
-        let result = conn.query(&ctx, "SELECT pg_sleep(0.002)", &[]).await;
+        let result = conn.query(&ctx, "SELECT pg_sleep(0.02)", &[]).await;
         t.await.unwrap();
         match result {
             Ok(_) => finished += 1,

@@ -2,7 +2,7 @@
 //! connection, with sqlx's `&PgPool` and through `ContextPool::bind`, alternated, median
 //! of rounds.
 //!
-//! `cargo run --release -p reqctx-sqlx --example overhead`
+//! `cargo run --release -p reqctx-sqlx --example bind_overhead`
 //! (uses `DATABASE_URL`, or starts a throwaway cluster as the tests do).
 
 use std::time::{Duration, Instant};

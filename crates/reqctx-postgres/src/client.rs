@@ -80,10 +80,15 @@ use crate::{Error, Options, TimeoutScope};
 ///
 /// # Transactions
 ///
-/// A cancel inside a transaction leaves it aborted: roll it back yourself on a plain
-/// connection (nothing here rolls back behind your back, or your next statements would
-/// run outside the transaction). The pool ([`pool`](crate::pool)) rolls back after any
-/// cancelled or failed statement before handing the connection to anyone. A `SET` done
+/// A cancel inside a transaction leaves it aborted; it is rolled back right after the
+/// cancel (when a statement's text held `BEGIN` or `START`, or
+/// [`client`](ContextClient::client) was used, a check says whether a transaction is
+/// open), so the backend does not sit "idle in transaction (aborted)". Your next
+/// statements would then run outside your transaction, so they fail with
+/// [`Error::RolledBack`] until you end it (`ROLLBACK` or `COMMIT` through
+/// [`batch_execute`](ContextClient::batch_execute), answered here). The pool
+/// ([`pool`](crate::pool)) also rolls back after any failed statement, and any
+/// transaction a handler left open, before handing the connection to anyone. A `SET` done
 /// inside a transaction that is rolled back is undone by the server; after a failed statement, or after `ROLLBACK` through
 /// [`batch_execute`](ContextClient::batch_execute), the cached value is forgotten and set
 /// again. A `ROLLBACK` through [`client`](ContextClient::client) is not seen: call
@@ -463,6 +468,7 @@ impl ContextClient {
             return Err(Error::RolledBack);
         }
         self.note_sql(sql);
+        self.note_raw();
         let set = match self.before_fast(ctx) {
             Some(set) => set?,
             // Cold and rare: boxed, so the common path's future stays small.
@@ -499,6 +505,7 @@ impl ContextClient {
         if let Ok(sql) = statement.as_sql() {
             self.note_sql(sql);
         }
+        self.note_raw();
         let set = match self.before_fast(ctx) {
             Some(set) => set?,
             // Cold and rare: boxed, so the common path's future stays small.
@@ -524,6 +531,13 @@ impl ContextClient {
     /// connection back, a wrong no would hand out a connection inside a transaction.
     fn note_sql(&mut self, sql: &str) {
         if !self.state.tx_maybe && (contains_word(sql, b"begin") || contains_word(sql, b"start")) {
+            self.state.tx_maybe = true;
+        }
+    }
+
+    /// Notes that the plain client was used (a `BEGIN` may have gone through it).
+    fn note_raw(&mut self) {
+        if !self.state.tx_maybe && self.raw_used.load(Ordering::Relaxed) {
             self.state.tx_maybe = true;
         }
     }

@@ -394,7 +394,8 @@ async fn a_cancel_inside_a_transaction_rolls_it_back_at_once() {
     let mut conn = connect(db).await;
     let pid = conn.backend_pid();
     let bg = Context::background();
-    conn.batch_execute(&bg, "BEGIN").await.unwrap();
+    // Through the plain client: seen too.
+    conn.client().batch_execute("BEGIN").await.unwrap();
     let (ctx, cancel) = Context::background().with_cancel();
     let mon = db.monitor().await;
     tokio::spawn(async move {

@@ -91,7 +91,7 @@ use sqlx::postgres::{
     PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgQueryResult, PgRow, PgStatement,
     PgTypeInfo,
 };
-use sqlx::{Describe, Either, Execute, Executor, Postgres};
+use sqlx::{Connection as _, Describe, Either, Execute, Executor, Postgres};
 
 /// Settings of a [`ContextPool`]. Builder methods take `self` and return `Self`.
 ///
@@ -167,6 +167,12 @@ impl ContextPool {
         options: Options,
     ) -> Result<ContextPool, sqlx::Error> {
         let every = options.check_interval;
+        // Checked on a connection of our own first: the pool retries a failing
+        // `after_connect` until its acquire timeout, which would hide the reason.
+        let mut probe = PgConnection::connect_with(&connect).await?;
+        let checked = prepare(&mut probe, every).await;
+        let _ = probe.close().await;
+        checked?;
         let pool = pool
             .after_connect(move |conn, _| prepare(conn, every).boxed())
             .connect_with(connect)

@@ -342,3 +342,72 @@ async fn fifty_concurrent_hang_ups_through_a_pool_of_ten() {
         assert_eq!((status, body.as_str()), (200, "1"));
     }
 }
+
+/// A proxy in front of the server that announces `server_version` 13.9, as a
+/// PostgreSQL 13 would (sqlx reads the version from that startup message).
+async fn proxy_claiming_13(upstream: u16) -> u16 {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await else {
+                return;
+            };
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            tokio::spawn(async move { tokio::io::copy(&mut cr, &mut sw).await });
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 8192];
+                loop {
+                    let Ok(n) = sr.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        let _ = cw.shutdown().await;
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let mut out = Vec::new();
+                    while buf.len() >= 5 {
+                        let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+                        if buf.len() < 1 + len {
+                            break;
+                        }
+                        let msg: Vec<u8> = buf.drain(..1 + len).collect();
+                        if msg[0] == b'S' && msg[5..].starts_with(b"server_version\0") {
+                            let body = b"server_version\x0013.9\0";
+                            out.push(b'S');
+                            out.extend_from_slice(&(4 + body.len() as u32).to_be_bytes());
+                            out.extend_from_slice(body);
+                        } else {
+                            out.extend_from_slice(&msg);
+                        }
+                    }
+                    if cw.write_all(&out).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// Below PostgreSQL 14 there is no `client_connection_check_interval`: a closed
+/// connection would not stop its statement, so the pool refuses to open, and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_before_14_is_refused_at_connect() {
+    let Some(db) = db() else { return };
+    let upstream = db.config().get_ports().first().copied().unwrap_or(5432);
+    let port = proxy_claiming_13(upstream).await;
+    let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    let err = ContextPool::connect(&url).await.unwrap_err();
+    match &err {
+        sqlx::Error::Configuration(why) => {
+            assert!(why.to_string().contains("PostgreSQL 14"), "{why}");
+        }
+        other => panic!("a PostgreSQL 13 was accepted or failed otherwise: {other:?}"),
+    }
+}

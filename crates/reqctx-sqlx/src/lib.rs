@@ -73,8 +73,8 @@
 //!   (Windows): [`ContextPool::connect`] fails with a [`sqlx::Error::Configuration`] saying
 //!   so, rather than leave statements running after their client left.
 //! - Behind PgBouncer in transaction mode the session settings would reach other clients'
-//!   backends: use PgBouncer's session mode, or `reqctx-postgres` (whose cancel PgBouncer
-//!   forwards).
+//!   backends: connect directly, or use `reqctx-postgres` (whose cancel PgBouncer
+//!   forwards). PgBouncer's session mode is not tested.
 #![forbid(unsafe_code)]
 #![doc(test(attr(deny(warnings))))]
 

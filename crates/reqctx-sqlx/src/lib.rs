@@ -626,3 +626,39 @@ impl<'c> Executor<'c> for Bound<'c> {
         .boxed()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_budget_is_rounded_up_and_never_lifts_the_sessions_limit() {
+        let ms = Duration::from_millis;
+        assert_eq!(
+            timeout_sql(Duration::from_micros(1500), 0).as_deref(),
+            Some("SET statement_timeout = 2")
+        );
+        assert_eq!(
+            timeout_sql(Duration::from_nanos(1), 0).as_deref(),
+            Some("SET statement_timeout = 1")
+        );
+        // A DBA's 30 s beats a 60 s budget; a 1 s budget is sent.
+        assert_eq!(timeout_sql(ms(60_000), 30_000), None);
+        assert_eq!(
+            timeout_sql(ms(1_000), 30_000).as_deref(),
+            Some("SET statement_timeout = 1000")
+        );
+        assert_eq!(timeout_sql(Duration::MAX, 0), None);
+    }
+
+    #[test]
+    fn the_cause_survives_the_sqlx_error() {
+        let deadline = Cause::DeadlineExceeded {
+            origin: reqctx::DeadlineOrigin::Query,
+        };
+        let err = cancelled_error(Cancelled::new(deadline.clone()));
+        assert_eq!(cause(&err), Some(&deadline));
+        assert!(matches!(&err, sqlx::Error::Io(e) if e.kind() == io::ErrorKind::TimedOut));
+        assert_eq!(cause(&closed()), None);
+    }
+}

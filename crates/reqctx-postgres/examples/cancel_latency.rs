@@ -5,8 +5,7 @@
 //! `cargo run --release -p reqctx-postgres --all-features --example cancel_latency`
 //! (uses `DATABASE_URL`, or starts a throwaway cluster as the tests do).
 
-#[path = "../tests/support/mod.rs"]
-mod support;
+use reqctx_pg_test_support as support;
 
 use std::time::{Duration, Instant};
 

@@ -1,13 +1,10 @@
-//! The cancel connection: PostgreSQL's CancelRequest over a stream we open ourselves, read
-//! to its end.
+//! Where a connection's CancelRequest goes.
 
-use std::io;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
-use tokio::net::TcpStream;
+use tokio_postgres::Config;
 use tokio_postgres::config::Host;
-use tokio_postgres::{CancelToken, Config, NoTls};
 
 use crate::Error;
 
@@ -16,17 +13,23 @@ use crate::Error;
 ///
 /// A CancelRequest is a separate connection to the postmaster carrying the backend's
 /// process id and secret key (its BackendKeyData). This crate opens that connection
-/// itself, plain (no TLS, whatever the statement's connection uses: PostgreSQL reads a
-/// CancelRequest before any TLS negotiation or `pg_hba.conf` check), sends the request and
-/// reads the connection to its end, because the server closes it only after it has
-/// signalled the backend.
+/// itself, sends the request and reads the connection to its end, because the server
+/// closes it only after it has signalled the backend.
 ///
-/// TLS for the cancel connection is not supported yet: the cancel key (not the
-/// password) then crosses the network in clear, as with libpq's `sslmode=disable`. Use a
-/// Unix socket or a trusted network for the cancel path.
+/// A connection this crate opens ([`ContextClient::connect_tls`](crate::ContextClient::connect_tls),
+/// the [`pool`](crate::pool)) cancels through [`CancelTarget::Addr`], the address it
+/// reached, and with its own TLS settings (`sslmode`, the connector, the host name for the
+/// certificate). A connection you open yourself and wrap with
+/// [`ContextClient::new`](crate::ContextClient::new) cancels through the target you give,
+/// without TLS: with `sslmode=require` its cancels fail and the connection is given up
+/// at each one; use `connect_tls` instead.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum CancelTarget {
+    /// The address the statement's connection reached: no new lookup of its host name,
+    /// which behind round-robin DNS could reach another server, one that ignores the
+    /// cancel.
+    Addr(SocketAddr),
     /// A TCP server: a host name or an IP address, and a port.
     Tcp {
         /// Host name or address.
@@ -91,49 +94,6 @@ impl CancelTarget {
                 "no host: set `host` (or a host in the URL) so the cancel connection can be opened"
                     .into(),
             )),
-        }
-    }
-}
-
-/// Sends the CancelRequest for `token`'s backend to `target` and waits until the server
-/// closes the cancel connection, which it does after signalling the backend.
-///
-/// Not bounded in time here; callers wrap it in their own timeout.
-pub(crate) async fn send_cancel(target: &CancelTarget, token: &CancelToken) -> io::Result<()> {
-    match target {
-        CancelTarget::Tcp { host, port } => {
-            let mut stream = TcpStream::connect((host.as_str(), *port)).await?;
-            stream.set_nodelay(true)?;
-            cancel_over(&mut stream, token).await
-        }
-        #[cfg(unix)]
-        CancelTarget::Unix(path) => {
-            let mut stream = tokio::net::UnixStream::connect(path).await?;
-            cancel_over(&mut stream, token).await
-        }
-        #[cfg(not(unix))]
-        CancelTarget::Unix(_) => Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "Unix sockets are not available on this platform",
-        )),
-    }
-}
-
-async fn cancel_over<S>(stream: &mut S, token: &CancelToken) -> io::Result<()>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    // `cancel_query_raw` writes the request and shuts our side down, but returns before
-    // the server acted; the stream is lent, so we can read it to the end afterwards.
-    token
-        .cancel_query_raw(&mut *stream, NoTls)
-        .await
-        .map_err(io::Error::other)?;
-    let mut buf = [0u8; 64];
-    loop {
-        // The server sends nothing on a cancel connection: EOF is the answer.
-        if stream.read(&mut buf).await? == 0 {
-            return Ok(());
         }
     }
 }

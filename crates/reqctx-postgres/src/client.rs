@@ -6,20 +6,23 @@ use std::future::{Future, poll_fn};
 use std::mem;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context as TaskContext, Poll, ready};
 use std::time::Duration;
 
 use futures_core::Stream;
 use reqctx::{Cancelled, Cause, Context, DeadlineOrigin};
 use tokio::sync::oneshot;
+use tokio::task::AbortHandle;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{CancelToken, Client, Config, NoTls, Row, Statement};
 
-use crate::cancel::{CancelTarget, send_cancel};
+use crate::CancelTarget;
+use crate::connect::{Route, Tls, open};
 use crate::params::Encoded;
-use crate::timeout::{Known, Set, plan};
-use crate::{Error, Options};
+use crate::timeout::{Known, Set, local, plan};
+use crate::{Error, Options, TimeoutScope};
 
 /// A PostgreSQL connection whose statements are bound to a [`Context`]: when the context
 /// is cancelled while a statement runs, the statement is cancelled **on the server**, and
@@ -77,10 +80,15 @@ use crate::{Error, Options};
 ///
 /// # Transactions
 ///
-/// A cancel inside a transaction leaves it aborted: roll it back yourself on a plain
-/// connection (nothing here rolls back behind your back, or your next statements would
-/// run outside the transaction). The pool ([`pool`](crate::pool)) rolls back after any
-/// cancelled or failed statement before handing the connection to anyone. A `SET` done
+/// A cancel inside a transaction leaves it aborted; it is rolled back right after the
+/// cancel (when a statement's text held `BEGIN` or `START`, or
+/// [`client`](ContextClient::client) was used, a check says whether a transaction is
+/// open), so the backend does not sit "idle in transaction (aborted)". Your next
+/// statements would then run outside your transaction, so they fail with
+/// [`Error::RolledBack`] until you end it (`ROLLBACK` or `COMMIT` through
+/// [`batch_execute`](ContextClient::batch_execute), answered here). The pool
+/// ([`pool`](crate::pool)) also rolls back after any failed statement, and any
+/// transaction a handler left open, before handing the connection to anyone. A `SET` done
 /// inside a transaction that is rolled back is undone by the server; after a failed statement, or after `ROLLBACK` through
 /// [`batch_execute`](ContextClient::batch_execute), the cached value is forgotten and set
 /// again. A `ROLLBACK` through [`client`](ContextClient::client) is not seen: call
@@ -88,9 +96,15 @@ use crate::{Error, Options};
 pub struct ContextClient {
     client: Inner,
     token: CancelToken,
-    target: CancelTarget,
+    route: Route,
+    /// Closes the connection (its task is ours) when a cancel cannot be delivered.
+    closer: Option<AbortHandle>,
     pid: i32,
     baseline_ms: u64, // the session's own statement_timeout at connect, 0 = none
+    /// The budget as a session `SET` (cached); otherwise as a transaction-local one.
+    session_timeout: bool,
+    /// [`client`](Self::client) was called: anything may have run, a `BEGIN` too.
+    raw_used: AtomicBool,
     options: Options,
     state: State,
 }
@@ -128,13 +142,30 @@ struct State {
     // A statement failed or was cancelled since the pool handed us out: any transaction it
     // ran in is aborted, so roll back before reuse.
     rollback: bool,
+    // A statement's text may have opened a transaction (`BEGIN`, `START`) since the pool
+    // handed us out: check before reuse, and after a cancel.
+    tx_maybe: bool,
+    // The transaction was rolled back after a cancel: the user's next statements would run
+    // outside it, so they are refused until the user ends it.
+    rolled_back: bool,
+    // The last statement ran under a transaction-local budget we set.
+    local_set: bool,
 }
 
 enum Health {
     Ready,
-    /// A dropped statement's cancel runs in a task; `true` when the connection may be kept.
-    Cleanup(oneshot::Receiver<bool>),
+    /// A dropped statement's cancel runs in a task.
+    Cleanup(oneshot::Receiver<Outcome>),
     Unusable,
+}
+
+/// How a cancel ended, as the task that ran it saw it.
+#[derive(Clone, Copy, Default)]
+struct Outcome {
+    /// The connection may be kept.
+    keep: bool,
+    /// An open transaction was rolled back after the cancel.
+    rolled_back: bool,
 }
 
 /// A statement for [`ContextClient`]: SQL text (prepared on the way; through the pool's
@@ -172,7 +203,8 @@ impl SqlStatement for Statement {
 }
 
 /// Parses `config` (a URL or `key=value` string, as `DATABASE_URL` holds), connects
-/// without TLS, and wraps the connection with default [`Options`].
+/// without TLS (`sslmode=disable` or `prefer`), and wraps the connection with default
+/// [`Options`]. For TLS, see [`ContextClient::connect_tls`].
 ///
 /// # Errors
 /// [`Error::Config`] if `config` does not parse or names several hosts,
@@ -193,24 +225,71 @@ pub async fn connect(config: &str) -> Result<ContextClient, Error> {
 
 impl ContextClient {
     /// Connects without TLS (the connection's task is spawned on the current runtime) and
-    /// wraps the connection; the cancel target comes from
-    /// [`CancelTarget::from_config`].
+    /// wraps the connection. As [`connect_tls`](Self::connect_tls) with `NoTls`.
     ///
     /// # Errors
     /// As [`connect`].
     pub async fn connect(config: &Config, options: Options) -> Result<ContextClient, Error> {
-        let target = CancelTarget::from_config(config)?;
-        let (client, connection) = config.connect(NoTls).await?;
-        tokio::spawn(async move {
-            // Its error also reaches the client: the next call fails with it.
-            let _ = connection.await;
-        });
-        ContextClient::new(client, target, options).await
+        ContextClient::connect_tls(config, NoTls, options).await
     }
 
-    /// Wraps a connection you opened yourself (with TLS, say): `target` is where its
-    /// CancelRequest goes, the server it is connected to. Asks the server for the
-    /// backend's pid and its default `statement_timeout` (one round trip).
+    /// Connects with `tls` as `sslmode` asks (the connection's task is spawned on the
+    /// current runtime) and wraps the connection.
+    ///
+    /// The socket is opened here, not by `tokio-postgres`: each host of `config` is tried
+    /// in turn, and each address of a host name, and the address that answered is where
+    /// the cancels go ([`CancelTarget::Addr`]), over the same TLS (`sslmode`, `tls`, the
+    /// host name for the certificate). `connect_timeout` and the TCP keepalive settings
+    /// apply; `target_session_attrs` with several hosts is refused.
+    ///
+    /// Since the connection's task is ours, a connection whose cancel cannot be
+    /// delivered is closed at once (see [`Options::client_check_interval`]).
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a configuration this cannot follow, [`Error::Io`] if no
+    /// address answered, [`Error::Postgres`] if the handshake failed.
+    ///
+    /// ```no_run
+    /// # #![allow(dead_code)]
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// use reqctx_postgres::{ContextClient, Options};
+    ///
+    /// let config: tokio_postgres::Config =
+    ///     "postgres://app@db.example.com/shop?sslmode=require".parse()?;
+    /// // Any tokio-postgres TLS connector: tokio-postgres-rustls, postgres-native-tls, ...
+    /// let tls = tokio_postgres::NoTls;
+    /// let db = ContextClient::connect_tls(&config, tls, Options::default()).await?;
+    /// # let _ = db; Ok(()) }
+    /// ```
+    pub async fn connect_tls<T: Tls>(
+        config: &Config,
+        tls: T,
+        options: Options,
+    ) -> Result<ContextClient, Error> {
+        let opened = open(config, tls).await?;
+        let closer = opened.closer();
+        let (client, route, local_port) = (opened.client, opened.route, opened.local_port);
+        drop(opened.task); // detached: it ends with the client
+        ContextClient::wrap(
+            Inner::Plain(Arc::new(client)),
+            route,
+            Some(closer),
+            local_port,
+            options,
+        )
+        .await
+    }
+
+    /// Wraps a connection you opened yourself: `target` is where its CancelRequest goes,
+    /// the server it is connected to, without TLS (prefer
+    /// [`connect_tls`](Self::connect_tls), which cancels over the connection's own TLS
+    /// and address). Asks the server for the backend's pid and its default
+    /// `statement_timeout` (one round trip).
+    ///
+    /// The connection's task is yours: a connection whose cancel cannot be delivered is
+    /// given up ([`Error::Unusable`]) but stays open until you drop it. With
+    /// [`TimeoutScope::Auto`] the budget is set transaction-locally (the connection's
+    /// route is unknown).
     ///
     /// # Errors
     /// [`Error::Postgres`] if that query fails.
@@ -219,35 +298,41 @@ impl ContextClient {
         target: CancelTarget,
         options: Options,
     ) -> Result<ContextClient, Error> {
-        ContextClient::wrap(Inner::Plain(Arc::new(client)), target, options).await
+        let route = Route::new(target, NoTls, String::new());
+        ContextClient::wrap(Inner::Plain(Arc::new(client)), route, None, None, options).await
     }
 
     async fn wrap(
         client: Inner,
-        target: CancelTarget,
+        route: Route,
+        closer: Option<AbortHandle>,
+        local_port: Option<u16>,
         options: Options,
     ) -> Result<ContextClient, Error> {
-        let row = client
-            .get()
-            .query_one(
-                "SELECT pg_backend_pid(), setting::bigint FROM pg_settings \
-                 WHERE name = 'statement_timeout'",
-                &[],
-            )
-            .await?;
-        let pid: i32 = row.try_get(0)?;
-        let baseline: i64 = row.try_get(1)?;
+        let (pid, baseline, server_port) = identify(client.get(), &options).await?;
+        let session_timeout = match options.timeout_scope {
+            TimeoutScope::Session => true,
+            TimeoutScope::Transaction => false,
+            // Direct only if the server sees our own port: not a pooler, not a NAT.
+            TimeoutScope::Auto => local_port.is_some() && local_port == server_port,
+        };
         Ok(ContextClient {
             token: client.get().cancel_token(),
             client,
-            target,
+            route,
+            closer,
             pid,
-            baseline_ms: u64::try_from(baseline).unwrap_or(0),
+            baseline_ms: baseline,
+            session_timeout,
+            raw_used: AtomicBool::new(false),
             options,
             state: State {
                 timeout: Known::Default,
                 health: Health::Ready,
                 rollback: false,
+                tx_maybe: false,
+                rolled_back: false,
+                local_set: false,
             },
         })
     }
@@ -255,10 +340,25 @@ impl ContextClient {
     #[cfg(feature = "deadpool")]
     pub(crate) async fn wrap_pooled(
         client: deadpool_postgres::ClientWrapper,
-        target: CancelTarget,
+        route: Route,
+        closer: Option<AbortHandle>,
+        local_port: Option<u16>,
         options: Options,
     ) -> Result<ContextClient, Error> {
-        ContextClient::wrap(Inner::Pooled(Arc::new(client)), target, options).await
+        ContextClient::wrap(
+            Inner::Pooled(Arc::new(client)),
+            route,
+            closer,
+            local_port,
+            options,
+        )
+        .await
+    }
+
+    /// Whether the budget travels as a session-level `statement_timeout` (cached, reset
+    /// by the pool), `false` when it is set transaction-locally: see [`TimeoutScope`].
+    pub fn session_timeout(&self) -> bool {
+        self.session_timeout
     }
 
     /// deadpool-postgres's wrapper: `None` for a plain connection, `Some(None)` while a
@@ -274,7 +374,15 @@ impl ContextClient {
     /// The plain client, for what need not be cancellable. See the type's docs for the
     /// hazard of running statements through it while a cancellable one runs.
     pub fn client(&self) -> &Client {
+        // Anything may run through it, a `BEGIN` too: the pool checks before reuse.
+        self.raw_used.store(true, Ordering::Relaxed);
         self.client.get()
+    }
+
+    /// Where this connection's cancels go: for a connection this crate opened, the
+    /// address it reached ([`CancelTarget::Addr`]).
+    pub fn cancel_target(&self) -> &CancelTarget {
+        &self.route.target
     }
 
     /// The server process id of this connection's backend (as in `pg_stat_activity.pid`).
@@ -351,6 +459,16 @@ impl ContextClient {
     /// # Cancellation safety
     /// As [`query`](ContextClient::query).
     pub async fn batch_execute(&mut self, ctx: &Context, sql: &str) -> Result<(), Error> {
+        if self.state.rolled_back {
+            // The server's transaction is gone already: its end is answered here.
+            if ends_transaction(sql) {
+                self.state.rolled_back = false;
+                return Ok(());
+            }
+            return Err(Error::RolledBack);
+        }
+        self.note_sql(sql);
+        self.note_raw();
         let set = match self.before_fast(ctx) {
             Some(set) => set?,
             // Cold and rare: boxed, so the common path's future stays small.
@@ -381,6 +499,13 @@ impl ContextClient {
     where
         S: ?Sized + SqlStatement,
     {
+        if self.state.rolled_back {
+            return Err(Error::RolledBack);
+        }
+        if let Ok(sql) = statement.as_sql() {
+            self.note_sql(sql);
+        }
+        self.note_raw();
         let set = match self.before_fast(ctx) {
             Some(set) => set?,
             // Cold and rare: boxed, so the common path's future stays small.
@@ -399,6 +524,22 @@ impl ContextClient {
             Ok(done)
         });
         self.drive(ctx, statement).await
+    }
+
+    /// Notes that `sql` may open a transaction. Errs on the side of yes (a `'begin'`
+    /// literal counts): a wrong yes costs one check query when the pool takes the
+    /// connection back, a wrong no would hand out a connection inside a transaction.
+    fn note_sql(&mut self, sql: &str) {
+        if !self.state.tx_maybe && (contains_word(sql, b"begin") || contains_word(sql, b"start")) {
+            self.state.tx_maybe = true;
+        }
+    }
+
+    /// Notes that the plain client was used (a `BEGIN` may have gone through it).
+    fn note_raw(&mut self) {
+        if !self.state.tx_maybe && self.raw_used.load(Ordering::Relaxed) {
+            self.state.tx_maybe = true;
+        }
     }
 
     /// Prepares `sql` (through the pool's statement cache when pooled), while `ctx` lasts.
@@ -426,12 +567,7 @@ impl ContextClient {
         if remaining.is_some_and(|left| left < self.options.min_budget) {
             return None;
         }
-        Some(Ok(plan(
-            self.state.timeout,
-            remaining,
-            self.baseline_ms,
-            self.options.timeout_tolerance,
-        )))
+        Some(Ok(self.plan(remaining)))
     }
 
     /// Waits for a dropped statement's cleanup, checks the context and the budget, and
@@ -455,12 +591,21 @@ impl ContextClient {
                 return Err(Cancelled::new(cause).into());
             }
         }
-        Ok(plan(
-            self.state.timeout,
-            remaining,
-            self.baseline_ms,
-            self.options.timeout_tolerance,
-        ))
+        Ok(self.plan(remaining))
+    }
+
+    /// The `SET` to pipeline with a statement that has `remaining` to run.
+    fn plan(&self, remaining: Option<Duration>) -> Option<Set> {
+        if self.session_timeout {
+            plan(
+                self.state.timeout,
+                remaining,
+                self.baseline_ms,
+                self.options.timeout_tolerance,
+            )
+        } else {
+            local(remaining, self.baseline_ms)
+        }
     }
 
     /// Races the statement against `ctx`; on cancellation, cancels it on the server.
@@ -468,7 +613,9 @@ impl ContextClient {
         let mut flight = Flight {
             state: &mut self.state,
             token: &self.token,
-            target: &self.target,
+            route: &self.route,
+            client: &self.client,
+            closer: self.closer.as_ref(),
             wait: self.options.cancel_wait,
             inflight: Some(statement),
         };
@@ -505,15 +652,20 @@ impl ContextClient {
     /// connection is given up.
     pub(crate) async fn settle(&mut self, ctx: Option<&Context>) -> Result<(), Error> {
         if let Health::Cleanup(rx) = &mut self.state.health {
-            let keep = match ctx {
+            let outcome = match ctx {
                 Some(ctx) => tokio::select! {
                     biased;
-                    r = &mut *rx => r.unwrap_or(false),
+                    r = &mut *rx => r.unwrap_or_default(),
                     () = ctx.cancelled() => return Err(cancelled(ctx)),
                 },
-                None => rx.await.unwrap_or(false),
+                None => rx.await.unwrap_or_default(),
             };
-            self.state.health = if keep {
+            if outcome.rolled_back {
+                self.state.rolled_back = true;
+                self.state.tx_maybe = false;
+                self.state.rollback = false;
+            }
+            self.state.health = if outcome.keep {
                 Health::Ready
             } else {
                 Health::Unusable
@@ -532,6 +684,9 @@ impl ContextClient {
     pub(crate) async fn reset_for_reuse(&mut self) -> Result<(), Error> {
         self.settle(None).await?;
         let rollback = mem::take(&mut self.state.rollback);
+        let tx_maybe =
+            mem::take(&mut self.state.tx_maybe) | self.raw_used.swap(false, Ordering::Relaxed);
+        self.state.rolled_back = false;
         let reset = self.state.timeout != Known::Default;
         let client = self.client.get();
         let (a, b) = tokio::join!(
@@ -539,6 +694,10 @@ impl ContextClient {
                 if rollback {
                     // Outside a transaction this is only a warning.
                     client.batch_execute("ROLLBACK").await?;
+                } else if tx_maybe {
+                    // However the handler left it: no connection goes back inside a
+                    // transaction.
+                    roll_back_if_open(client).await?;
                 }
                 Ok::<(), tokio_postgres::Error>(())
             },
@@ -560,7 +719,7 @@ impl fmt::Debug for ContextClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ContextClient")
             .field("backend_pid", &self.pid)
-            .field("cancel_target", &self.target)
+            .field("cancel_target", &self.route.target)
             .field("usable", &self.is_usable())
             .finish_non_exhaustive()
     }
@@ -675,7 +834,9 @@ where
 struct Flight<'a> {
     state: &'a mut State,
     token: &'a CancelToken,
-    target: &'a CancelTarget,
+    route: &'a Route,
+    client: &'a Inner,
+    closer: Option<&'a AbortHandle>,
     wait: Duration,
     inflight: Option<InFlight>, // None once it ended (or was given up)
 }
@@ -687,8 +848,11 @@ impl Flight<'_> {
         };
         let ended = ready!(statement.as_mut().poll(cx));
         self.inflight = None;
-        if let Some((set, ok)) = ended.set {
-            self.state.timeout = if ok { set.known() } else { Known::Unknown };
+        self.state.local_set = false;
+        match ended.set {
+            Some((Set::Local(_), ok)) => self.state.local_set = ok,
+            Some((set, ok)) => self.state.timeout = if ok { set.known() } else { Known::Unknown },
+            None => {}
         }
         Poll::Ready(ended.result)
     }
@@ -706,14 +870,36 @@ impl Drop for Flight<'_> {
             return;
         };
         let (tx, rx) = oneshot::channel();
-        let (target, token, wait) = (self.target.clone(), self.token.clone(), self.wait);
+        let (route, token, wait) = (self.route.clone(), self.token.clone(), self.wait);
+        let (client, closer) = (self.client.clone(), self.closer.cloned());
+        let tx_maybe = self.state.tx_maybe;
         runtime.spawn(async move {
-            let keep = cancel_and_end(&target, &token, wait, |cx| {
-                statement.as_mut().poll(cx).map(|ended| ended.result)
-            })
-            .await;
-            drop(statement); // release the shared client before the connection is reused
-            let _ = tx.send(keep);
+            let mut outcome = Outcome {
+                keep: cancel_and_end(&route, &token, wait, |cx| {
+                    statement.as_mut().poll(cx).map(|ended| ended.result)
+                })
+                .await,
+                rolled_back: false,
+            };
+            drop(statement);
+            if outcome.keep && tx_maybe {
+                // A transaction the cancel aborted is rolled back now, not at the next
+                // checkout: meanwhile it would sit "idle in transaction (aborted)".
+                let rollback = roll_back_if_open(client.get());
+                match tokio::time::timeout(wait, rollback).await {
+                    Ok(Ok(rolled_back)) => outcome.rolled_back = rolled_back,
+                    _ => outcome.keep = false,
+                }
+            }
+            if !outcome.keep {
+                // The close route: with `client_connection_check_interval` set, the server
+                // ends a statement whose client is gone.
+                if let Some(closer) = closer {
+                    closer.abort();
+                }
+            }
+            drop(client); // release the shared client before the connection is reused
+            let _ = tx.send(outcome);
         });
         self.state.health = Health::Cleanup(rx);
     }
@@ -726,7 +912,7 @@ fn is_query_canceled(e: &tokio_postgres::Error) -> bool {
 /// A statement that ended with an error before we sent any cancel: ours only if our
 /// `statement_timeout` was set and the context's deadline has passed.
 fn classify(ctx: &Context, state: &mut State, e: tokio_postgres::Error) -> Error {
-    let our_timeout = matches!(state.timeout, Known::Ms(_));
+    let our_timeout = matches!(state.timeout, Known::Ms(_)) || state.local_set;
     // After an error a transaction may be rolled back, undoing a SET made inside it; or
     // left aborted (the server's `statement_timeout` can fire just before our cancel), in
     // which case the next `SET` fails: roll back before reuse.
@@ -750,7 +936,7 @@ fn classify(ctx: &Context, state: &mut State, e: tokio_postgres::Error) -> Error
 /// may be kept (`true`) only if the server closed the cancel connection (it signalled the
 /// backend) and the statement ended with `57014`: then the signal was spent on it.
 async fn cancel_and_end<E>(
-    target: &CancelTarget,
+    route: &Route,
     token: &CancelToken,
     wait: Duration,
     mut poll_end: E,
@@ -758,7 +944,7 @@ async fn cancel_and_end<E>(
 where
     E: FnMut(&mut TaskContext<'_>) -> Poll<Result<Done, tokio_postgres::Error>>,
 {
-    let mut cancel = pin!(send_cancel(target, token));
+    let mut cancel = pin!(route.send(token));
     let mut sent = None;
     let mut canceled = None;
     let both = poll_fn(|cx| {
@@ -783,4 +969,107 @@ where
     });
     let _ = tokio::time::timeout(wait, both).await;
     sent == Some(true) && canceled == Some(true)
+}
+
+/// Rolls back if the session is inside a transaction (open, or aborted by a failed or
+/// cancelled statement); `Ok(true)` if it was. One round trip when there is none, two
+/// otherwise; no `ROLLBACK` (a server-log warning) outside a transaction.
+///
+/// Inside a transaction block `now()` is the transaction's start, earlier than the
+/// statement's; outside one the statement is its own transaction and the two are equal.
+async fn roll_back_if_open(client: &Client) -> Result<bool, tokio_postgres::Error> {
+    let open = match client
+        .simple_query("SELECT now() <> statement_timestamp()")
+        .await
+    {
+        Ok(messages) => messages.iter().any(|m| {
+            matches!(m, tokio_postgres::SimpleQueryMessage::Row(row) if row.get(0) == Some("t"))
+        }),
+        Err(e) if e.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION) => true,
+        Err(e) => return Err(e),
+    };
+    if open {
+        client.batch_execute("ROLLBACK").await?;
+    }
+    Ok(open)
+}
+
+/// Whether `sql` ends a transaction (`ROLLBACK`, `ABORT`, `COMMIT`, `END`).
+fn ends_transaction(sql: &str) -> bool {
+    let word = sql
+        .trim_start()
+        .split(|c: char| !c.is_ascii_alphabetic())
+        .next()
+        .unwrap_or("");
+    ["rollback", "abort", "commit", "end"]
+        .iter()
+        .any(|w| word.eq_ignore_ascii_case(w))
+}
+
+/// Whether `word` (lowercase ASCII) occurs in `sql`, in any case.
+fn contains_word(sql: &str, word: &[u8]) -> bool {
+    sql.as_bytes()
+        .windows(word.len())
+        .any(|w| w.eq_ignore_ascii_case(word))
+}
+
+/// The backend's pid, its default `statement_timeout` (ms, 0 = none) and the client port
+/// it sees (`None` over a Unix socket); sets `client_connection_check_interval` on
+/// PostgreSQL 14 and later when asked. One round trip (two if the server refuses the
+/// setting: a platform without it).
+async fn identify(client: &Client, options: &Options) -> Result<(i32, u64, Option<u16>), Error> {
+    const BASE: &str = "SELECT pg_backend_pid(), \
+         (SELECT setting FROM pg_settings WHERE name = 'statement_timeout'), \
+         inet_client_port()";
+    let with_check = options.client_check_interval.map(|every| {
+        let ms = every.as_millis().clamp(1, i32::MAX as u128);
+        format!(
+            "{BASE}, CASE WHEN current_setting('server_version_num')::int >= 140000 \
+             THEN set_config('client_connection_check_interval', '{ms}', false) END"
+        )
+    });
+    let messages = match with_check {
+        Some(sql) => match client.simple_query(&sql).await {
+            Ok(m) => m,
+            // Refused (a platform without it): the close route then ends a statement
+            // only when it next writes. Documented on the option.
+            Err(e) if e.code().is_some() => client.simple_query(BASE).await?,
+            Err(e) => return Err(e.into()),
+        },
+        None => client.simple_query(BASE).await?,
+    };
+    let row = messages
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => Some(row),
+            _ => None,
+        })
+        .ok_or_else(|| Error::Config("the server answered no row to the setup query".into()))?;
+    let pid = row
+        .get(0)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| Error::Config("pg_backend_pid() unreadable".into()))?;
+    let baseline = row.get(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let port = row.get(2).and_then(|v| v.parse().ok());
+    Ok((pid, baseline, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transaction_words() {
+        assert!(ends_transaction("  rollback"));
+        assert!(ends_transaction("COMMIT;"));
+        assert!(ends_transaction("end"));
+        assert!(!ends_transaction("endless"));
+        assert!(!ends_transaction("SELECT 1"));
+        assert!(contains_word(
+            "BEGIN ISOLATION LEVEL SERIALIZABLE",
+            b"begin"
+        ));
+        assert!(contains_word("start transaction", b"start"));
+        assert!(!contains_word("SELECT 1", b"begin"));
+    }
 }

@@ -40,6 +40,15 @@ pub enum Error {
     /// The configuration cannot be used: a `DATABASE_URL` that does not parse, or a
     /// setting this crate cannot cancel through (several hosts).
     Config(String),
+    /// The connection could not be opened: no address answered, or `connect_timeout`
+    /// passed.
+    Io(std::io::Error),
+    /// The transaction this statement would have run in was rolled back after a cancel
+    /// (see [`ContextClient`](crate::ContextClient)): nothing was sent. End the
+    /// transaction (`ROLLBACK` or `COMMIT` through
+    /// [`batch_execute`](crate::ContextClient::batch_execute), answered here without
+    /// reaching the server) before running more on this connection.
+    RolledBack,
 }
 
 impl Error {
@@ -90,6 +99,10 @@ impl fmt::Display for Error {
                 "connection unusable: a cancel on it could not be confirmed, so it was given up",
             ),
             Error::Config(msg) => write!(f, "postgres configuration: {msg}"),
+            Error::Io(e) => write!(f, "postgres connection: {e}"),
+            Error::RolledBack => f.write_str(
+                "the transaction was rolled back after a cancel: end it before running more",
+            ),
         }
     }
 }
@@ -99,6 +112,7 @@ impl StdError for Error {
         match self {
             Error::Cancelled(c) => Some(c),
             Error::Postgres(e) => Some(e),
+            Error::Io(e) => Some(e),
             _ => None,
         }
     }

@@ -58,26 +58,35 @@
 //! and the wait then continue in a spawned task, and the connection is not used again
 //! (by the next call, or by the pool) until they are done.
 //!
+//! # TLS, several addresses, poolers
+//!
+//! - **TLS**: [`ContextClient::connect_tls`] and [`pool::Manager::with_tls`] take any
+//!   `tokio-postgres` TLS connector; the cancel goes over the same TLS as the connection
+//!   (with `sslmode=require` a plain cancel would be refused).
+//! - **Several addresses**: the cancel goes to the address the connection reached, not to
+//!   a new lookup of its host name ([`CancelTarget::Addr`]).
+//! - **Poolers** (PgBouncer in transaction mode): a session-level `SET statement_timeout`
+//!   would stay on a server backend another client gets. [`TimeoutScope::Auto`] (the
+//!   default) sets the budget per session only on a connection that reaches PostgreSQL
+//!   directly (the server sees our own TCP port), and transaction-locally otherwise. The
+//!   cancel itself goes through PgBouncer, which forwards it.
+//!
 //! # Fallbacks
 //!
-//! - A connection string that does not parse, or names several hosts:
-//!   [`Error::Config`] at connect time.
-//! - A server that refuses the cancel connection, or one that never closes it: the
-//!   connection is given up after at most [`Options::cancel_wait`] (the statement itself is
-//!   then stopped by the `statement_timeout` backstop, if there was a deadline). Never a
-//!   hang, never a panic.
-//! - A server that sent no BackendKeyData (some poolers): the cancel names no backend, no
-//!   `57014` follows, and the connection is given up as above.
+//! - A connection string that does not parse, or that this crate cannot follow
+//!   (`target_session_attrs` with several hosts): [`Error::Config`] at connect time.
+//! - A server that refuses the cancel connection, or one that never closes it, or sent no
+//!   BackendKeyData (a pooler): the connection is given up after at most
+//!   [`Options::cancel_wait`], and, if this crate opened it, **closed**: with
+//!   `client_connection_check_interval` (set at connect on PostgreSQL 14 and later, see
+//!   [`Options::client_check_interval`]) the server then ends the statement within that
+//!   interval. Before 14, only the `statement_timeout` backstop (with a deadline) stops it.
+//!   Never a hang, never a panic.
 //!
 //! # sqlx
 //!
-//! Not offered. sqlx keeps the backend's cancel key private and has no cancel API, so the
-//! only route is `SELECT pg_cancel_backend(pid)` from a second connection. That needs a
-//! spare connection at the worst moment (a pool under load), the role's right to signal
-//! that backend, and it cannot be proven to hit the right statement; and a sqlx query
-//! future dropped mid-statement has its connection drained by sqlx itself, with no hook
-//! to wait for our cancel before the connection is reused. The guarantees above could not
-//! be kept, so we do not pretend to.
+//! See the `reqctx-sqlx` crate: sqlx keeps the cancel key private, so a statement cut by
+//! its context is stopped by closing its connection instead.
 //!
 //! # Features
 //!
@@ -88,6 +97,7 @@
 
 mod cancel;
 mod client;
+mod connect;
 mod error;
 mod params;
 #[cfg(feature = "deadpool")]
@@ -98,6 +108,7 @@ use std::time::Duration;
 
 pub use crate::cancel::CancelTarget;
 pub use crate::client::{ContextClient, SqlStatement, connect};
+pub use crate::connect::{PgStream, Tls};
 pub use crate::error::Error;
 
 /// Settings of a [`ContextClient`]. Builder methods take `self` and return `Self`.
@@ -117,6 +128,31 @@ pub struct Options {
     timeout_tolerance: Duration,
     min_budget: Duration,
     statement_timeout: bool,
+    timeout_scope: TimeoutScope,
+    client_check_interval: Option<Duration>,
+}
+
+/// How the budget travels as `statement_timeout` (see [`Options::timeout_scope`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TimeoutScope {
+    /// [`Session`](TimeoutScope::Session) on a connection this crate opened that reaches
+    /// PostgreSQL directly (the server sees the TCP port we connect from),
+    /// [`Transaction`](TimeoutScope::Transaction) otherwise: through a pooler or a NAT,
+    /// over a Unix socket, or on a connection opened by you. Safe behind PgBouncer without
+    /// a setting.
+    #[default]
+    Auto,
+    /// `SET statement_timeout`, cached on the session and pipelined only when it must
+    /// change; the pool restores the default. Every statement with a deadline is bounded.
+    /// Wrong behind a pooler in transaction mode: the `SET` and the statement can reach
+    /// different server backends, and the budget stays on one another client gets.
+    Session,
+    /// `set_config('statement_timeout', .., true)` pipelined before each statement with a
+    /// deadline: it ends with the transaction, so it never outlives it, even behind
+    /// PgBouncer. Outside a transaction block it does nothing: such statements are
+    /// stopped by the cancel (and the close route) only.
+    Transaction,
 }
 
 impl Default for Options {
@@ -126,6 +162,8 @@ impl Default for Options {
             timeout_tolerance: Duration::from_millis(100),
             min_budget: Duration::from_millis(5),
             statement_timeout: true,
+            timeout_scope: TimeoutScope::Auto,
+            client_check_interval: Some(Duration::from_millis(100)),
         }
     }
 }
@@ -156,6 +194,30 @@ impl Options {
     /// Whether a deadline is sent as `statement_timeout` (default `true`).
     pub fn statement_timeout(mut self, on: bool) -> Self {
         self.statement_timeout = on;
+        self
+    }
+
+    /// How the deadline travels as `statement_timeout` (default [`TimeoutScope::Auto`]).
+    ///
+    /// ```
+    /// use reqctx_postgres::{Options, TimeoutScope};
+    ///
+    /// // Behind PgBouncer in transaction mode, say so rather than rely on detection.
+    /// let options = Options::default().timeout_scope(TimeoutScope::Transaction);
+    /// # let _ = options;
+    /// ```
+    pub fn timeout_scope(mut self, scope: TimeoutScope) -> Self {
+        self.timeout_scope = scope;
+        self
+    }
+
+    /// `client_connection_check_interval` set on each connection at connect (default
+    /// 100 ms; `None`: left as the server has it). With it, a statement whose connection
+    /// was closed (the fallback when its cancel cannot be delivered) ends within the
+    /// interval instead of running to its end. Set only on PostgreSQL 14 and later; a
+    /// server that refuses it (a platform without it) keeps its own value.
+    pub fn client_check_interval(mut self, every: Option<Duration>) -> Self {
+        self.client_check_interval = every;
         self
     }
 }

@@ -7,7 +7,10 @@
 //!    statement's end), and discard the connection if that cleanup could not confirm the
 //!    cancel;
 //! 2. after a cancel or a failed statement, `ROLLBACK` (either leaves a transaction
-//!    aborted);
+//!    aborted); after a statement that may have opened a transaction (its text holds
+//!    `BEGIN` or `START`, or [`ContextClient::client`] was used), a check and, if a
+//!    transaction is open, `ROLLBACK`: no connection goes back inside a transaction,
+//!    however its handler left it;
 //! 3. restore the session's default `statement_timeout` if a budget was set on it;
 //!
 //! 2 and 3 are pipelined, and cost nothing on a connection that needed neither.
@@ -30,6 +33,7 @@ use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
 use deadpool_postgres::{ManagerConfig, RecyclingMethod};
 use tokio_postgres::{Config, NoTls};
 
+use crate::connect::{Opener, Route, Tls, opener};
 use crate::{CancelTarget, ContextClient, Error, Options};
 
 /// A pool of [`ContextClient`]s.
@@ -42,27 +46,62 @@ pub type Object = managed::Object<Manager>;
 #[derive(Debug)]
 pub struct Manager {
     inner: deadpool_postgres::Manager,
-    target: CancelTarget,
+    open: Source,
     options: Options,
 }
 
+enum Source {
+    /// We open the connections (their address and TLS known, their task ours).
+    Ours(Opener),
+    /// The inner manager opens them; cancels go to `target`, without TLS.
+    Inner(CancelTarget),
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Ours(_) => f.write_str("Ours"),
+            Source::Inner(target) => f.debug_tuple("Inner").field(target).finish(),
+        }
+    }
+}
+
 impl Manager {
-    /// Connections without TLS from `config`, with deadpool-postgres's fast recycling
-    /// (no query of its own at checkout).
+    /// Connections without TLS from `config`: as [`with_tls`](Self::with_tls) with
+    /// `NoTls`.
     ///
     /// # Errors
-    /// [`Error::Config`] as [`CancelTarget::from_config`].
+    /// As [`with_tls`](Self::with_tls).
     pub fn new(config: Config, options: Options) -> Result<Manager, Error> {
-        let target = CancelTarget::from_config(&config)?;
+        Manager::with_tls(config, NoTls, options)
+    }
+
+    /// Connections from `config` with `tls` as `sslmode` asks, opened as
+    /// [`ContextClient::connect_tls`] does (cancels over the same TLS, to the address
+    /// reached), with deadpool-postgres's statement cache and fast recycling (no query of
+    /// its own at checkout).
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a configuration with no host, or one this crate cannot
+    /// follow (see [`ContextClient::connect_tls`]).
+    pub fn with_tls<T: Tls>(config: Config, tls: T, options: Options) -> Result<Manager, Error> {
+        let open = opener(config.clone(), tls)?;
         let manager_config = ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         };
+        // Used for its recycling checks and statement caches; it opens nothing itself.
         let inner = deadpool_postgres::Manager::from_config(config, NoTls, manager_config);
-        Ok(Manager::from_deadpool(inner, target, options))
+        Ok(Manager {
+            inner,
+            open: Source::Ours(open),
+            options,
+        })
     }
 
-    /// Wraps a deadpool-postgres manager you built (with TLS, say); `target` is where the
-    /// cancel requests go (the manager's single server).
+    /// Wraps a deadpool-postgres manager you built; `target` is where the cancel requests
+    /// go (the manager's single server), without TLS. Prefer
+    /// [`with_tls`](Self::with_tls): it cancels over the connections' own TLS and
+    /// address, and closes a connection whose cancel cannot be delivered.
     pub fn from_deadpool(
         inner: deadpool_postgres::Manager,
         target: CancelTarget,
@@ -70,7 +109,7 @@ impl Manager {
     ) -> Manager {
         Manager {
             inner,
-            target,
+            open: Source::Inner(target),
             options,
         }
     }
@@ -81,8 +120,29 @@ impl managed::Manager for Manager {
     type Error = Error;
 
     async fn create(&self) -> Result<ContextClient, Error> {
-        let client = managed::Manager::create(&self.inner).await?;
-        ContextClient::wrap_pooled(client, self.target.clone(), self.options.clone()).await
+        let options = self.options.clone();
+        match &self.open {
+            Source::Ours(open) => {
+                let opened = open().await?;
+                let closer = opened.closer();
+                // Its statement cache is its own (deadpool's registry of caches is private
+                // to its manager, and nothing here clears them all).
+                let client = deadpool_postgres::ClientWrapper::new(opened.client, opened.task);
+                ContextClient::wrap_pooled(
+                    client,
+                    opened.route,
+                    Some(closer),
+                    opened.local_port,
+                    options,
+                )
+                .await
+            }
+            Source::Inner(target) => {
+                let client = managed::Manager::create(&self.inner).await?;
+                let route = Route::new(target.clone(), NoTls, String::new());
+                ContextClient::wrap_pooled(client, route, None, None, options).await
+            }
+        }
     }
 
     async fn recycle(&self, client: &mut ContextClient, metrics: &Metrics) -> RecycleResult<Error> {

@@ -19,6 +19,8 @@ pub(crate) enum Known {
 pub(crate) enum Set {
     Default,
     Ms(u64),
+    /// Transaction-local: ends with the transaction, or at once outside one.
+    Local(u64),
 }
 
 impl Set {
@@ -26,6 +28,9 @@ impl Set {
         match self {
             Set::Default => "SET statement_timeout TO DEFAULT".to_owned(),
             Set::Ms(ms) => format!("SET statement_timeout = {ms}"),
+            // `set_config(.., true)` rather than `SET LOCAL`: no warning outside a
+            // transaction block, where it is a no-op.
+            Set::Local(ms) => format!("SELECT set_config('statement_timeout', '{ms}', true)"),
         }
     }
 
@@ -33,12 +38,27 @@ impl Set {
         match self {
             Set::Default => Known::Default,
             Set::Ms(ms) => Known::Ms(ms),
+            Set::Local(_) => Known::Unknown,
         }
     }
 }
 
 /// The largest value PostgreSQL accepts (an `int` of milliseconds, about 24.8 days).
 const MAX_MS: u64 = i32::MAX as u64;
+
+/// The transaction-local `SET` for a statement with `remaining` to run: sent with every
+/// statement that has a deadline shorter than the session's own limit.
+pub(crate) fn local(remaining: Option<Duration>, baseline_ms: u64) -> Option<Set> {
+    let ms = budget_ms(remaining?);
+    (ms <= MAX_MS && (baseline_ms == 0 || ms < baseline_ms)).then_some(Set::Local(ms))
+}
+
+/// The budget in whole milliseconds, rounded up (the server's clock starts after ours,
+/// so it fires after our deadline), never 0 (which means no limit).
+fn budget_ms(r: Duration) -> u64 {
+    let ms = r.as_nanos().div_ceil(1_000_000);
+    u64::try_from(ms).unwrap_or(u64::MAX).max(1)
+}
 
 /// The `SET` needed so that the statement runs under a `statement_timeout` no longer than
 /// `remaining` (and no longer than the session's own default, `baseline_ms`, 0 = none),
@@ -50,11 +70,7 @@ pub(crate) fn plan(
     baseline_ms: u64,
     tolerance: Duration,
 ) -> Option<Set> {
-    let budget_ms = remaining.map(|r| {
-        // Rounded up: the server's clock starts after ours, so it fires after our deadline.
-        let ms = r.as_nanos().div_ceil(1_000_000);
-        u64::try_from(ms).unwrap_or(u64::MAX).max(1)
-    });
+    let budget_ms = remaining.map(budget_ms);
     let want_default = match budget_ms {
         None => true,
         // The session's own limit is already no longer than the budget: keep it, never lift it.
@@ -134,6 +150,18 @@ mod tests {
         assert_eq!(
             plan(Known::Ms(5), Some(Duration::MAX), 0, TOL),
             Some(Set::Default)
+        );
+    }
+
+    #[test]
+    fn a_local_budget_is_sent_when_shorter_than_the_sessions_limit() {
+        assert_eq!(local(None, 0), None);
+        assert_eq!(local(ms(200), 0), Some(Set::Local(200)));
+        assert_eq!(local(ms(200), 100), None);
+        assert_eq!(local(Some(Duration::MAX), 0), None);
+        assert_eq!(
+            Set::Local(200).sql(),
+            "SELECT set_config('statement_timeout', '200', true)"
         );
     }
 

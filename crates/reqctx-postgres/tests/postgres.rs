@@ -1,13 +1,13 @@
 //! Statements bound to a context, against a real PostgreSQL (see `support`): each test
 //! watches the server through `pg_stat_activity` from a separate connection.
 
-mod support;
+use reqctx_pg_test_support as support;
 
 use std::time::{Duration, Instant};
 
 use reqctx::{Cause, Context, DeadlineOrigin};
 use reqctx_postgres::pool::{Manager, Pool};
-use reqctx_postgres::{CancelTarget, ContextClient, Error, Options};
+use reqctx_postgres::{CancelTarget, ContextClient, Error, Options, TimeoutScope};
 use support::{db, state_of, wait_active, wait_idle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -334,6 +334,96 @@ async fn a_cancel_inside_a_transaction_is_rolled_back_before_reuse() {
     assert_eq!(state.as_deref(), Some("idle"), "left in a transaction");
 }
 
+/// A handler that opened a transaction and returned early (a non-database error) gives
+/// the connection back inside it: the pool rolls it back before anyone else gets it,
+/// whether the `BEGIN` went through `ContextClient` or through the plain client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_rolls_back_a_transaction_left_open() {
+    let Some(db) = db() else { return };
+    let monitor = db.monitor().await;
+    monitor
+        .batch_execute("CREATE TABLE IF NOT EXISTS left_open (x int)")
+        .await
+        .unwrap();
+    let pool = pool(db, 1);
+    let bg = Context::background();
+    for raw in [false, true] {
+        let mut conn = pool.get().await.unwrap();
+        let pid = conn.backend_pid();
+        if raw {
+            let c = conn.client();
+            c.batch_execute("BEGIN").await.unwrap();
+            c.execute("INSERT INTO left_open VALUES (1)", &[])
+                .await
+                .unwrap();
+        } else {
+            conn.batch_execute(&bg, "BEGIN").await.unwrap();
+            conn.execute(&bg, "INSERT INTO left_open VALUES (1)", &[])
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            state_of(&monitor, pid).await.as_deref(),
+            Some("idle in transaction")
+        );
+        drop(conn); // the handler returned early
+        let conn = pool.get().await.unwrap();
+        assert_eq!(conn.backend_pid(), pid, "raw={raw}: connection discarded");
+        assert_eq!(
+            state_of(&monitor, pid).await.as_deref(),
+            Some("idle"),
+            "raw={raw}: handed out inside a transaction"
+        );
+        let n: i64 = monitor
+            .query_one("SELECT count(*) FROM left_open", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 0, "raw={raw}: the insert was committed");
+    }
+}
+
+/// A statement cancelled inside a transaction: the transaction is rolled back right
+/// after the cancel, while the handler still holds the connection (not left "idle in
+/// transaction (aborted)" until the pool takes it back); statements that would have run
+/// in it are refused, and its `ROLLBACK` is answered here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_inside_a_transaction_rolls_it_back_at_once() {
+    let Some(db) = db() else { return };
+    let monitor = db.monitor().await;
+    let mut conn = connect(db).await;
+    let pid = conn.backend_pid();
+    let bg = Context::background();
+    // Through the plain client: seen too.
+    conn.client().batch_execute("BEGIN").await.unwrap();
+    let (ctx, cancel) = Context::background().with_cancel();
+    let mon = db.monitor().await;
+    tokio::spawn(async move {
+        wait_active(&mon, pid).await;
+        cancel.cancel();
+    });
+    let err = conn.query(&ctx, SLEEP, &[]).await.unwrap_err();
+    assert!(err.cancelled().is_some(), "{err}");
+    assert_eq!(state_of(&monitor, pid).await.as_deref(), Some("idle"));
+    assert!(conn.is_usable());
+    // Outside the transaction now: refused rather than run in autocommit.
+    assert!(matches!(
+        conn.execute(&bg, "SELECT 1", &[]).await,
+        Err(Error::RolledBack)
+    ));
+    conn.batch_execute(&bg, "ROLLBACK").await.unwrap();
+    assert_eq!(conn.query(&bg, "SELECT 1", &[]).await.unwrap().len(), 1);
+    // Outside a transaction nothing is rolled back or refused.
+    let (ctx, cancel) = Context::background().with_cancel();
+    let mon = db.monitor().await;
+    tokio::spawn(async move {
+        wait_active(&mon, pid).await;
+        cancel.cancel();
+    });
+    assert!(conn.query(&ctx, SLEEP, &[]).await.is_err());
+    assert_eq!(conn.query(&bg, "SELECT 1", &[]).await.unwrap().len(), 1);
+}
+
 /// Any failed statement leaves its transaction aborted, as a cancel does: the case where
 /// the server's `statement_timeout` fires a moment before our cancel is sent ends this
 /// way too. Before reuse the pool rolls back; a timeout reset sent into the aborted
@@ -388,11 +478,47 @@ async fn the_pool_waits_for_a_dropped_statements_cleanup() {
     conn.client().simple_query("SELECT 1").await.unwrap();
 }
 
+/// A host name is looked up once, when connecting: the cancels go to the address that
+/// answered, not to a new lookup (which, with several addresses, may reach another server).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cancel_goes_to_the_address_the_connection_reached() {
+    let Some(db) = db() else { return };
+    if db.dir.is_none() {
+        return; // a DATABASE_URL server: its addresses are not known here
+    }
+    let mut config = db.config();
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    config.host("localhost"); // ::1 (refused: the server listens on 127.0.0.1), 127.0.0.1
+    let mut conn = ContextClient::connect(&config, Options::default())
+        .await
+        .expect("one of localhost's addresses answers");
+    assert_eq!(
+        conn.cancel_target(),
+        &CancelTarget::Addr(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+    );
+    // And the cancel sent there stops the statement.
+    let pid = conn.backend_pid();
+    let (ctx, cancel) = Context::background().with_cancel();
+    let mon = db.monitor().await;
+    tokio::spawn(async move {
+        wait_active(&mon, pid).await;
+        cancel.cancel();
+    });
+    assert!(
+        conn.query(&ctx, SLEEP, &[])
+            .await
+            .unwrap_err()
+            .cancelled()
+            .is_some()
+    );
+    assert!(conn.is_usable());
+}
+
 #[tokio::test]
 async fn bad_configuration_is_a_clear_error() {
     for bad in [
         "postgres://[::1",
-        "host=a,b user=x",
+        "host=a,b user=x target_session_attrs=read-write",
         "user=x port=1,2 host=h",
     ] {
         let err = reqctx_postgres::connect(bad).await.unwrap_err();
@@ -448,7 +574,9 @@ async fn a_refused_cancel_gives_the_connection_up_at_once() {
 async fn when_the_cancel_cannot_reach_the_server_the_budget_still_stops_the_statement() {
     let Some(db) = db() else { return };
     let monitor = db.monitor().await;
-    let mut conn = with_refused_cancel(db, Options::default()).await;
+    // A connection opened by the user: the budget travels per session only if told so.
+    let mut conn =
+        with_refused_cancel(db, Options::default().timeout_scope(TimeoutScope::Session)).await;
     let pid = conn.backend_pid();
     let started = Instant::now();
     let (ctx, _c) = Context::background().with_timeout(Duration::from_millis(300));
@@ -522,8 +650,11 @@ async fn proxy_without_key_data(upstream: u16) -> u16 {
     port
 }
 
+/// The close route: a connection opened by this crate whose cancel names no backend is
+/// given up and closed, and the server (with `client_connection_check_interval`, set at
+/// connect) ends the statement whose client is gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_backend_key_data_gives_the_connection_up_without_hanging() {
+async fn no_backend_key_data_gives_the_connection_up_and_closes_it() {
     let Some(db) = db() else { return };
     let upstream = db.config().get_ports().first().copied().unwrap_or(5432);
     let proxy = proxy_without_key_data(upstream).await;
@@ -551,13 +682,18 @@ async fn no_backend_key_data_gives_the_connection_up_without_hanging() {
         "hung for {:?}",
         started.elapsed()
     );
-    // The cancel named no backend: no 57014 came, so the connection is given up.
+    // The cancel named no backend: no 57014 came, so the connection is given up, and
+    // closed: the statement does not run on for want of a cancel.
     assert!(!conn.is_usable());
-    assert_eq!(state_of(&monitor, pid).await.as_deref(), Some("active"));
-    monitor
-        .execute("SELECT pg_cancel_backend($1)", &[&pid])
-        .await
-        .unwrap();
+    assert!(
+        wait_gone(&monitor, pid, STOPPED_WITHIN).await,
+        "backend {pid} still there {STOPPED_WITHIN:?} after its connection was closed"
+    );
+}
+
+/// Polls until backend `pid` has left `pg_stat_activity` (or is no longer active).
+async fn wait_gone(monitor: &tokio_postgres::Client, pid: i32, limit: Duration) -> bool {
+    wait_idle(monitor, pid, limit).await.is_some()
 }
 
 mod http {

@@ -360,9 +360,10 @@ impl<S, L: Listener> Serve<S, L> {
     /// - by a response written in one write (a fixed-length body, sent with its head), or
     ///   whose last bytes were taken before the reset came back: not by the request. Its
     ///   context records the body's end (`Completed`) when hyper takes the last bytes,
-    ///   before writing them, so before any reset to them exists; it ends `Completed`. The connection's context ends `ClientDisconnected` once the reset
-    ///   arrives (when the server then closes the connection, the reset is checked for on
-    ///   the socket first);
+    ///   before writing them, so before any reset to them exists; it ends `Completed`.
+    ///   The connection's context ends `ClientDisconnected` once the reset arrives (when
+    ///   the server then closes the connection, the reset is checked for on the socket
+    ///   first);
     /// - or at the request's deadline, whichever comes first.
     ///
     /// Use it only for clients that half-close, and keep a deadline.

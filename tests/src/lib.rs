@@ -172,3 +172,26 @@ pub fn endless(
 pub const TEST_CERT: &[u8] = include_bytes!("../../crates/tower-reqctx/tests/data/cert.pem");
 /// The key of [`TEST_CERT`].
 pub const TEST_KEY: &[u8] = include_bytes!("../../crates/tower-reqctx/tests/data/key.pem");
+
+/// An echoing WebSocket on an `any("/ws")` route (an HTTP/2 WebSocket is an extended
+/// CONNECT, HTTP/1's a GET) under a `ContextLayer` with a 50 ms timeout, which the tunnel
+/// must outlive; each handler's context goes to `tx`.
+pub fn ws_echo_app(tx: ProbeTx) -> Router {
+    use axum::extract::ws::WebSocketUpgrade;
+    use tower_reqctx::{ContextLayer, ReqCtx};
+    Router::new()
+        .route(
+            "/ws",
+            axum::routing::any(move |ctx: ReqCtx, ws: WebSocketUpgrade| async move {
+                tx.send(ctx.0.clone()).unwrap();
+                ws.on_upgrade(|mut socket| async move {
+                    while let Some(Ok(msg)) = socket.recv().await {
+                        if socket.send(msg).await.is_err() {
+                            break;
+                        }
+                    }
+                })
+            }),
+        )
+        .layer(ContextLayer::new().timeout(Duration::from_millis(50)))
+}

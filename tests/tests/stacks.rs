@@ -14,7 +14,7 @@ use axum::error_handling::HandleErrorLayer;
 use axum::handler::HandlerWithoutStateExt;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::IntoResponse;
-use axum::routing::{any, get};
+use axum::routing::get;
 use bytes::Bytes;
 use http_body::Frame;
 use reqctx::{Cancelled, Cause, DeadlineOrigin};
@@ -470,31 +470,10 @@ async fn a_client_closed_request_has_a_reason_phrase() {
     running.abort();
 }
 
-/// `any` route: an HTTP/2 WebSocket is an extended CONNECT, HTTP/1's a GET.
-fn tunnel_app(tx: ProbeTx) -> Router {
-    Router::new()
-        .route(
-            "/ws",
-            any(
-                move |ctx: ReqCtx, ws: axum::extract::ws::WebSocketUpgrade| async move {
-                    tx.send(ctx.0.clone()).unwrap();
-                    ws.on_upgrade(|mut socket| async move {
-                        while let Some(Ok(msg)) = socket.recv().await {
-                            if socket.send(msg).await.is_err() {
-                                break;
-                            }
-                        }
-                    })
-                },
-            ),
-        )
-        .layer(ContextLayer::new().timeout(Duration::from_millis(50)))
-}
-
 #[tokio::test]
 async fn an_http2_websocket_keeps_its_context_until_the_tunnel_ends() {
     let (tx, mut probe) = reqctx_tests::probe();
-    let running = Running::start(Server::Serve, tunnel_app(tx), BOUND).await;
+    let running = Running::start(Server::Serve, reqctx_tests::ws_echo_app(tx), BOUND).await;
     let tcp = connect(running.addr).await;
     let (mut h2, conn) = h2::client::handshake(tcp).await.unwrap();
     let conn = tokio::spawn(async move {

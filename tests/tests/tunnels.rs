@@ -2,35 +2,10 @@
 //! their own stream, and a connection that carries many never accumulates them. Its own
 //! test binary: it counts the process's live request contexts.
 
-use std::time::Duration;
-
-use axum::Router;
-use axum::routing::any;
 use bytes::Bytes;
 use reqctx::Cause;
-use reqctx_tests::{BOUND, ProbeTx, Running, Server, cause_of, h2_client, probe};
-use tower_reqctx::{ContextLayer, ReqCtx, live_request_contexts};
-
-/// An echoing WebSocket on `any("/ws")`, probed.
-fn echo(tx: ProbeTx) -> Router {
-    Router::new()
-        .route(
-            "/ws",
-            any(
-                move |ctx: ReqCtx, ws: axum::extract::ws::WebSocketUpgrade| async move {
-                    tx.send(ctx.0.clone()).unwrap();
-                    ws.on_upgrade(|mut socket| async move {
-                        while let Some(Ok(msg)) = socket.recv().await {
-                            if socket.send(msg).await.is_err() {
-                                break;
-                            }
-                        }
-                    })
-                },
-            ),
-        )
-        .layer(ContextLayer::new().timeout(Duration::from_millis(50)))
-}
+use reqctx_tests::{BOUND, Running, Server, cause_of, h2_client, probe};
+use tower_reqctx::live_request_contexts;
 
 /// One masked WebSocket text frame "hi", and its unmasked echo.
 const HI: &[u8] = &[0x81, 0x82, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2];
@@ -66,7 +41,7 @@ async fn http2_tunnels_end_with_their_streams_and_never_accumulate() {
 async fn each_http2_tunnel_ends_its_context_with_its_stream() {
     let before = live_request_contexts();
     let (tx, mut probe) = probe();
-    let running = Running::start(Server::Serve, echo(tx), BOUND).await;
+    let running = Running::start(Server::Serve, reqctx_tests::ws_echo_app(tx), BOUND).await;
     let (mut h2, conn) = h2_client(running.addr).await;
     for i in 0..100 {
         let (mut send, mut body) = open(&mut h2, running.addr).await;
@@ -107,7 +82,7 @@ async fn each_http2_tunnel_ends_its_context_with_its_stream() {
 /// connection.
 async fn under_axum_serve_an_http2_tunnel_ends_at_its_answer() {
     let (tx, mut probe) = probe();
-    let running = Running::start(Server::AxumWatched, echo(tx), BOUND).await;
+    let running = Running::start(Server::AxumWatched, reqctx_tests::ws_echo_app(tx), BOUND).await;
     let (mut h2, conn) = h2_client(running.addr).await;
     let mut tunnels = Vec::new();
     for _ in 0..10 {

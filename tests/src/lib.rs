@@ -18,6 +18,7 @@ use tower_reqctx::{ConnectionContext, WatchedListener};
 // The workspace's raw HTTP/1.1 test client.
 pub use reqctx_test_support::{
     BOUND, connect, http_get, http1, parse_response, read_to_end, read_until, reset, send,
+    tcp_state,
 };
 
 /// Receives the context of every request a probed handler starts.

@@ -318,3 +318,54 @@ async fn an_outer_compression_layer_that_compresses_completes() {
         running.abort();
     }
 }
+
+/// Item 1, the bound, against a client that stops reading: an endless answer made in the
+/// grace stalls hyper (nothing of the layer's is polled), and on a watched HTTP/1
+/// connection the end of the grace closes it; never before.
+#[tokio::test]
+async fn a_stalled_answer_made_in_the_grace_is_closed_at_the_end_of_the_grace() {
+    static CHUNK: [u8; 65536] = [b'x'; 65536];
+    let grace = Duration::from_millis(300);
+    let app = Router::new()
+        .route(
+            "/",
+            get(|ctx: ReqCtx| async move {
+                ctx.cancelled().await;
+                let chunks = futures_util::stream::repeat_with(|| {
+                    Ok::<_, Infallible>(Bytes::from_static(&CHUNK))
+                });
+                (StatusCode::SERVICE_UNAVAILABLE, Body::from_stream(chunks))
+            }),
+        )
+        .layer(
+            ContextLayer::new()
+                .timeout(Duration::from_millis(20))
+                .grace(grace),
+        );
+    for server in [Server::Serve, Server::AxumWatched] {
+        let running = Running::start(server, app.clone(), BOUND).await;
+        let start = Instant::now();
+        // The client keeps the socket open and reads nothing: hyper stalls on its full
+        // window, and only the server can end the connection.
+        let s = reqctx_tests::send(running.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let client_port = s.local_addr().unwrap().port();
+        let closed = tokio::time::timeout(BOUND, async {
+            // The server's side leaves ESTABLISHED (FIN_WAIT1: its FIN waits behind the
+            // data the client does not read) when the connection is closed.
+            while reqctx_tests::tcp_state(running.addr.port(), client_port) == Some(0x01) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(
+            closed.is_ok(),
+            "{server:?}: the stalled grace answer was never closed"
+        );
+        assert!(
+            start.elapsed() >= grace,
+            "{server:?}: closed before the grace ended"
+        );
+        drop(s);
+        running.abort();
+    }
+}

@@ -599,7 +599,7 @@ async fn half_close_full_close_then_one_write_answer_completes() {
     drop(client); // a full close: a FIN, as a half-close would send
     // The server's kernel has the FIN (its socket is in CLOSE_WAIT) before the answer.
     timeout(BOUND, async {
-        while tcp_state(addr.port(), client_port) != Some(0x08) {
+        while reqctx_test_support::tcp_state(addr.port(), client_port) != Some(0x08) {
             tokio::task::yield_now().await;
         }
     })
@@ -619,20 +619,6 @@ async fn half_close_full_close_then_one_write_answer_completes() {
     }
     assert_eq!(seen["request"], Some(Cause::Completed));
     assert_eq!(seen["connection"], Some(Cause::ClientDisconnected));
-}
-
-/// The TCP state of the IPv4 loopback socket from `local` to `remote` (ports), as
-/// `/proc/net/tcp` lists it (`0x08` is CLOSE_WAIT).
-#[cfg(target_os = "linux")]
-fn tcp_state(local: u16, remote: u16) -> Option<u8> {
-    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
-    let (l, r) = (format!(":{local:04X}"), format!(":{remote:04X}"));
-    table.lines().skip(1).find_map(|line| {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        (f.len() > 3 && f[1].ends_with(&l) && f[2].ends_with(&r))
-            .then(|| u8::from_str_radix(f[3], 16).ok())
-            .flatten()
-    })
 }
 
 /// A stream of the receiver's items.

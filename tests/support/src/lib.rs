@@ -115,3 +115,17 @@ pub fn reset(s: TcpStream) {
     s.set_zero_linger().unwrap();
     drop(s);
 }
+
+/// The TCP state of the IPv4 loopback socket from port `local` to port `remote`, as
+/// `/proc/net/tcp` lists it (`0x01` ESTABLISHED, `0x04` FIN_WAIT1, `0x08` CLOSE_WAIT);
+/// `None` where there is no such socket (or no `/proc`).
+pub fn tcp_state(local: u16, remote: u16) -> Option<u8> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let (l, r) = (format!(":{local:04X}"), format!(":{remote:04X}"));
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f.len() > 3 && f[1].ends_with(&l) && f[2].ends_with(&r))
+            .then(|| u8::from_str_radix(f[3], 16).ok())
+            .flatten()
+    })
+}

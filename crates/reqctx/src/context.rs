@@ -1,6 +1,7 @@
 //! `Context`, `Canceller` and their handles.
 
 use std::any::Any;
+use std::cell::{Cell, OnceCell};
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cause::{Cancelled, Cause, DeadlineOrigin};
 use crate::future::{Run, WaitForCancel, Which, first};
-use crate::node::{CancelNode, LazyNow};
+use crate::node::{CancelNode, LazyNow, Recorded};
 
 /// A cancellation signal with a typed cause, an optional deadline, and request-scoped
 /// values, passed down a call tree as Go passes `context.Context`.
@@ -147,13 +148,8 @@ impl Context {
         &self,
         deadline: Option<(Instant, DeadlineOrigin)>,
     ) -> (Context, DeadlineDriver) {
-        let node = self.child(deadline, true);
-        (
-            self.with_node(node.clone()),
-            DeadlineDriver {
-                canceller: Canceller::new(node),
-            },
-        )
+        let driver = self.driven(deadline);
+        (driver.context(), driver)
     }
 
     /// How many contexts made by [`with_driven_deadline`](Context::with_driven_deadline)
@@ -520,19 +516,29 @@ impl fmt::Debug for Canceller {
     }
 }
 
-/// The owner's handle of a context made by [`Context::with_driven_deadline`]: it moves the
-/// deadline and reports when it passes. It derefs to the [`Canceller`] of the context, and
-/// like it cancels (with [`Cause::Cancelled`]) when dropped unless the context already has
-/// a cause.
+/// The owner's handle of a context made by [`Context::driven`] (or
+/// [`Context::with_driven_deadline`]): it moves the deadline, records causes and reports
+/// when the deadline passes. Like a [`Canceller`], it cancels (with [`Cause::Cancelled`])
+/// when dropped unless the context already has a cause.
+///
+/// **Lazy birth.** Until something asks for the context ([`context`](Self::context),
+/// [`handle`](Self::handle)), the driver allocates nothing and takes no lock: it keeps the
+/// deadline and the first cause inline, and reads its parent's cause (and compares its
+/// deadline with the clock) when asked, exactly as the context's node would. The first
+/// request for the context makes the node, with the deadline and any cause already
+/// recorded, so what every reader sees is the same as if the node had been made at once.
+///
+/// A driver is `Send` but not `Sync`: one owner drives it.
 ///
 /// ```
 /// use std::time::Duration;
 /// use reqctx::{Cause, Context, DeadlineOrigin};
 /// use tokio::time::Instant;
 ///
-/// let (ctx, driver) = Context::background().with_driven_deadline(None);
+/// let driver = Context::background().driven(None);
 /// let soon = Instant::now() + Duration::from_secs(1);
 /// driver.set_deadline(Some((soon, DeadlineOrigin::Layer)));
+/// let ctx = driver.context(); // the node is made here
 /// assert_eq!(ctx.deadline(), Some(soon));
 /// driver.cancel_with(Cause::Completed);
 /// assert_eq!(ctx.cause(), Some(Cause::Completed));
@@ -540,10 +546,94 @@ impl fmt::Debug for Canceller {
 #[doc(hidden)]
 #[must_use = "dropping a DeadlineDriver cancels its context at once"]
 pub struct DeadlineDriver {
-    canceller: Canceller,
+    /// The parent's cancellation, and the values the context carries (the parent's, plus
+    /// any added by [`DeadlineDriver::with_value`]).
+    parent: Context,
+    /// Until birth: the own deadline, and the first cause (with its instant, if known).
+    deadline: Cell<Option<(Instant, DeadlineOrigin)>>,
+    cause: OnceCell<Recorded>,
+    /// The node, once something asked for the context.
+    born: OnceCell<Canceller>,
+}
+
+impl Context {
+    /// A driven context that is not made yet: see [`DeadlineDriver`]. Nothing is allocated
+    /// until [`DeadlineDriver::context`] is called.
+    ///
+    /// Not part of the API: the plumbing of tower-reqctx's layer, which may change in any
+    /// release.
+    #[doc(hidden)]
+    pub fn driven(&self, deadline: Option<(Instant, DeadlineOrigin)>) -> DeadlineDriver {
+        crate::node::unborn_driven(self.cancel.as_deref());
+        DeadlineDriver {
+            parent: self.clone(),
+            deadline: Cell::new(deadline),
+            cause: OnceCell::new(),
+            born: OnceCell::new(),
+        }
+    }
 }
 
 impl DeadlineDriver {
+    /// The node, made on first use with what the driver recorded so far.
+    fn node(&self) -> &Arc<CancelNode> {
+        &self
+            .born
+            .get_or_init(|| {
+                let node = CancelNode::new(self.parent.cancel.clone(), self.deadline.get(), true);
+                crate::node::born_driven(); // the node counts itself from now on
+                if let Some(recorded) = self.cause.get() {
+                    node.adopt(recorded.clone());
+                }
+                Canceller::new(node)
+            })
+            .node
+    }
+
+    /// The cause an unborn context has now: the first recorded, else its parent's or its
+    /// passed deadline's (the earlier of the two, as a node decides), recorded here.
+    fn resolve_unborn(&self) -> Option<Recorded> {
+        if let Some(recorded) = self.cause.get() {
+            return Some(recorded.clone());
+        }
+        let mut now = LazyNow::new();
+        let inherited = self.parent.cancel.as_ref().and_then(|p| p.resolve(&mut now));
+        let expired = self
+            .deadline
+            .get()
+            .filter(|(d, _)| now.get() >= *d)
+            .map(|(d, origin)| (Cause::DeadlineExceeded { origin }, Some(d)));
+        let implied = crate::node::first_of(inherited, expired)?;
+        Some(self.cause.get_or_init(|| implied).clone())
+    }
+
+    fn resolve(&self) -> Option<Recorded> {
+        match self.born.get() {
+            Some(c) => c.node.resolve(&mut LazyNow::new()),
+            None => self.resolve_unborn(),
+        }
+    }
+
+    /// The context (made now, if it was not yet), with the parent's values and any added
+    /// by [`with_value`](Self::with_value).
+    pub fn context(&self) -> Context {
+        Context {
+            cancel: Some(self.node().clone()),
+            values: self.parent.values.clone(),
+        }
+    }
+
+    /// Whether the context has been made.
+    pub fn is_born(&self) -> bool {
+        self.born.get().is_some()
+    }
+
+    /// Adds `value` to the contexts handed out from now on (Go's `WithValue` on the
+    /// request): earlier ones keep what they had.
+    pub fn with_value<T: Send + Sync + 'static>(&mut self, value: T) {
+        self.parent = self.parent.with_value(value);
+    }
+
     /// Replaces the context's own deadline (`None` removes it), for everyone: contexts
     /// derived from it see the new deadline, and waiters wake at the new deadline, not
     /// the old one. A deadline already passed is not undone once a cause is recorded.
@@ -552,47 +642,69 @@ impl DeadlineDriver {
     /// Outside a tokio runtime, when something waits on the context and `deadline` is
     /// `Some` (its timer is spawned then).
     pub fn set_deadline(&self, deadline: Option<(Instant, DeadlineOrigin)>) {
-        CancelNode::set_driven(&self.canceller.node, deadline);
+        match self.born.get() {
+            Some(c) => {
+                CancelNode::set_driven(&c.node, deadline);
+            }
+            None => self.deadline.set(deadline),
+        }
     }
 
     /// The context's own deadline and its origin.
     pub fn deadline(&self) -> Option<(Instant, DeadlineOrigin)> {
-        self.canceller.node.own_deadline()
+        match self.born.get() {
+            Some(c) => c.node.own_deadline(),
+            None => self.deadline.get(),
+        }
     }
 
     /// A handle that can move the deadline but not cancel, for code that refines the
-    /// deadline of a context it does not own (a route's layer under the server's).
+    /// deadline of a context it does not own. Makes the context.
     pub fn handle(&self) -> DeadlineHandle {
         DeadlineHandle {
-            node: self.canceller.node.clone(),
+            node: self.node().clone(),
         }
     }
 
-    /// The driven context, without values: the context this driver was returned with,
-    /// less any values its parent carried.
-    pub fn context(&self) -> Context {
-        Context {
-            cancel: Some(self.canceller.node.clone()),
-            values: None,
+    /// Cancels with [`Cause::Cancelled`], as [`Canceller::cancel`].
+    pub fn cancel(&self) -> bool {
+        self.cancel_with(Cause::Cancelled)
+    }
+
+    /// Cancels with `cause` unless the context already has one (recorded, its parent's, or
+    /// a passed deadline). Returns `true` if `cause` is the one recorded.
+    pub fn cancel_with(&self, cause: Cause) -> bool {
+        match self.born.get() {
+            Some(c) => c.cancel_with(cause),
+            None => {
+                if self.resolve_unborn().is_some() {
+                    return false;
+                }
+                // No descendant exists to compare instants with: none is kept.
+                self.cause.set((cause, None)).is_ok()
+            }
         }
+    }
+
+    /// Whether the context is cancelled, for whatever cause.
+    pub fn is_cancelled(&self) -> bool {
+        self.resolve().is_some()
     }
 
     /// Records [`Cause::DeadlineExceeded`] if the deadline has passed and the context had
     /// no cause yet, for an owner whose own timer fired (the context's timer does the same
     /// for waiters). Returns the context's cause, if it has one now.
     pub fn expire(&self) -> Option<Cause> {
-        self.canceller
-            .node
-            .resolve(&mut LazyNow::new())
-            .map(|(cause, _)| cause)
+        self.resolve().map(|(cause, _)| cause)
     }
 }
 
-impl std::ops::Deref for DeadlineDriver {
-    type Target = Canceller;
-
-    fn deref(&self) -> &Canceller {
-        &self.canceller
+impl Drop for DeadlineDriver {
+    fn drop(&mut self) {
+        if self.born.get().is_none() {
+            crate::node::unborn_dropped();
+        }
+        // A born one: its `Canceller` cancels as it drops.
     }
 }
 
@@ -600,7 +712,8 @@ impl fmt::Debug for DeadlineDriver {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DeadlineDriver")
             .field("deadline", &self.deadline())
-            .field("done", &self.canceller.node.is_done())
+            .field("born", &self.is_born())
+            .field("done", &self.is_cancelled())
             .finish()
     }
 }

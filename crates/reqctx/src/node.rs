@@ -171,15 +171,7 @@ impl CancelNode {
         driven: bool,
     ) -> Arc<CancelNode> {
         if deadline.is_some() || driven {
-            let mut p = parent.as_deref();
-            while let Some(node) = p {
-                // Load first: a shared parent (a connection) sees this once per request.
-                if node.timed_descendants.load(Ordering::Relaxed) {
-                    break; // its ancestors were marked by whoever set it
-                }
-                node.timed_descendants.store(true, Ordering::Relaxed);
-                p = node.parent.as_deref();
-            }
+            mark_timed(parent.as_deref());
         }
         let (fixed, own_driven) = if driven {
             (None, deadline)
@@ -376,6 +368,12 @@ impl CancelNode {
         inherited
     }
 
+    /// Records `recorded`, the cause a lazy driver recorded before this node existed, unless
+    /// the node has an earlier one (its own deadline, passed before that cause's instant).
+    pub(crate) fn adopt(&self, recorded: Recorded) {
+        self.settle(Some(recorded), None, &mut LazyNow::new());
+    }
+
     /// Cancels this node with `cause` unless it already has one (recorded or implied).
     /// Returns `true` if `cause` is the one recorded.
     pub(crate) fn cancel(&self, cause: Cause) -> bool {
@@ -403,14 +401,7 @@ impl CancelNode {
             .own(&st)
             .filter(|(d, _)| now.get() >= *d)
             .map(|(d, origin)| (Cause::DeadlineExceeded { origin }, Some(d)));
-        let implied = match (inherited, expired) {
-            (Some(p), Some(e)) => match (p.1, e.1) {
-                // Our deadline passed before the ancestor was cancelled.
-                (Some(p_at), Some(e_at)) if e_at < p_at => Some(e),
-                _ => Some(p),
-            },
-            (p, e) => p.or(e),
-        };
+        let implied = first_of(inherited, expired);
         let mut ours = false;
         let chosen = match implied {
             Some(c) => c,
@@ -599,6 +590,51 @@ impl CancelNode {
         }
         true
     }
+}
+
+/// Of an ancestor's cause and a node's own passed deadline, the one that happened first
+/// (invariant 3): the ancestor's, unless both instants are known and the deadline's is
+/// earlier.
+pub(crate) fn first_of(inherited: Option<Recorded>, expired: Option<Recorded>) -> Option<Recorded> {
+    match (inherited, expired) {
+        (Some(p), Some(e)) => match (p.1, e.1) {
+            // Our deadline passed before the ancestor was cancelled.
+            (Some(p_at), Some(e_at)) if e_at < p_at => Some(e),
+            _ => Some(p),
+        },
+        (p, e) => p.or(e),
+    }
+}
+
+/// Marks `parent` and its ancestors as having a descendant with a deadline, so that they
+/// record the instant of their cancellation (invariant 3).
+fn mark_timed(parent: Option<&CancelNode>) {
+    let mut p = parent;
+    while let Some(node) = p {
+        // Load first: a shared parent (a connection) sees this once per request.
+        if node.timed_descendants.load(Ordering::Relaxed) {
+            break; // its ancestors were marked by whoever set it
+        }
+        node.timed_descendants.store(true, Ordering::Relaxed);
+        p = node.parent.as_deref();
+    }
+}
+
+/// A driven context that is not made yet (a lazy `DeadlineDriver`): it counts as live, and
+/// its ancestors record when they are cancelled, as if its node existed.
+pub(crate) fn unborn_driven(parent: Option<&CancelNode>) {
+    mark_timed(parent);
+    LIVE_DRIVEN.fetch_add(1, Ordering::Relaxed);
+}
+
+/// An unborn driven context got its node, which counts itself.
+pub(crate) fn born_driven() {
+    LIVE_DRIVEN.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// An unborn driven context went away without its node.
+pub(crate) fn unborn_dropped() {
+    LIVE_DRIVEN.fetch_sub(1, Ordering::Relaxed);
 }
 
 /// The nodes from `start` up `depth` levels, handed out top-down by `pop`, in constant

@@ -51,7 +51,7 @@ where
         move |req: axum::extract::Request, next: axum::middleware::Next| {
             let tx = tx.clone();
             async move {
-                if let Some(ctx) = tower_reqctx::request_context(req.extensions()) {
+                if let Some(ctx) = tower_reqctx::request_context() {
                     tx.send(ctx.clone()).unwrap();
                 }
                 next.run(req).await
@@ -239,7 +239,7 @@ async fn an_inner_error_is_service_failed_not_a_disconnect() {
         }))
         .layer(ContextLayer::new())
         .map_request(move |req: axum::extract::Request| {
-            let ctx = tower_reqctx::request_context(req.extensions()).unwrap();
+            let ctx = tower_reqctx::request_context().unwrap();
             tx.send(ctx.clone()).unwrap();
             req
         })
@@ -275,7 +275,7 @@ async fn an_inner_error_is_service_failed_not_a_disconnect() {
         }))
         .layer(ContextLayer::new())
         .map_request(move |req: axum::extract::Request| {
-            let ctx = tower_reqctx::request_context(req.extensions()).unwrap();
+            let ctx = tower_reqctx::request_context().unwrap();
             tx.send(ctx.clone()).unwrap();
             req
         })
@@ -564,4 +564,138 @@ async fn several_deadline_headers_the_earliest_wins() {
     assert_eq!(status, 400);
     assert!(body.contains("`x-envoy-expected-rq-timeout-ms`"), "{body}");
     running.abort();
+}
+
+/// A middleware that moves the inner call into `tokio::spawn` hides the request from what
+/// it spawns: `ReqCtx` answers its `500` naming that cause, `RouteTimeout` its own `500`,
+/// and `request_context()` is `None` there (never another request's context), while a
+/// route without that middleware, in the same app, gets its context.
+#[tokio::test]
+async fn a_middleware_that_spawns_the_inner_call_gets_the_clear_500() {
+    use axum::middleware::{Next, from_fn};
+    use tower_reqctx::RouteTimeout;
+
+    async fn spawning(req: axum::extract::Request, next: Next) -> axum::response::Response {
+        tokio::spawn(next.run(req)).await.unwrap()
+    }
+    let app = Router::new()
+        .route(
+            "/spawned",
+            get(|_: ReqCtx| async { "reached" }).layer(from_fn(spawning)),
+        )
+        .route(
+            "/spawned-route",
+            get(|| async { "reached" })
+                .layer(RouteTimeout::new(Duration::from_secs(1)))
+                .layer(from_fn(spawning)),
+        )
+        .route(
+            "/spawned-lookup",
+            get(|| async { format!("{}", tower_reqctx::request_context().is_none()) })
+                .layer(from_fn(spawning)),
+        )
+        .route(
+            "/direct",
+            get(|ctx: ReqCtx| async move { format!("{:?}", ctx.cause()) }),
+        )
+        .layer(ContextLayer::new());
+    for server in SERVERS {
+        let running = Running::start(server, app.clone(), BOUND).await;
+        let (status, body) = http_get(running.addr, "/spawned").await;
+        assert_eq!(status, 500, "{server:?}: {body}");
+        assert!(body.contains("tokio::spawn"), "{server:?}: {body}");
+        let (status, body) = http_get(running.addr, "/spawned-route").await;
+        assert_eq!(status, 500, "{server:?}: {body}");
+        assert!(
+            body.contains("RouteTimeout found no request context"),
+            "{body}"
+        );
+        let (status, body) = http_get(running.addr, "/spawned-lookup").await;
+        assert_eq!((status, body.as_str()), (200, "true"), "{server:?}");
+        let (status, body) = http_get(running.addr, "/direct").await;
+        assert_eq!((status, body.as_str()), (200, "None"), "{server:?}");
+        running.abort();
+    }
+}
+
+/// Many requests interleaved on one thread (HTTP/2 streams of one connection, each
+/// awaiting between its steps) each find their own context, never a neighbour's: a
+/// middleware adds the request's path as a value after yielding, and the handler, after
+/// yielding again, reads it back from its `ReqCtx`, with its own `?timeout=`'s deadline.
+#[tokio::test]
+async fn interleaved_requests_each_find_their_own_context() {
+    use axum::middleware::{Next, from_fn};
+
+    #[derive(Debug)]
+    struct Path(String);
+
+    async fn tag(req: axum::extract::Request, next: Next) -> axum::response::Response {
+        tokio::task::yield_now().await;
+        let path = req.uri().path().to_owned();
+        assert!(tower_reqctx::set_request_value(Path(path)));
+        next.run(req).await
+    }
+    let app = Router::new()
+        .route(
+            "/{n}",
+            get(
+                |ctx: ReqCtx, axum::extract::Path(n): axum::extract::Path<u64>| async move {
+                    for _ in 0..n % 4 {
+                        tokio::task::yield_now().await;
+                    }
+                    let seen = ctx.value::<Path>().map(|p| p.0.clone());
+                    let left = ctx.remaining().map(|d| d.as_secs());
+                    let again = tower_reqctx::request_context().and_then(|c| c.remaining());
+                    format!("{seen:?} {left:?} {}", again.map(|d| d.as_secs()) == left)
+                },
+            ),
+        )
+        .layer(from_fn(tag))
+        .layer(ContextLayer::new());
+    for server in [Server::Serve, Server::AxumPlain] {
+        let running = Running::start(server, app.clone(), BOUND).await;
+        let (send, conn) = h2_client(running.addr).await;
+        let mut calls = Vec::new();
+        for n in 1..=60u64 {
+            let mut send = send.clone().ready().await.unwrap();
+            // Each budget is its own, 10 s apart, so the seconds left name the request.
+            let req = http::Request::get(format!(
+                "http://{}/{n}?timeout={}s",
+                running.addr,
+                100 + 10 * n
+            ))
+            .body(())
+            .unwrap();
+            let (response, _) = send.send_request(req, true).unwrap();
+            calls.push((n, response));
+        }
+        for (n, response) in calls {
+            let response = response.await.unwrap();
+            assert_eq!(response.status(), 200, "{server:?} /{n}");
+            let mut body = response.into_body();
+            let mut text = Vec::new();
+            while let Some(chunk) = body.data().await {
+                text.extend_from_slice(&chunk.unwrap());
+            }
+            let text = String::from_utf8(text).unwrap();
+            assert!(
+                text.starts_with(&format!("Some(\"/{n}\") Some(")) && text.ends_with(") true"),
+                "{server:?} /{n}: {text}"
+            );
+            // The seconds left are this request's budget's, less what it waited (under
+            // 10 s), never a neighbour's (10 s away).
+            let left: u64 = text
+                .split("Some(")
+                .nth(2)
+                .and_then(|t| t.split(')').next())
+                .and_then(|t| t.parse().ok())
+                .unwrap();
+            assert!(
+                (90 + 10 * n..100 + 10 * n).contains(&left),
+                "{server:?} /{n}: {text}"
+            );
+        }
+        conn.abort();
+        running.abort();
+    }
 }

@@ -1,7 +1,7 @@
 //! A real tonic service over real sockets: code generated from `proto/echo.proto`,
 //! tonic's own `Server` with the `ContextLayer` (reading `grpc-timeout`), and tonic's
 //! generated client. The handlers reach their request's context through
-//! `request_context(request.extensions())` and hand it to the test through a probe.
+//! `request_context()` and hand it to the test through a probe.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -36,10 +36,8 @@ struct EchoService {
 }
 
 impl EchoService {
-    fn probe<T>(&self, request: &Request<T>) -> reqctx::Context {
-        let ctx = request_context(request.extensions())
-            .expect("no request context: is ContextLayer on the server?")
-            .clone();
+    fn probe(&self) -> reqctx::Context {
+        let ctx = request_context().expect("no request context: is ContextLayer on the server?");
         self.probe.send(ctx.clone()).unwrap();
         ctx
     }
@@ -48,7 +46,7 @@ impl EchoService {
 #[tonic::async_trait]
 impl Echo for EchoService {
     async fn say(&self, request: Request<SayRequest>) -> Result<Response<SayReply>, Status> {
-        let ctx = self.probe(&request);
+        let ctx = self.probe();
         let SayRequest { text, fail_with } = request.into_inner();
         match (text.as_str(), fail_with) {
             ("park", _) => {
@@ -67,7 +65,7 @@ impl Echo for EchoService {
         &self,
         request: Request<CountRequest>,
     ) -> Result<Response<Self::CountStream>, Status> {
-        self.probe(&request);
+        self.probe();
         let CountRequest { count, every_ms } = request.into_inner();
         let every = Duration::from_millis(every_ms.into());
         // The first reply at once, the next ones `every` apart.

@@ -1,11 +1,10 @@
 //! `Context`, `Canceller` and their handles.
 
 use std::any::Any;
-use std::cell::{Cell, OnceCell};
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
@@ -14,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cause::{Cancelled, Cause, DeadlineOrigin};
 use crate::future::{Run, WaitForCancel, Which, first};
-use crate::node::{CancelNode, LazyNow, Recorded};
+use crate::node::{CancelNode, LazyNow};
 
 /// A cancellation signal with a typed cause, an optional deadline, and request-scoped
 /// values, passed down a call tree as Go passes `context.Context`.
@@ -528,14 +527,15 @@ impl fmt::Debug for Canceller {
 /// request for the context makes the node, with the deadline and any cause already
 /// recorded, so what every reader sees is the same as if the node had been made at once.
 ///
-/// A driver is `Send` but not `Sync`: one owner drives it.
+/// Moving the deadline takes `&mut`: one owner drives it ([`DeadlineHandle`] moves a made
+/// context's from elsewhere).
 ///
 /// ```
 /// use std::time::Duration;
 /// use reqctx::{Cause, Context, DeadlineOrigin};
 /// use tokio::time::Instant;
 ///
-/// let driver = Context::background().driven(None);
+/// let mut driver = Context::background().driven(None);
 /// let soon = Instant::now() + Duration::from_secs(1);
 /// driver.set_deadline(Some((soon, DeadlineOrigin::Layer)));
 /// let ctx = driver.context(); // the node is made here
@@ -550,10 +550,12 @@ pub struct DeadlineDriver {
     /// any added by [`DeadlineDriver::with_value`]).
     parent: Context,
     /// Until birth: the own deadline, and the first cause (with its instant, if known).
-    deadline: Cell<Option<(Instant, DeadlineOrigin)>>,
-    cause: OnceCell<Recorded>,
-    /// The node, once something asked for the context.
-    born: OnceCell<Canceller>,
+    deadline: Option<(Instant, DeadlineOrigin)>,
+    // Its instant is not kept: no descendant exists before birth to compare it with.
+    cause: OnceLock<Cause>,
+    /// The node, once something asked for the context; cancelled (`Cancelled`) when the
+    /// driver drops, as by a `Canceller`.
+    born: OnceLock<Arc<CancelNode>>,
 }
 
 impl Context {
@@ -567,9 +569,9 @@ impl Context {
         crate::node::unborn_driven(self.cancel.as_deref());
         DeadlineDriver {
             parent: self.clone(),
-            deadline: Cell::new(deadline),
-            cause: OnceCell::new(),
-            born: OnceCell::new(),
+            deadline,
+            cause: OnceLock::new(),
+            born: OnceLock::new(),
         }
     }
 }
@@ -577,39 +579,39 @@ impl Context {
 impl DeadlineDriver {
     /// The node, made on first use with what the driver recorded so far.
     fn node(&self) -> &Arc<CancelNode> {
-        &self
-            .born
-            .get_or_init(|| {
-                let node = CancelNode::new(self.parent.cancel.clone(), self.deadline.get(), true);
-                crate::node::born_driven(); // the node counts itself from now on
-                if let Some(recorded) = self.cause.get() {
-                    node.adopt(recorded.clone());
-                }
-                Canceller::new(node)
-            })
-            .node
+        self.born.get_or_init(|| {
+            let node = CancelNode::new(self.parent.cancel.clone(), self.deadline, true);
+            crate::node::born_driven(); // the node counts itself from now on
+            if let Some(cause) = self.cause.get() {
+                node.adopt((cause.clone(), None));
+            }
+            node
+        })
     }
 
     /// The cause an unborn context has now: the first recorded, else its parent's or its
     /// passed deadline's (the earlier of the two, as a node decides), recorded here.
-    fn resolve_unborn(&self) -> Option<Recorded> {
-        if let Some(recorded) = self.cause.get() {
-            return Some(recorded.clone());
+    fn resolve_unborn(&self) -> Option<Cause> {
+        if let Some(cause) = self.cause.get() {
+            return Some(cause.clone());
         }
         let mut now = LazyNow::new();
-        let inherited = self.parent.cancel.as_ref().and_then(|p| p.resolve(&mut now));
+        let inherited = self
+            .parent
+            .cancel
+            .as_ref()
+            .and_then(|p| p.resolve(&mut now));
         let expired = self
             .deadline
-            .get()
             .filter(|(d, _)| now.get() >= *d)
             .map(|(d, origin)| (Cause::DeadlineExceeded { origin }, Some(d)));
-        let implied = crate::node::first_of(inherited, expired)?;
+        let (implied, _) = crate::node::first_of(inherited, expired)?;
         Some(self.cause.get_or_init(|| implied).clone())
     }
 
-    fn resolve(&self) -> Option<Recorded> {
+    fn resolve(&self) -> Option<Cause> {
         match self.born.get() {
-            Some(c) => c.node.resolve(&mut LazyNow::new()),
+            Some(node) => node.resolve(&mut LazyNow::new()).map(|(cause, _)| cause),
             None => self.resolve_unborn(),
         }
     }
@@ -641,20 +643,20 @@ impl DeadlineDriver {
     /// # Panics
     /// Outside a tokio runtime, when something waits on the context and `deadline` is
     /// `Some` (its timer is spawned then).
-    pub fn set_deadline(&self, deadline: Option<(Instant, DeadlineOrigin)>) {
+    pub fn set_deadline(&mut self, deadline: Option<(Instant, DeadlineOrigin)>) {
         match self.born.get() {
-            Some(c) => {
-                CancelNode::set_driven(&c.node, deadline);
+            Some(node) => {
+                CancelNode::set_driven(node, deadline);
             }
-            None => self.deadline.set(deadline),
+            None => self.deadline = deadline,
         }
     }
 
     /// The context's own deadline and its origin.
     pub fn deadline(&self) -> Option<(Instant, DeadlineOrigin)> {
         match self.born.get() {
-            Some(c) => c.node.own_deadline(),
-            None => self.deadline.get(),
+            Some(node) => node.own_deadline(),
+            None => self.deadline,
         }
     }
 
@@ -675,13 +677,13 @@ impl DeadlineDriver {
     /// a passed deadline). Returns `true` if `cause` is the one recorded.
     pub fn cancel_with(&self, cause: Cause) -> bool {
         match self.born.get() {
-            Some(c) => c.cancel_with(cause),
+            Some(node) => node.cancel(cause),
             None => {
                 if self.resolve_unborn().is_some() {
                     return false;
                 }
                 // No descendant exists to compare instants with: none is kept.
-                self.cause.set((cause, None)).is_ok()
+                self.cause.set(cause).is_ok()
             }
         }
     }
@@ -695,16 +697,18 @@ impl DeadlineDriver {
     /// no cause yet, for an owner whose own timer fired (the context's timer does the same
     /// for waiters). Returns the context's cause, if it has one now.
     pub fn expire(&self) -> Option<Cause> {
-        self.resolve().map(|(cause, _)| cause)
+        self.resolve()
     }
 }
 
 impl Drop for DeadlineDriver {
     fn drop(&mut self) {
-        if self.born.get().is_none() {
-            crate::node::unborn_dropped();
+        match self.born.get() {
+            Some(node) => {
+                node.cancel(Cause::Cancelled);
+            }
+            None => crate::node::unborn_dropped(),
         }
-        // A born one: its `Canceller` cancels as it drops.
     }
 }
 

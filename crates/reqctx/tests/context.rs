@@ -368,7 +368,7 @@ fn work_that_never_yields_needs_no_timer() {
 
 #[tokio::test(start_paused = true)]
 async fn driven_deadline_moves_and_expires_when_told() {
-    let (ctx, driver) = Context::background().with_driven_deadline(Some((
+    let (ctx, mut driver) = Context::background().with_driven_deadline(Some((
         Instant::now() + Duration::from_millis(10),
         DeadlineOrigin::Layer,
     )));

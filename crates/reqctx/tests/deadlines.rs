@@ -131,7 +131,7 @@ async fn a_waiter_follows_a_driven_deadline_moved_earlier() {
 
 #[tokio::test(start_paused = true)]
 async fn a_waiter_armed_for_an_old_deadline_does_not_fire_when_it_moves_later() {
-    let (ctx, driver) = Context::background().with_driven_deadline(Some((
+    let (ctx, mut driver) = Context::background().with_driven_deadline(Some((
         Instant::now() + Duration::from_millis(100),
         DeadlineOrigin::Layer,
     )));
@@ -157,7 +157,7 @@ async fn a_waiter_armed_for_an_old_deadline_does_not_fire_when_it_moves_later() 
 #[tokio::test(start_paused = true)]
 async fn a_removed_driven_deadline_stops_its_timer_and_a_new_one_rearms_it() {
     let base = alive_tasks();
-    let (ctx, driver) = Context::background().with_driven_deadline(Some((
+    let (ctx, mut driver) = Context::background().with_driven_deadline(Some((
         Instant::now() + Duration::from_millis(100),
         DeadlineOrigin::Layer,
     )));
@@ -183,7 +183,7 @@ async fn a_removed_driven_deadline_stops_its_timer_and_a_new_one_rearms_it() {
 
 #[tokio::test(start_paused = true)]
 async fn a_driven_context_waited_on_before_it_has_a_deadline_gets_one() {
-    let (ctx, driver) = Context::background().with_driven_deadline(None);
+    let (ctx, mut driver) = Context::background().with_driven_deadline(None);
     let base = alive_tasks();
     let waiter = park_waiter(&ctx);
     assert_eq!(
@@ -404,7 +404,7 @@ async fn deadlines_at_the_end_of_time_can_be_waited_on() {
     assert!(r.is_err(), "never passes");
     let _token = ctx.token();
 
-    let (driven, driver) = Context::background().with_driven_deadline(None);
+    let (driven, mut driver) = Context::background().with_driven_deadline(None);
     let r = tokio::time::timeout(Duration::from_secs(1), driven.cancelled()).await;
     assert!(r.is_err());
     driver.set_deadline(Some((far, DeadlineOrigin::Layer)));

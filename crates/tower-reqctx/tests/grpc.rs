@@ -123,9 +123,7 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let ctx = request_context(req.extensions())
-            .expect("no request context: is ContextLayer in front?")
-            .clone();
+        let ctx = request_context().expect("no request context: is ContextLayer in front?");
         let method = Wait {
             ctx,
             seen: self.seen.clone(),

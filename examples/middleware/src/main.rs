@@ -84,7 +84,7 @@ async fn access_log(State(log): State<Log>, req: Request, next: Next) -> Respons
 
     // The end of the request, whatever ends it: `on_cancel` is Go's AfterFunc. Outside an
     // axum handler, `request_context` finds the context the layer made.
-    if let Some(ctx) = tower_reqctx::request_context(req.extensions()) {
+    if let Some(ctx) = tower_reqctx::request_context() {
         let (log, method, path) = (log.clone(), method.clone(), path.clone());
         ctx.on_cancel(move |cause| {
             let ms = started.elapsed().as_secs_f64() * 1e3;

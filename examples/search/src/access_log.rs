@@ -91,7 +91,7 @@ pub(crate) async fn outer(mut req: Request, next: Next) -> Response {
 /// Inside the `ContextLayer`: waits for the request's context to end.
 pub(crate) async fn inner(req: Request, next: Next) -> Response {
     let line = req.extensions().get::<Arc<Line>>().cloned();
-    if let (Some(line), Some(ctx)) = (line, tower_reqctx::request_context(req.extensions())) {
+    if let (Some(line), Some(ctx)) = (line, tower_reqctx::request_context()) {
         line.update(|s| s.has_context = true);
         ctx.on_cancel(move |cause| {
             line.update(|s| s.cause = Some(describe(Some(cause))));

@@ -9,7 +9,7 @@ use http::StatusCode;
 use http::request::Parts;
 use reqctx::Context;
 
-use super::scope::RequestScope;
+use super::scope::request_context;
 
 /// The request's [`Context`], given by [`ContextLayer`](crate::ContextLayer).
 ///
@@ -51,14 +51,10 @@ impl<S: Send + Sync> FromRequestParts<S> for ReqCtx {
     type Rejection = MissingContextLayer;
 
     async fn from_request_parts(
-        parts: &mut Parts,
+        _parts: &mut Parts,
         _state: &S,
     ) -> Result<ReqCtx, MissingContextLayer> {
-        parts
-            .extensions
-            .get::<RequestScope>()
-            .map(|scope| ReqCtx(scope.context().clone()))
-            .ok_or(MissingContextLayer)
+        request_context().map(ReqCtx).ok_or(MissingContextLayer)
     }
 }
 
@@ -66,13 +62,10 @@ impl<S: Send + Sync> OptionalFromRequestParts<S> for ReqCtx {
     type Rejection = Infallible;
 
     async fn from_request_parts(
-        parts: &mut Parts,
+        _parts: &mut Parts,
         _state: &S,
     ) -> Result<Option<ReqCtx>, Infallible> {
-        Ok(parts
-            .extensions
-            .get::<RequestScope>()
-            .map(|scope| ReqCtx(scope.context().clone())))
+        Ok(request_context().map(ReqCtx))
     }
 }
 
@@ -86,7 +79,9 @@ impl MissingContextLayer {
     const MESSAGE: &'static str = "Missing request context: the `ReqCtx` extractor needs a \
         `tower_reqctx::ContextLayer` in front of this route. Add \
         `.layer(tower_reqctx::ContextLayer::new())` to the Router (after the routes, so it \
-        wraps them all).";
+        wraps them all). If it is there, a middleware between the layer and this route moves \
+        the inner call into another task (tokio::spawn, tower's Buffer): the layer hands the \
+        context only to what it polls itself.";
 }
 
 impl std::fmt::Display for MissingContextLayer {

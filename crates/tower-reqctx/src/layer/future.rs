@@ -203,7 +203,14 @@ where
             } => 'owner: {
                 // A panic that unwinds through here is the handler's, whatever catches it
                 // further out (tower-http's CatchPanicLayer drops us only after catching).
-                let polled = match catch_unwind(AssertUnwindSafe(|| inner.as_mut().poll(cx))) {
+                // The inner service finds its request through the thread's current scope
+                // while we poll it (see `scope`).
+                let poll_inner = AssertUnwindSafe(|| inner.as_mut().poll(cx));
+                let caught = match owner.as_mut() {
+                    Some(o) => super::scope::enter(o.scope_slot(), || catch_unwind(poll_inner)),
+                    None => catch_unwind(poll_inner),
+                };
+                let polled = match caught {
                     Ok(polled) => polled,
                     Err(panic) => {
                         if let Some(o) = owner.as_ref() {

@@ -60,6 +60,28 @@
 //! connection would end every other stream on it; the stream ends when the client reads
 //! (the body then fails), resets it, or the connection ends.
 //!
+//! # The handoff, the context's birth, and its waiters
+//!
+//! The owner hands the request's context to the code under the layer without touching the
+//! request: while the layer calls its inner service, and every time the response future
+//! polls it, the owner's [`Scope`] is the thread's current one (see [`scope`](super::scope));
+//! `ReqCtx`, `request_context()`, `set_request_value()` and `RouteTimeout` reach it there,
+//! and it is back in the owner before the poll returns (on unwind too). Code that runs
+//! elsewhere (a spawned task, a body as it streams, a middleware that spawns the inner
+//! call) finds no current request and says so; it never sees another request's context.
+//!
+//! The context is born lazily ([`DeadlineDriver`]): until something asks for it, the owner
+//! holds the parent (the connection's context, or the layer's root), the deadline and the
+//! first cause inline, and reads the parent's cause and the clock when asked, exactly as
+//! the context's node would; the first request for the context makes the node with what
+//! was recorded, so nobody can tell the difference but the allocator. A request whose
+//! handler never asks for its context costs no allocation and no lock for it.
+//!
+//! Waiters (`ctx.cancelled()`, `ctx.run`, `ctx.spawn`) register on the node; the owner's
+//! timer is the one that times the deadline while the response future lives, and the cause
+//! it records wakes them. When the owner leaves the response future (the body streams, or
+//! an upgrade holds it) and waiters remain, the context's own timer takes over.
+//!
 //! # The seam with the connection
 //!
 //! An upgraded request outlives its response. Over HTTP/1 the tunnel is the whole
@@ -84,13 +106,18 @@ use http::{Response, StatusCode};
 use http_body::Body;
 use reqctx::{Cancelled, Canceller, Cause, Context, DeadlineDriver, DeadlineOrigin};
 
+use super::scope::Scope;
+
 use crate::cause::{HandlerPanicked, ResponseDiscarded, ServiceFailed, label};
 use crate::connection::{ConnectionAbort, ConnectionContext, tunnel};
 use crate::wire::grpc;
 
 /// The owner of one request's context: see the [module docs](self).
 pub(crate) struct Owner {
-    driver: DeadlineDriver,
+    // The request's context (made on demand) and what a route's layer needs: here except
+    // while the inner service is called or polled, when it is the thread's current scope
+    // (see `scope`), and this slot holds whatever was current before.
+    scope: Option<Scope>,
     kind: RequestKind,
     // HTTP/1 under `serve` or `WatchedListener`: one request at a time on the connection,
     // so a stalled response may close it.
@@ -117,9 +144,9 @@ pub(crate) enum RequestKind {
 }
 
 impl Owner {
-    pub(crate) fn new(driver: DeadlineDriver, kind: RequestKind) -> Owner {
+    pub(crate) fn new(scope: Scope, kind: RequestKind) -> Owner {
         Owner {
-            driver,
+            scope: Some(scope),
             kind,
             abort: None,
             reported: Cell::new(false),
@@ -154,7 +181,15 @@ impl Owner {
     }
 
     pub(crate) fn driver(&self) -> &DeadlineDriver {
-        &self.driver
+        match &self.scope {
+            Some(scope) => &scope.driver,
+            None => unreachable!("the owner's scope is away only while its inner service runs"),
+        }
+    }
+
+    /// The slot `scope::enter` swaps with the thread's current scope.
+    pub(crate) fn scope_slot(&mut self) -> &mut Option<Scope> {
+        &mut self.scope
     }
 
     /// The body streams (it is pending, or yielded a frame that is not its last): on an
@@ -170,7 +205,7 @@ impl Owner {
         };
         abort.arm();
         // Dropping the handle does not stop the callback.
-        let _ = self.driver.context().on_cancel(move |cause| {
+        let _ = self.driver().context().on_cancel(move |cause| {
             if matches!(cause, Cause::DeadlineExceeded { .. } | Cause::Shutdown) {
                 abort.abort();
             }
@@ -179,22 +214,22 @@ impl Owner {
 
     /// Whether the context has a cause (recorded, or a deadline that has passed).
     pub(crate) fn is_cancelled(&self) -> bool {
-        self.driver.is_cancelled()
+        self.driver().is_cancelled()
     }
 
     /// The context's cause, if it has one.
     pub(crate) fn cause(&self) -> Option<Cause> {
-        self.driver.expire()
+        self.driver().expire()
     }
 
     /// Records `cause` unless the context already has one, and reports the cause it ends
     /// with. Returns whether `cause` is the one recorded.
     pub(crate) fn end(&self, cause: Cause) -> bool {
-        let recorded = self.driver.cancel_with(cause.clone());
+        let recorded = self.driver().cancel_with(cause.clone());
         if !self.reported.get() {
             if recorded {
                 self.report(cause);
-            } else if let Some(actual) = self.driver.expire() {
+            } else if let Some(actual) = self.driver().expire() {
                 self.report(actual);
             }
         }
@@ -205,7 +240,7 @@ impl Owner {
     /// the deadline that fired, unless the context already had a cause.
     pub(crate) fn expire(&self) {
         let origin = self
-            .driver
+            .driver()
             .deadline()
             .map_or(DeadlineOrigin::Layer, |(_, origin)| origin);
         self.end(Cause::DeadlineExceeded { origin });
@@ -218,7 +253,7 @@ impl Owner {
         if self.end(Cause::Completed) {
             return Ok(());
         }
-        match self.driver.expire() {
+        match self.driver().expire() {
             None | Some(Cause::Completed) => Ok(()),
             Some(cause) => Err(cause),
         }
@@ -288,7 +323,9 @@ impl Owner {
         if upgrade && (self.upgrade.is_some() || self.tunnel) {
             // The context lives as long as the tunnel, with no deadline: the request's
             // timeouts do not cut a WebSocket short.
-            self.driver.set_deadline(None);
+            if let Some(scope) = self.scope.as_mut() {
+                scope.driver.set_deadline(None);
+            }
             match self.upgrade.take() {
                 Some(conn) => conn.hold(Box::new(Held(self))),
                 // Refused outside `serve` (no task of the tunnel's to hold it): the
@@ -349,7 +386,7 @@ impl Owner {
         let Some(Cause::DeadlineExceeded { .. }) = self.cause() else {
             return None;
         };
-        let (deadline, _) = self.driver.deadline()?;
+        let (deadline, _) = self.driver().deadline()?;
         let end = deadline.checked_add(grace)?;
         let (bound, canceller) = Context::background().with_deadline(end);
         if let Some(abort) = self.abort.take() {
@@ -408,6 +445,7 @@ fn request_span() -> Option<Box<tracing::Span>> {
 
 /// What the response means for the owner: the context ended (or an upgraded connection
 /// holds it), or the body streams and the owner goes with it.
+#[allow(clippy::large_enum_variant)] // a return value, matched at once
 pub(crate) enum Answered<B> {
     Done(Response<B>),
     Streams(Response<B>, Streaming),
@@ -486,5 +524,18 @@ impl tower_http::catch_panic::ResponseForPanic for PanicResponse {
         );
         res.extensions_mut().insert(PanicMark);
         res
+    }
+}
+
+#[cfg(all(test, target_pointer_width = "64"))]
+mod size_tests {
+    /// The owner is moved into the response future, then into the body, and its scope
+    /// swapped in and out of the thread's current slot on every poll: it stays small.
+    #[test]
+    fn the_owner_stays_within_its_budget() {
+        let owner = std::mem::size_of::<super::Owner>();
+        let driver = std::mem::size_of::<super::DeadlineDriver>();
+        assert!(owner <= 176, "Owner is {owner} bytes");
+        assert!(driver <= 96, "DeadlineDriver is {driver} bytes");
     }
 }

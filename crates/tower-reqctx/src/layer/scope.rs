@@ -1,32 +1,49 @@
-//! What the owning layer leaves in the request's extensions, and the accessors that read
-//! it: the one way code that is not an axum handler reaches the request's context.
+//! The handoff: how the extractor, a route's layer and middleware find the request's
+//! context, without an entry in the request's extensions.
+//!
+//! While the owning layer calls its inner service, and every time it polls the response
+//! future that call returned, it makes the request's [`Scope`] the thread's *current* one
+//! (as `tracing` enters a span for each poll), and puts it back in the owner after, on
+//! unwind too. Everything the inner service runs in that call or those polls (axum's
+//! extractors, `from_fn` middleware, a route's [`RouteTimeout`](crate::RouteTimeout), a
+//! tonic method) reaches it through [`request_context`] and [`set_request_value`].
+//! Outside them (a task the handler spawns, a response body being streamed, a middleware
+//! that moves the inner call into `tokio::spawn` or a `tower::buffer::Buffer` worker)
+//! there is no current request: the accessors say so (`None`, `false`, the clear `500`
+//! of [`ReqCtx`](crate::ReqCtx) and of `RouteTimeout`), and never hand out another
+//! request's context. Capture the context in the handler and move it into what it spawns.
+//!
+//! A request's context is made only when something asks for it (see
+//! [`DeadlineDriver`]): a request that nobody asks costs no allocation for it.
 
+use std::cell::RefCell;
 use std::time::Duration;
 
-use http::Request;
-use reqctx::{Context, DeadlineHandle, DeadlineOrigin};
+use reqctx::{Context, DeadlineDriver, DeadlineOrigin};
 use tokio::time::Instant;
 
-/// What the outer layer leaves in the request's extensions, for the extractor and for
-/// inner layers.
-#[derive(Clone, Debug)]
-pub(crate) struct RequestScope {
-    ctx: Context,
-    handle: DeadlineHandle,
+/// What the owner hands to the code its inner service runs: the request's context (made
+/// on demand) and what a route's timeout needs to move its deadline.
+pub(crate) struct Scope {
+    pub(crate) driver: DeadlineDriver,
     start: Option<Instant>, // when the request arrived, read only if a timeout needs it
     client: Option<(Instant, DeadlineOrigin)>, // the client's own deadline, if it set one
 }
 
-impl RequestScope {
+thread_local! {
+    /// The scope of the request whose layer is calling or polling its inner service on
+    /// this thread, if any.
+    static CURRENT: RefCell<Option<Scope>> = const { RefCell::new(None) };
+}
+
+impl Scope {
     pub(crate) fn new(
-        ctx: Context,
-        handle: DeadlineHandle,
+        driver: DeadlineDriver,
         start: Option<Instant>,
         client: Option<(Instant, DeadlineOrigin)>,
-    ) -> RequestScope {
-        RequestScope {
-            ctx,
-            handle,
+    ) -> Scope {
+        Scope {
+            driver,
             start,
             client,
         }
@@ -39,8 +56,54 @@ impl RequestScope {
             let start = *self.start.get_or_insert_with(Instant::now);
             start.checked_add(d).map(|at| (at, DeadlineOrigin::Layer))
         });
-        self.handle.set_deadline(earliest(server, self.client));
+        self.driver.set_deadline(earliest(server, self.client));
     }
+}
+
+/// Runs `f` with `slot`'s scope as the thread's current one, and puts it back in `slot`
+/// after, also when `f` unwinds. Whatever was current before (the scope of an outer
+/// request whose handler calls another service in process) is current again after.
+#[inline]
+pub(crate) fn enter<R>(slot: &mut Option<Scope>, f: impl FnOnce() -> R) -> R {
+    struct Leave<'a>(&'a mut Option<Scope>);
+
+    impl Drop for Leave<'_> {
+        #[inline]
+        fn drop(&mut self) {
+            swap(self.0);
+        }
+    }
+
+    swap(slot);
+    let _leave = Leave(slot);
+    f()
+}
+
+#[inline]
+fn swap(slot: &mut Option<Scope>) {
+    // `try_with`: a thread being torn down has no current request.
+    let _ = CURRENT.try_with(|current| std::mem::swap(&mut *current.borrow_mut(), slot));
+}
+
+/// `f` on the current request's scope, if the thread is inside a layer's call or poll.
+fn with_current<R>(f: impl FnOnce(&mut Scope) -> R) -> Option<R> {
+    CURRENT
+        .try_with(|current| current.borrow_mut().as_mut().map(f))
+        .ok()
+        .flatten()
+}
+
+/// Whether a layer is calling or polling its inner service for a request on this thread.
+pub(crate) fn is_current() -> bool {
+    CURRENT
+        .try_with(|current| current.borrow().is_some())
+        .unwrap_or(false)
+}
+
+/// For a route's layer: moves the current request's deadline. `false` if there is no
+/// current request.
+pub(crate) fn set_route_timeout(timeout: Option<Duration>) -> bool {
+    with_current(|scope| scope.set_server_timeout(timeout)).is_some()
 }
 
 pub(crate) fn earliest(
@@ -54,32 +117,39 @@ pub(crate) fn earliest(
     }
 }
 
-/// The context a [`ContextLayer`](crate::ContextLayer) gave this request, from the
-/// request's extensions, for code that is not an axum handler: a tonic service
-/// (`request.extensions()` of a `tonic::Request`), plain hyper, other middleware.
+/// The context a [`ContextLayer`](crate::ContextLayer) gave the request being served, for
+/// code that is not an axum handler: a tonic method, plain hyper, other middleware under
+/// the layer. `None` outside a request, or where the layer cannot reach (see below).
+///
+/// It is the request whose `ContextLayer` is calling or polling its inner service on this
+/// thread right now: call it in the handler's own code (before or after an `.await`, it
+/// is polled by the layer), not in a task the handler spawns, nor in a response body as it
+/// streams: capture the context first and move it there. A middleware that moves the
+/// inner call elsewhere (`tokio::spawn`, `tower::buffer::Buffer`) hides the request from
+/// everything under it: this returns `None` there and `ReqCtx` answers its `500`.
 ///
 /// ```
 /// use tower_reqctx::request_context;
 ///
-/// fn handle(req: &http::Request<()>) -> &'static str {
-///     match request_context(req.extensions()) {
+/// fn handle() -> &'static str {
+///     match request_context() {
 ///         Some(ctx) if ctx.is_cancelled() => "too late",
 ///         Some(_) => "working",
-///         None => "no ContextLayer in front of this service",
+///         None => "no ContextLayer is serving a request here",
 ///     }
 /// }
-/// assert_eq!(handle(&http::Request::new(())), "no ContextLayer in front of this service");
+/// assert_eq!(handle(), "no ContextLayer is serving a request here");
 /// ```
-pub fn request_context(extensions: &http::Extensions) -> Option<&Context> {
-    extensions.get::<RequestScope>().map(|s| &s.ctx)
+pub fn request_context() -> Option<Context> {
+    with_current(|scope| scope.driver.context())
 }
 
-/// Adds `value` to the context of this request, as Go's
+/// Adds `value` to the context of the request being served, as Go's
 /// `r.WithContext(context.WithValue(r.Context(), k, v))`: middleware between the
 /// [`ContextLayer`](crate::ContextLayer) and the handler uses it to hand request-scoped
-/// data (an authenticated user, a request id) to everything the handler calls. The
-/// handler's `ReqCtx` carries it; cancellation is unchanged. Returns
-/// `false` (and drops `value`) if no `ContextLayer` ran.
+/// data (an authenticated user, a request id) to everything the handler calls. Contexts
+/// handed out from now on (the handler's `ReqCtx`) carry it; cancellation is unchanged.
+/// Returns `false` (and drops `value`) where [`request_context`] would return `None`.
 ///
 /// ```
 /// # #[cfg(feature = "axum")] {
@@ -89,8 +159,8 @@ pub fn request_context(extensions: &http::Extensions) -> Option<&Context> {
 /// #[derive(Clone, Debug)]
 /// struct User(String);
 ///
-/// async fn authenticate(mut req: Request, next: Next) -> Response {
-///     tower_reqctx::set_request_value(&mut req, User("alice".into()));
+/// async fn authenticate(req: Request, next: Next) -> Response {
+///     tower_reqctx::set_request_value(User("alice".into()));
 ///     next.run(req).await
 /// }
 ///
@@ -105,14 +175,8 @@ pub fn request_context(extensions: &http::Extensions) -> Option<&Context> {
 /// # let _ = app;
 /// # }
 /// ```
-pub fn set_request_value<B, T: Send + Sync + 'static>(req: &mut Request<B>, value: T) -> bool {
-    match req.extensions_mut().get_mut::<RequestScope>() {
-        Some(scope) => {
-            scope.ctx = scope.ctx.with_value(value);
-            true
-        }
-        None => false,
-    }
+pub fn set_request_value<T: Send + Sync + 'static>(value: T) -> bool {
+    with_current(|scope| scope.driver.with_value(value)).is_some()
 }
 
 /// How many request contexts made by a [`ContextLayer`](crate::ContextLayer) are alive in
@@ -121,12 +185,4 @@ pub fn set_request_value<B, T: Send + Sync + 'static>(req: &mut Request<B>, valu
 /// request.
 pub fn live_request_contexts() -> usize {
     Context::live_driven_contexts()
-}
-
-impl RequestScope {
-    /// The request's context.
-    #[cfg_attr(not(feature = "axum"), allow(dead_code))]
-    pub(crate) fn context(&self) -> &Context {
-        &self.ctx
-    }
 }

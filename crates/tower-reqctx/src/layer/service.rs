@@ -8,7 +8,7 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use http::{Method, Request, Response};
-use reqctx::{Context, DeadlineOrigin};
+use reqctx::{DeadlineDriver, DeadlineOrigin};
 use tokio::time::Instant;
 use tower_service::Service;
 
@@ -16,7 +16,7 @@ use super::body::ContextBody;
 use super::config::{Config, Role};
 use super::future::{Answer, OnTimeout, ResponseFuture};
 use super::lifecycle::{Owner, RequestKind};
-use super::scope::{RequestScope, earliest};
+use super::scope::{self, Scope, earliest};
 use crate::connection::ConnectionContext;
 use crate::wire::grpc;
 use crate::wire::header::{DeadlineHeader, earliest_budget};
@@ -42,13 +42,15 @@ impl<S> ContextService<S> {
     }
 }
 
-/// The 500 of a `ContextLayer` under another one.
-const NESTED: &str = "two ContextLayers on one request: keep the outer one, \
-                      and give a route its own timeout with RouteTimeout";
+/// The 500 of a `ContextLayer` called while another one's request is current.
+const NESTED: &str = "two ContextLayers on one request: keep the outer one, and give a route \
+                      its own timeout with RouteTimeout (an app with a ContextLayer of its own, \
+                      called from inside a handler, must be called from a spawned task)";
 
-/// The 500 of a `RouteTimeout` with no `ContextLayer` in front.
-const ALONE: &str = "RouteTimeout found no request context: \
-                     add tower_reqctx::ContextLayer in front of the app (Router::layer)";
+/// The 500 of a `RouteTimeout` with no request in scope.
+const ALONE: &str = "RouteTimeout found no request context: add tower_reqctx::ContextLayer in \
+                     front of the app (Router::layer), and no middleware between the two that \
+                     moves the inner call into another task (tokio::spawn, tower's Buffer)";
 
 impl<S, ReqB, ResB> Service<Request<ReqB>> for ContextService<S>
 where
@@ -64,20 +66,17 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
-        let scope = req.extensions_mut().get_mut::<RequestScope>();
+    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         let config = &*self.config;
-        match (&config.role, scope) {
-            (Role::Owner, None) => {}
-            (Role::Route(timeout), Some(scope)) => {
-                scope.set_server_timeout(*timeout);
-                return ResponseFuture::passthrough(self.inner.call(req));
+        if let Role::Route(timeout) = config.role {
+            if !scope::set_route_timeout(timeout) {
+                return ResponseFuture::early(Answer::misconfigured(ALONE));
             }
-            // A second owner would cut the first one's lifecycle in two: refuse, loudly.
-            (Role::Owner, Some(_)) => {
-                return ResponseFuture::early(Answer::misconfigured(NESTED));
-            }
-            (Role::Route(_), None) => return ResponseFuture::early(Answer::misconfigured(ALONE)),
+            return ResponseFuture::passthrough(self.inner.call(req));
+        }
+        // One owner per request: a second one would cut the first one's lifecycle in two.
+        if scope::is_current() {
+            return ResponseFuture::early(Answer::misconfigured(NESTED));
         }
 
         // A gRPC service enables grpc-timeout; only then is the content type looked at.
@@ -134,17 +133,15 @@ where
             .cloned();
         let http1 = req.version() <= http::Version::HTTP_11;
         let abort = conn.filter(|_| http1).map(ConnectionContext::abort_handle);
-        let (ctx, driver) = parent.with_driven_deadline(deadline);
-        let ctx = with_request_id(ctx, &req, config);
+        let mut driver = parent.driven(deadline);
+        with_request_id(&mut driver, &req, config);
         record_route(&req);
         let kind = match *req.method() {
             Method::HEAD => RequestKind::Head,
             Method::CONNECT => RequestKind::Connect,
             _ => RequestKind::Other,
         };
-        req.extensions_mut()
-            .insert(RequestScope::new(ctx, driver.handle(), start, client));
-        let mut owner = Owner::new(driver, kind);
+        let mut owner = Owner::new(Scope::new(driver, start, client), kind);
         if let Some(abort) = abort {
             owner.closes_on_stall(abort);
         }
@@ -155,8 +152,11 @@ where
             Some(_) => owner.tunnels_on_its_stream(),
             None => {}
         }
+        // The inner service finds the request through the thread's current scope while it
+        // is called (and, in the response future, while it is polled).
+        let inner = scope::enter(owner.scope_slot(), || self.inner.call(req));
         ResponseFuture::owner(
-            self.inner.call(req),
+            inner,
             owner,
             config.grace,
             match grpc {
@@ -169,17 +169,16 @@ where
 
 /// The request id for the context: the header's value, when it is one (see
 /// [`ContextLayer::request_id`](crate::ContextLayer::request_id)).
-fn with_request_id<B>(ctx: Context, req: &Request<B>, config: &Config) -> Context {
+fn with_request_id<B>(driver: &mut DeadlineDriver, req: &Request<B>, config: &Config) {
     let Some(name) = &config.request_id else {
-        return ctx;
+        return;
     };
-    match req
+    if let Some(id) = req
         .headers()
         .get(name)
         .and_then(super::values::RequestId::parse)
     {
-        Some(id) => ctx.with_value(id),
-        None => ctx,
+        driver.with_value(id);
     }
 }
 

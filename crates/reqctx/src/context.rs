@@ -551,8 +551,10 @@ pub struct DeadlineDriver {
     parent: Context,
     /// Until birth: the own deadline, and the first cause (with its instant, if known).
     deadline: Option<(Instant, DeadlineOrigin)>,
+    // One word, set once by compare-and-swap (`Word`); a custom cause waits in `custom`.
     // Its instant is not kept: no descendant exists before birth to compare it with.
-    cause: OnceLock<Cause>,
+    word: AtomicU8,
+    custom: OnceLock<Cause>,
     /// The node, once something asked for the context; cancelled (`Cancelled`) when the
     /// driver drops, as by a `Canceller`.
     born: OnceLock<Arc<CancelNode>>,
@@ -570,7 +572,8 @@ impl Context {
         DeadlineDriver {
             parent: self.clone(),
             deadline,
-            cause: OnceLock::new(),
+            word: AtomicU8::new(word::NONE),
+            custom: OnceLock::new(),
             born: OnceLock::new(),
         }
     }
@@ -582,8 +585,8 @@ impl DeadlineDriver {
         self.born.get_or_init(|| {
             let node = CancelNode::new(self.parent.cancel.clone(), self.deadline, true);
             crate::node::born_driven(); // the node counts itself from now on
-            if let Some(cause) = self.cause.get() {
-                node.adopt((cause.clone(), None));
+            if let Some(cause) = self.recorded() {
+                node.adopt((cause, None));
             }
             node
         })
@@ -591,9 +594,39 @@ impl DeadlineDriver {
 
     /// The cause an unborn context has now: the first recorded, else its parent's or its
     /// passed deadline's (the earlier of the two, as a node decides), recorded here.
+    /// The cause recorded before birth, if any.
+    fn recorded(&self) -> Option<Cause> {
+        match self.word.load(Ordering::Acquire) {
+            word::NONE => None,
+            word::CUSTOM => self.custom.get().cloned(),
+            w => word::decode(w),
+        }
+    }
+
+    /// Records `cause` unless a cause was recorded first. Returns whether it was.
+    fn record(&self, cause: Cause) -> bool {
+        let w = match word::encode(&cause) {
+            Some(w) => w,
+            None => {
+                // Set before the word is, so a reader who sees the word finds it; a cause
+                // that then loses the word is never read.
+                if self.custom.set(cause).is_err() {
+                    return false; // another custom cause is being recorded, or was
+                }
+                word::CUSTOM
+            }
+        };
+        self.word
+            .compare_exchange(word::NONE, w, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
     fn resolve_unborn(&self) -> Option<Cause> {
-        if let Some(cause) = self.cause.get() {
-            return Some(cause.clone());
+        if let Some(cause) = self.recorded() {
+            return Some(cause);
+        }
+        if self.parent.cancel.is_none() && self.deadline.is_none() {
+            return None; // nothing to inherit, no deadline: nothing implied
         }
         let mut now = LazyNow::new();
         let inherited = self
@@ -606,7 +639,10 @@ impl DeadlineDriver {
             .filter(|(d, _)| now.get() >= *d)
             .map(|(d, origin)| (Cause::DeadlineExceeded { origin }, Some(d)));
         let (implied, _) = crate::node::first_of(inherited, expired)?;
-        Some(self.cause.get_or_init(|| implied).clone())
+        if self.record(implied.clone()) {
+            return Some(implied);
+        }
+        self.recorded() // another thread recorded one first
     }
 
     fn resolve(&self) -> Option<Cause> {
@@ -682,8 +718,7 @@ impl DeadlineDriver {
                 if self.resolve_unborn().is_some() {
                     return false;
                 }
-                // No descendant exists to compare instants with: none is kept.
-                self.cause.set(cause).is_ok()
+                self.record(cause)
             }
         }
     }
@@ -826,5 +861,69 @@ impl<T: Send + Sync + 'static> ValueEntry for ValueNode<T> {
 
     fn take_parent(&mut self) -> Option<Arc<dyn ValueEntry>> {
         self.parent.take()
+    }
+}
+
+/// The causes a lazy driver records in one byte; a custom cause is `CUSTOM`, kept aside.
+mod word {
+    use crate::cause::{Cause, DeadlineOrigin};
+
+    pub(super) const NONE: u8 = 0;
+    pub(super) const CUSTOM: u8 = 0xff;
+    const DEADLINE: u8 = 0x10; // + the origin's index
+
+    const ORIGINS: [DeadlineOrigin; 4] = [
+        DeadlineOrigin::Query,
+        DeadlineOrigin::Header,
+        DeadlineOrigin::Layer,
+        DeadlineOrigin::Code,
+    ];
+
+    pub(super) fn encode(cause: &Cause) -> Option<u8> {
+        Some(match cause {
+            Cause::ClientDisconnected => 1,
+            Cause::Completed => 2,
+            Cause::Shutdown => 3,
+            Cause::Cancelled => 4,
+            Cause::DeadlineExceeded { origin } => {
+                DEADLINE + ORIGINS.iter().position(|o| o == origin)? as u8
+            }
+            _ => return None,
+        })
+    }
+
+    pub(super) fn decode(w: u8) -> Option<Cause> {
+        Some(match w {
+            1 => Cause::ClientDisconnected,
+            2 => Cause::Completed,
+            3 => Cause::Shutdown,
+            4 => Cause::Cancelled,
+            w if w >= DEADLINE => Cause::DeadlineExceeded {
+                origin: *ORIGINS.get(usize::from(w - DEADLINE))?,
+            },
+            _ => return None,
+        })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn every_cause_but_a_custom_one_round_trips_through_a_word() {
+            let mut causes = vec![
+                Cause::ClientDisconnected,
+                Cause::Completed,
+                Cause::Shutdown,
+                Cause::Cancelled,
+            ];
+            causes.extend(ORIGINS.map(|origin| Cause::DeadlineExceeded { origin }));
+            for cause in causes {
+                let w = encode(&cause).unwrap();
+                assert!(w != NONE && w != CUSTOM);
+                assert_eq!(decode(w), Some(cause));
+            }
+            assert_eq!(encode(&Cause::custom(std::fmt::Error)), None);
+        }
     }
 }

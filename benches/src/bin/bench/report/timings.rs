@@ -331,6 +331,9 @@ pub(super) fn lateness(s: &mut String, r: &Results) {
                 )
             });
         let (target, verdict) = match earlier {
+            // A `--quick` run (dev profile, a shorter window) is not the earlier run's
+            // measurement.
+            Some(_) if r.plan.quick => ("not compared in a `--quick` run".to_owned(), "–"),
             // The earlier figures are rounded to 10 µs: half of that is allowed.
             Some((_, _, p99, max)) => (
                 format!(

@@ -478,10 +478,11 @@ fn uploads_all(bins: &Bins, plan: Plan) -> Result<Vec<uploads::Row>, String> {
 
 /// The lateness runs, in the report's order: (server variant, serve call, with the larger
 /// N in flight or the smaller). `lateness-tokio` is the wheel's own share: no layer, the
-/// same deadlines in a plain `tokio::time::sleep_until`, beside `lateness` under the same
-/// serve call and N.
-pub(crate) const LATENESS_RUNS: [(&str, &str, bool); 4] = [
+/// same deadlines in a plain `tokio::time::sleep_until`, under plain `axum::serve`, at
+/// each N.
+pub(crate) const LATENESS_RUNS: [(&str, &str, bool); 5] = [
     ("lateness", "reqctx", false),
+    ("lateness-tokio", "axum", false),
     ("lateness", "reqctx", true),
     ("lateness", "axum", true),
     ("lateness-tokio", "axum", true),

@@ -75,6 +75,11 @@ pub enum Variant {
     /// Deadline lateness: `/late` waits for its context (the client sets `?timeout=`) and
     /// answers how many microseconds after the deadline it saw the cancellation.
     Lateness,
+    /// Deadline lateness without reqctx, the timer wheel's own share: no layer, `/late`
+    /// reads the same `?timeout=` (with `tower_reqctx::duration`'s parser), sets its
+    /// deadline on entry, waits in `tokio::time::sleep_until` and answers as
+    /// [`Variant::Lateness`] does.
+    LatenessTimer,
     /// Detection of an unread upload: `POST /upload` never reads its body; it prints
     /// `start` on stdout, waits for its context, then prints `end NANOS CAUSE` (NANOS: the
     /// wall clock, in ns since the Unix epoch, when the wait ended), so a client in another
@@ -84,7 +89,7 @@ pub enum Variant {
 
 impl Variant {
     /// Every variant, with the name `--variant` takes.
-    pub const ALL: [(Variant, &'static str); 17] = [
+    pub const ALL: [(Variant, &'static str); 18] = [
         (Variant::Bare, "bare"),
         (Variant::Noop, "noop"),
         (Variant::Ctx, "ctx"),
@@ -101,6 +106,7 @@ impl Variant {
         (Variant::CtxTimeoutPark, "ctx-timeout-park"),
         (Variant::CtxTimeoutCancelled, "ctx-timeout-cancelled"),
         (Variant::Lateness, "lateness"),
+        (Variant::LatenessTimer, "lateness-tokio"),
         (Variant::Upload, "upload"),
     ];
 
@@ -174,6 +180,7 @@ impl Variant {
                 .route("/late", get(late))
                 // The handler answers for itself after the deadline.
                 .layer(ContextLayer::new().grace(Duration::from_secs(10))),
+            Variant::LatenessTimer => Router::new().route("/late", get(late_timer)),
             Variant::Upload => Router::new()
                 .route("/upload", axum::routing::post(unread_upload))
                 .layer(ContextLayer::new()),
@@ -233,6 +240,24 @@ async fn late(ctx: ReqCtx) -> String {
             .to_string(),
         None => "no deadline".to_owned(),
     }
+}
+
+/// [`late`] without a context: the deadline is `?timeout=` from the handler's entry (the
+/// layer's is from its `call`, microseconds earlier), the wait one tokio `Sleep`.
+async fn late_timer(uri: http::Uri) -> String {
+    let timeout = uri
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("timeout=")))
+        .and_then(|t| tower_reqctx::duration::parse_duration(t).ok());
+    let Some(timeout) = timeout else {
+        return "no deadline".to_owned();
+    };
+    let deadline = Instant::now() + timeout;
+    tokio::time::sleep_until(deadline).await;
+    Instant::now()
+        .saturating_duration_since(deadline)
+        .as_micros()
+        .to_string()
 }
 
 /// Never reads its body: says when it started and when its context ended (see

@@ -1,6 +1,7 @@
 //! Deadline lateness: how long after its deadline a request's context is seen cancelled
 //! by the handler waiting on it, with N requests in flight over loopback. The server is the
-//! `lateness` variant in its own process; this client (another process) holds N requests
+//! `lateness` variant in its own process (or `lateness-tokio`, the same wait in a plain
+//! `tokio::time::sleep_until` with no layer: the timer wheel's own share); this client (another process) holds N requests
 //! open, a spread-out sample of them with deadlines over a one-second window, the rest with
 //! deadlines long after it, so all N stay in flight (and in the timer wheel) throughout.
 
@@ -20,6 +21,8 @@ const CONNECTING: usize = 128;
 #[derive(Clone, Debug)]
 pub(crate) struct Lateness {
     pub(crate) serve: &'static str, // "reqctx" or "axum"
+    /// `lateness` (the context) or `lateness-tokio` (a plain tokio timer, no layer).
+    pub(crate) variant: &'static str,
     pub(crate) in_flight: usize,
     pub(crate) probes: usize,
     pub(crate) answered: usize,
@@ -165,11 +168,12 @@ async fn read_response(s: &mut TcpStream) -> Option<Vec<u8>> {
 }
 
 /// Reads the client's line.
-pub(crate) fn parse(out: &str, serve: &'static str) -> Option<Lateness> {
+pub(crate) fn parse(out: &str, serve: &'static str, variant: &'static str) -> Option<Lateness> {
     let line = out.lines().find(|l| l.starts_with("lateness\t"))?;
     let f: Vec<&str> = line.split('\t').collect();
     Some(Lateness {
         serve,
+        variant,
         in_flight: f.get(1)?.parse().ok()?,
         probes: f.get(2)?.parse().ok()?,
         answered: f.get(3)?.parse().ok()?,

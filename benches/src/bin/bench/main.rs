@@ -476,6 +476,18 @@ fn uploads_all(bins: &Bins, plan: Plan) -> Result<Vec<uploads::Row>, String> {
     Ok(rows)
 }
 
+/// The lateness runs, in the report's order: (server variant, serve call, with the larger
+/// N in flight or the smaller). `lateness-tokio` is the wheel's own share: no layer, the
+/// same deadlines in a plain `tokio::time::sleep_until`, under plain `axum::serve`, at
+/// each N.
+pub(crate) const LATENESS_RUNS: [(&str, &str, bool); 5] = [
+    ("lateness", "reqctx", false),
+    ("lateness-tokio", "axum", false),
+    ("lateness", "reqctx", true),
+    ("lateness", "axum", true),
+    ("lateness-tokio", "axum", true),
+];
+
 fn lateness_all(
     bins: &Bins,
     work: &std::path::Path,
@@ -484,15 +496,18 @@ fn lateness_all(
     let [small, large] = plan.lateness_n;
     let serve_large = large.min(serve_capacity());
     let mut all = Vec::new();
-    for (serve, n) in [("reqctx", small), ("reqctx", serve_large), ("axum", large)] {
+    for (variant, serve, n) in LATENESS_RUNS.map(|(variant, serve, large_n)| {
+        let n = match (large_n, serve) {
+            (false, _) => small,
+            (true, "reqctx") => serve_large,
+            (true, _) => large,
+        };
+        (variant, serve, n)
+    }) {
         let mut cmd = pinned(0, &bins.server);
-        cmd.args(["--variant", "lateness", "--serve", serve]).args([
-            "--workers",
-            "1",
-            "--port",
-            "0",
-        ]);
-        let log = work.join(format!("lateness-{serve}-{n}.log"));
+        cmd.args(["--variant", variant, "--serve", serve])
+            .args(["--workers", "1", "--port", "0"]);
+        let log = work.join(format!("{variant}-{serve}-{n}.log"));
         let server = Spawned::start(cmd, Some(log))?;
         let probes = (n / 4).clamp(1, 1000);
         let lead_ms = 500 + n as u64 / 4;
@@ -510,7 +525,8 @@ fn lateness_all(
             &plan.lateness_window_ms.to_string(),
         ]))?;
         drop(server);
-        let found = lateness::parse(&out, serve).ok_or_else(|| format!("no result in {out:?}"))?;
+        let found =
+            lateness::parse(&out, serve, variant).ok_or_else(|| format!("no result in {out:?}"))?;
         if found.margin_ms < 0.0 {
             return Err(format!(
                 "{n} in flight: the last request went out {:.0} ms after the first deadline",

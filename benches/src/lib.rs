@@ -64,6 +64,11 @@ pub enum Variant {
     /// Memory: `/slow` parks on a `Notify` nobody notifies, no layer; `/inflight` counts
     /// the parked handlers.
     Park,
+    /// Memory: as [`Variant::Park`] under a do-nothing `Router::layer` (what axum's
+    /// layering itself keeps per request).
+    NoopPark,
+    /// Memory: as [`Variant::Park`] under tower-http's `TimeoutLayer`, 2 h.
+    TowerTimeoutPark,
     /// Memory: as [`Variant::Park`] under `ContextLayer::new()`.
     CtxPark,
     /// Memory: as [`Variant::Park`] under `ContextLayer::new().timeout(2h)` (the deadline
@@ -89,7 +94,7 @@ pub enum Variant {
 
 impl Variant {
     /// Every variant, with the name `--variant` takes.
-    pub const ALL: [(Variant, &'static str); 18] = [
+    pub const ALL: [(Variant, &'static str); 20] = [
         (Variant::Bare, "bare"),
         (Variant::Noop, "noop"),
         (Variant::Ctx, "ctx"),
@@ -102,6 +107,8 @@ impl Variant {
         (Variant::TowerTimeout, "tower-timeout"),
         (Variant::TowerTimeoutYield, "tower-timeout-yield"),
         (Variant::Park, "park"),
+        (Variant::NoopPark, "noop-park"),
+        (Variant::TowerTimeoutPark, "tower-timeout-park"),
         (Variant::CtxPark, "ctx-park"),
         (Variant::CtxTimeoutPark, "ctx-timeout-park"),
         (Variant::CtxTimeoutCancelled, "ctx-timeout-cancelled"),
@@ -167,6 +174,14 @@ impl Variant {
                 .route("/", get(yielding))
                 .layer(tower_timeout()),
             Variant::Park => slow_routes(Router::new().route("/slow", get(park))),
+            Variant::NoopPark => {
+                slow_routes(Router::new().route("/slow", get(park))).layer(PassLayer)
+            }
+            Variant::TowerTimeoutPark => slow_routes(Router::new().route("/slow", get(park)))
+                .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+                    http::StatusCode::GATEWAY_TIMEOUT,
+                    SLOW,
+                )),
             Variant::CtxPark => {
                 slow_routes(Router::new().route("/slow", get(park))).layer(ContextLayer::new())
             }

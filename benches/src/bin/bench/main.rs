@@ -539,8 +539,16 @@ fn lateness_all(
 }
 
 /// The memory variants, with how the report names them.
-pub(crate) const MEMORY_VARIANTS: [(&str, &str); 4] = [
+pub(crate) const MEMORY_VARIANTS: [(&str, &str); 6] = [
     ("park", "no layer, the handler parked on a `Notify`"),
+    (
+        "noop-park",
+        "a do-nothing `Router::layer` (axum's layering alone), the handler parked on a `Notify`",
+    ),
+    (
+        "tower-timeout-park",
+        "tower-http's `TimeoutLayer` 2 h, the handler parked on a `Notify`",
+    ),
     (
         "ctx-park",
         "`ContextLayer::new()`, the handler parked on a `Notify`",

@@ -26,6 +26,7 @@ use tower_service::Service;
 
 use super::connections::Connections;
 use super::executor::ServeExecutor;
+use super::header_timer::{Clocked, HeaderTimer};
 use super::listener::{Listener, is_connection_error};
 use super::socket::AsSocket;
 use super::watch::WatchedIo;
@@ -210,7 +211,7 @@ where
     let mut builder = Builder::new(ServeExecutor);
     builder
         .http1()
-        .timer(TokioTimer::new())
+        .timer(HeaderTimer)
         .header_read_timeout(HEADER_READ_TIMEOUT);
     builder
         .http2()
@@ -645,9 +646,11 @@ async fn serve_connection<I, S, B>(
     B: HttpBody,
 {
     let connection = service.conn.clone();
-    let mut conn = pin!(
-        builder.serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(service))
-    );
+    // hyper's HTTP/1 header-read sleeps use the connection's clock, set while it is polled.
+    let mut conn = pin!(Clocked::new(builder.serve_connection_with_upgrades(
+        TokioIo::new(io),
+        TowerToHyperService::new(service)
+    )));
     // hyper-util waits for a connection's first bytes (to tell HTTP/1 from HTTP/2) with no
     // timeout, and hyper's header-read timeout starts only after them.
     let silent = async {
@@ -666,7 +669,7 @@ async fn serve_connection<I, S, B>(
             return;
         }
         () = graceful.cancelled() => {
-            conn.as_mut().graceful_shutdown();
+            conn.as_mut().inner().graceful_shutdown();
             conn.await
         }
     };

@@ -225,7 +225,7 @@ where
         .max_header_list_size(H2_MAX_HEADER_LIST_SIZE);
     Serve {
         listener,
-        service,
+        service: routes_made_once(service),
         signal: None,
         drain_timeout: DEFAULT_DRAIN,
         root: Context::background(),
@@ -234,6 +234,25 @@ where
         half_close: false,
         connect_info: false,
         first_bytes_timeout: Some(HEADER_READ_TIMEOUT),
+    }
+}
+
+/// An axum `Router` as `axum::serve` runs it: `with_state(())` turns its handlers into
+/// services once, where a `Router` called as it is does that for every request (a clone
+/// and an allocation each). Any other service is returned as it is.
+fn routes_made_once<S: 'static>(service: S) -> S {
+    #[cfg(feature = "axum")]
+    {
+        let mut slot = Some(service);
+        let any: &mut dyn std::any::Any = &mut slot;
+        if let Some(router) = any.downcast_mut::<Option<axum::Router>>() {
+            *router = router.take().map(|router| router.with_state(()));
+        }
+        slot.expect("put back above")
+    }
+    #[cfg(not(feature = "axum"))]
+    {
+        service
     }
 }
 

@@ -18,6 +18,11 @@
 //! moved to that head's deadline. So a head is refused at its own deadline, never
 //! before, and tokio's wheel sees a connection once per timeout period at most instead
 //! of twice per request.
+//!
+//! What this cannot remove is hyper's own share: with a header-read timeout set, hyper
+//! goes once more round its poll loop after every response, to start the next head's
+//! timer (a read attempt, a parse of nothing, a flush of nothing: about 760 instructions
+//! per request, measured in `benches/run`'s HTTP/1.1 hello world).
 
 use std::cell::Cell;
 use std::future::Future;
@@ -82,7 +87,7 @@ impl Future for HeaderSleep {
             // Polled outside its connection's poll: hyper does not do that. Refuse the
             // head (hyper closes the connection) rather than keep a slow client forever.
             None => {
-                debug_assert!(false, "a header-read sleep polled outside its connection");
+                tracing::warn!("a header-read timer polled outside its connection's poll");
                 Poll::Ready(())
             }
         })

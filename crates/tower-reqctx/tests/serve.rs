@@ -883,3 +883,76 @@ async fn an_endless_header_read_timeout_does_not_overflow() {
     assert!(response.starts_with("HTTP/1.1 200"), "{response:?}");
     assert!(response.ends_with("hello"), "{response:?}");
 }
+
+/// Reads `s` until the server closes it (an end of file or a reset), failing after
+/// [`BOUND`]. What was read.
+async fn read_until_closed(s: &mut TcpStream) -> String {
+    let mut seen = Vec::new();
+    let mut buf = [0; 4096];
+    timeout(BOUND, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .expect("the server kept the connection open");
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+/// A slowloris client, which sends part of a request head and then nothing more, is closed
+/// at the header-read timeout, not before (and gets no response).
+#[tokio::test]
+async fn a_partial_request_head_is_closed_at_the_header_read_timeout() {
+    const LIMIT: Duration = Duration::from_millis(300);
+    let (router, _reports) = app();
+    let (addr, _server) =
+        spawn_server(|l| serve(l, router).header_read_timeout(LIMIT).into_future()).await;
+
+    let mut slow = TcpStream::connect(addr).await.unwrap();
+    let sent = tokio::time::Instant::now();
+    slow.write_all(b"GET /hello HTTP/1.1\r\nhost: te")
+        .await
+        .unwrap();
+    let answer = read_until_closed(&mut slow).await;
+    let closed = sent.elapsed();
+    assert!(closed >= LIMIT, "closed after {closed:?}, before {LIMIT:?}");
+    assert_eq!(answer, "", "a response to a partial head");
+}
+
+/// Each request head on a keep-alive connection has the whole header-read timeout from the
+/// end of the response before it. Here the first response ends after the first head's own
+/// deadline would have been halfway through, so a timer still counting from the first
+/// head would close the connection early.
+#[tokio::test]
+async fn each_head_on_a_keep_alive_connection_gets_the_whole_header_read_timeout() {
+    const LIMIT: Duration = Duration::from_millis(400);
+    const WORK: Duration = Duration::from_millis(250);
+    let router = Router::new().route(
+        "/slow",
+        get(|| async {
+            tokio::time::sleep(WORK).await;
+            "slow"
+        }),
+    );
+    let (addr, _server) =
+        spawn_server(|l| serve(l, router).header_read_timeout(LIMIT).into_future()).await;
+
+    let mut client = send(addr, b"GET /slow HTTP/1.1\r\nhost: test\r\n\r\n").await;
+    let first = read_until(&mut client, "slow").await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first:?}");
+    let answered = tokio::time::Instant::now();
+    client
+        .write_all(b"GET /slow HTTP/1.1\r\nhost: te")
+        .await
+        .unwrap();
+    let answer = read_until_closed(&mut client).await;
+    let closed = answered.elapsed();
+    assert!(
+        closed >= LIMIT,
+        "closed {closed:?} after the first response, before {LIMIT:?}"
+    );
+    assert_eq!(answer, "", "a response to a partial head");
+}

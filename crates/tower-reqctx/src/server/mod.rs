@@ -18,6 +18,7 @@
 
 mod connections;
 mod executor;
+mod header_timer;
 mod listener;
 mod serve;
 mod socket;

@@ -7,7 +7,8 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::task::{Context as TaskContext, Poll};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context as TaskContext, Poll, Waker, ready};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -16,16 +17,18 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
+use pin_project_lite::pin_project;
 use reqctx::{Cause, Context};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinError, JoinSet};
 use tokio::time::{Instant, sleep_until, timeout};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tower_service::Service;
 
 use super::connections::Connections;
 use super::executor::ServeExecutor;
+use super::header_timer::{Clocked, HeaderTimer};
 use super::listener::{Listener, is_connection_error};
 use super::socket::AsSocket;
 use super::watch::WatchedIo;
@@ -210,7 +213,7 @@ where
     let mut builder = Builder::new(ServeExecutor);
     builder
         .http1()
-        .timer(TokioTimer::new())
+        .timer(HeaderTimer)
         .header_read_timeout(HEADER_READ_TIMEOUT);
     builder
         .http2()
@@ -224,7 +227,7 @@ where
         .max_header_list_size(H2_MAX_HEADER_LIST_SIZE);
     Serve {
         listener,
-        service,
+        service: routes_made_once(service),
         signal: None,
         drain_timeout: DEFAULT_DRAIN,
         root: Context::background(),
@@ -233,6 +236,25 @@ where
         half_close: false,
         connect_info: false,
         first_bytes_timeout: Some(HEADER_READ_TIMEOUT),
+    }
+}
+
+/// An axum `Router` as `axum::serve` runs it: `with_state(())` turns its handlers into
+/// services once, where a `Router` called as it is does that for every request (a clone
+/// and an allocation each). Any other service is returned as it is.
+fn routes_made_once<S: 'static>(service: S) -> S {
+    #[cfg(feature = "axum")]
+    {
+        let mut slot = Some(service);
+        let any: &mut dyn std::any::Any = &mut slot;
+        if let Some(router) = any.downcast_mut::<Option<axum::Router>>() {
+            *router = router.take().map(|router| router.with_state(()));
+        }
+        slot.expect("put back above")
+    }
+    #[cfg(not(feature = "axum"))]
+    {
+        service
     }
 }
 
@@ -469,10 +491,10 @@ impl<S, L: Listener> Serve<S, L> {
         } = self;
         // Our own child, so shutdown never cancels the caller's root.
         let (root, cancel_root) = root.with_cancel();
-        let graceful = CancellationToken::new();
+        let draining = Arc::new(Draining::default());
         let mut connections = Connections::new(root)
             .half_close(half_close)
-            .draining(graceful.clone());
+            .draining(draining.token.clone());
         let builder = Arc::new(builder);
         let mut tasks = JoinSet::new();
         let mut signal = signal.unwrap_or_else(|| Box::pin(pending()));
@@ -504,7 +526,7 @@ impl<S, L: Listener> Serve<S, L> {
                         Arc::clone(&builder),
                         io,
                         service,
-                        graceful.clone(),
+                        Arc::clone(&draining),
                         first_bytes_timeout,
                     ));
                 }
@@ -519,7 +541,7 @@ impl<S, L: Listener> Serve<S, L> {
             connections = slots as usize - open.available_permits(),
             "shutting down: draining connections"
         );
-        graceful.cancel();
+        draining.start();
         if timeout(drain_timeout, all_closed(&mut tasks, &open, slots))
             .await
             .is_err()
@@ -631,47 +653,127 @@ fn reaped(joined: Result<(), JoinError>) {
     }
 }
 
-/// Serves one connection, and starts its graceful shutdown when `graceful` is cancelled.
+/// Serves one connection, and starts its graceful shutdown when `draining` says so.
 /// Drops it if the client sends nothing within `first_bytes_timeout`.
 async fn serve_connection<I, S, B>(
     builder: Arc<Builder<ServeExecutor>>,
     io: WatchedIo<I>,
     service: WithConnection<S>,
-    graceful: CancellationToken,
+    draining: Arc<Draining>,
     first_bytes_timeout: Option<Duration>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + AsSocket + Unpin + Send + 'static,
     S: HttpService<B>,
     B: HttpBody,
 {
-    let connection = service.conn.clone();
-    let mut conn = pin!(
-        builder.serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(service))
-    );
+    let connection = io.connection().clone();
+    // hyper's HTTP/1 header-read sleeps use the connection's clock, set while it is polled.
+    let mut conn = pin!(Clocked::new(builder.serve_connection_with_upgrades(
+        TokioIo::new(io),
+        TowerToHyperService::new(service)
+    )));
     // hyper-util waits for a connection's first bytes (to tell HTTP/1 from HTTP/2) with no
     // timeout, and hyper's header-read timeout starts only after them.
-    let silent = async {
-        match first_bytes_timeout {
-            Some(limit) => tokio::time::sleep(limit).await,
-            None => pending().await,
-        }
-        if connection.spoke() {
-            pending::<()>().await;
-        }
-    };
+    let mut silent = pin!(Silent {
+        sleep: first_bytes_timeout.map(tokio::time::sleep),
+        connection,
+    });
+    let mut drain = pin!(OnDrain {
+        wait: draining.token.clone().cancelled_owned(),
+        draining,
+        waker: None,
+    });
+    // The connection first: the others are polled on every wake of the task too, and are
+    // built to cost an atomic load or two then.
     let result = tokio::select! {
+        biased;
         result = conn.as_mut() => result,
-        () = silent => {
+        () = &mut silent => {
             tracing::debug!("closing a connection that sent nothing");
             return;
         }
-        () = graceful.cancelled() => {
-            conn.as_mut().graceful_shutdown();
+        () = &mut drain => {
+            conn.as_mut().inner().graceful_shutdown();
             conn.await
         }
     };
     if let Err(err) = result {
         tracing::debug!(%err, "connection ended with an error");
+    }
+}
+
+pin_project! {
+    /// Ready if the client has sent nothing when `sleep` ends; never once it has spoken
+    /// (and then its timer is dropped at the next poll).
+    struct Silent {
+        #[pin]
+        sleep: Option<tokio::time::Sleep>,
+        connection: ConnectionContext,
+    }
+}
+
+impl Future for Silent {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<()> {
+        let mut this = self.project();
+        let Some(sleep) = this.sleep.as_mut().as_pin_mut() else {
+            return Poll::Pending;
+        };
+        if !this.connection.spoke() {
+            ready!(sleep.poll(cx));
+            if !this.connection.spoke() {
+                return Poll::Ready(());
+            }
+        }
+        this.sleep.set(None);
+        Poll::Pending
+    }
+}
+
+/// The server's graceful shutdown, as its connections see it: `flag` is set before `token`
+/// is cancelled.
+#[derive(Debug, Default)]
+struct Draining {
+    flag: AtomicBool,
+    token: CancellationToken,
+}
+
+impl Draining {
+    fn start(&self) {
+        self.flag.store(true, Ordering::Release);
+        self.token.cancel();
+    }
+}
+
+pin_project! {
+    /// Ready once the server drains. tokio-util's future takes a lock or two per poll; it
+    /// is polled only when the task's waker is not the one it already holds (its wake-up
+    /// stays registered until the token is cancelled), and the flag tells the rest.
+    struct OnDrain {
+        #[pin]
+        wait: WaitForCancellationFutureOwned,
+        draining: Arc<Draining>,
+        waker: Option<Waker>,
+    }
+}
+
+impl Future for OnDrain {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<()> {
+        let this = self.project();
+        if this.draining.flag.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        if this.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            return Poll::Pending;
+        }
+        if this.wait.poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        *this.waker = Some(cx.waker().clone());
+        Poll::Pending
     }
 }
 

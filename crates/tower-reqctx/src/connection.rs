@@ -121,6 +121,68 @@ impl ConnectionContext {
         self.inner.remote
     }
 
+    /// The connection of the request being served on this thread by
+    /// [`serve`](crate::serve()): `serve` makes it current while it polls the connection
+    /// (and, over HTTP/2, each stream's task), so a handler, a middleware or a tonic method
+    /// finds it here, in its own code. `None` elsewhere: in a task the handler spawns (take
+    /// it first), or under `axum::serve` (with [`WatchedListener`](crate::WatchedListener)
+    /// the connection is axum's `ConnectInfo<ConnectionContext>`).
+    ///
+    /// ```
+    /// use tower_reqctx::ConnectionContext;
+    ///
+    /// async fn handler() -> String {
+    ///     let peer = ConnectionContext::current().and_then(|c| c.remote_addr());
+    ///     format!("hello, {peer:?}")
+    /// }
+    /// # let _ = handler;
+    /// assert!(ConnectionContext::current().is_none()); // no request is being served here
+    /// ```
+    pub fn current() -> Option<ConnectionContext> {
+        CURRENT
+            .try_with(|current| {
+                let conn = current.take();
+                let copy = conn.clone();
+                current.set(conn);
+                copy
+            })
+            .ok()
+            .flatten()
+    }
+}
+
+thread_local! {
+    /// The connection `serve` is polling on this thread (see [`ConnectionContext::current`]).
+    static CURRENT: std::cell::Cell<Option<ConnectionContext>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with `slot`'s connection as the thread's current one, and puts it back in
+/// `slot` after, also when `f` unwinds; whatever was current before is current again.
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
+pub(crate) fn serving<R>(slot: &mut Option<ConnectionContext>, f: impl FnOnce() -> R) -> R {
+    struct Restore<'a> {
+        outer: Option<ConnectionContext>,
+        mine: &'a mut Option<ConnectionContext>,
+    }
+
+    impl Drop for Restore<'_> {
+        fn drop(&mut self) {
+            let outer = self.outer.take();
+            if let Ok(mine) = CURRENT.try_with(|current| current.replace(outer)) {
+                *self.mine = mine;
+            }
+        }
+    }
+
+    let Ok(outer) = CURRENT.try_with(|current| current.replace(slot.take())) else {
+        return f(); // a thread being torn down: no current connection
+    };
+    let _restore = Restore { outer, mine: slot };
+    f()
+}
+
+impl ConnectionContext {
     /// The seam between a request's owner and its connection: keeps `item` until the
     /// connection ends (its IO is dropped), then drops it. An upgraded request (101,
     /// CONNECT 2xx, HTTP/2 extended CONNECT) hands its lifecycle here to outlive its

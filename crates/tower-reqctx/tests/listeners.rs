@@ -33,11 +33,13 @@ fn app() -> (Router, mpsc::UnboundedReceiver<Report>) {
         let tx = tx.clone();
         async move {
             let ext = req.extensions();
-            // `serve` puts it in the extensions; `WatchedListener` under `axum::serve`, in
+            // `serve` makes it current; `WatchedListener` under `axum::serve` puts it in
             // `ConnectInfo`.
-            let remote = ext
-                .get::<ConnectionContext>()
-                .or_else(|| ext.get::<ConnectInfo<ConnectionContext>>().map(|c| &c.0))
+            let remote = ConnectionContext::current()
+                .or_else(|| {
+                    ext.get::<ConnectInfo<ConnectionContext>>()
+                        .map(|c| c.0.clone())
+                })
                 .expect("no ConnectionContext")
                 .remote_addr()
                 .is_some();

@@ -65,16 +65,15 @@ impl Reports {
     }
 }
 
-/// The connection, as `serve` or `WatchedListener` left it in the request.
+/// The connection: `serve`'s current one, or `WatchedListener`'s in the request.
 fn connection(req: &Request) -> ConnectionContext {
-    let ext = req.extensions();
-    ext.get::<ConnectionContext>()
+    ConnectionContext::current()
         .or_else(|| {
-            ext.get::<ConnectInfo<ConnectionContext>>()
-                .map(|info| &info.0)
+            req.extensions()
+                .get::<ConnectInfo<ConnectionContext>>()
+                .map(|info| info.0.clone())
         })
-        .expect("no ConnectionContext in the request")
-        .clone()
+        .expect("no ConnectionContext for the request")
 }
 
 /// Reports the connection context's cause from a task of its own, so the report survives

@@ -62,20 +62,17 @@ fn describe(cause: &Cause) -> String {
     }
 }
 
-fn connection(req: &Request) -> ConnectionContext {
-    req.extensions()
-        .get::<ConnectionContext>()
-        .expect("served by tower_reqctx::serve")
-        .clone()
+fn connection() -> ConnectionContext {
+    ConnectionContext::current().expect("served by tower_reqctx::serve")
 }
 
-async fn watch(State(ended): State<Ended>, req: Request) -> &'static str {
-    ended.record(&connection(&req));
+async fn watch(State(ended): State<Ended>) -> &'static str {
+    ended.record(&connection());
     "watching"
 }
 
 async fn hold(State(ended): State<Ended>, req: Request) -> &'static str {
-    let conn = connection(&req);
+    let conn = connection();
     ended.record(&conn);
     conn.context().cancelled().await;
     drop(req);

@@ -119,12 +119,13 @@ where
         let deadline = earliest(at(server, DeadlineOrigin::Layer), client);
 
         let conn = connection(&req);
-        let parent = match conn {
+        let parent = match &conn {
             Some(conn) => conn.context().clone(),
             None => config.root.clone().unwrap_or_default(),
         };
         // hyper marks requests that may upgrade (a WebSocket handshake, CONNECT).
         let upgrade = conn
+            .as_ref()
             .filter(|_| {
                 req.extensions()
                     .get::<hyper::upgrade::OnUpgrade>()
@@ -132,7 +133,10 @@ where
             })
             .cloned();
         let http1 = req.version() <= http::Version::HTTP_11;
-        let abort = conn.filter(|_| http1).map(ConnectionContext::abort_handle);
+        let abort = conn
+            .as_ref()
+            .filter(|_| http1)
+            .map(ConnectionContext::abort_handle);
         let mut driver = parent.driven(deadline);
         with_request_id(&mut driver, &req, config);
         record_route(&req);
@@ -197,16 +201,19 @@ fn record_route<B>(req: &Request<B>) {
     let _ = req;
 }
 
-/// The connection the request arrived on, from `serve` or `WatchedListener`.
-fn connection<B>(req: &Request<B>) -> Option<&ConnectionContext> {
-    let ext = req.extensions();
-    let conn = ext.get::<ConnectionContext>();
+/// The connection the request arrived on: `serve`'s current one, or `WatchedListener`'s
+/// from axum's `ConnectInfo`.
+fn connection<B>(req: &Request<B>) -> Option<ConnectionContext> {
+    let conn = ConnectionContext::current();
     // `WatchedListener` under `axum::serve`.
     #[cfg(all(feature = "axum", feature = "server"))]
     let conn = conn.or_else(|| {
-        ext.get::<axum::extract::ConnectInfo<ConnectionContext>>()
-            .map(|info| &info.0)
+        req.extensions()
+            .get::<axum::extract::ConnectInfo<ConnectionContext>>()
+            .map(|info| info.0.clone())
     });
+    #[cfg(not(all(feature = "axum", feature = "server")))]
+    let _ = req;
     conn
 }
 

@@ -7,7 +7,7 @@ use std::task::{Context as TaskContext, Poll};
 
 use pin_project_lite::pin_project;
 
-use crate::connection::{Held, tunnel};
+use crate::connection::{ConnectionContext, Held, serving, tunnel};
 
 /// The executor [`serve`](crate::serve()) gives hyper: `tokio::spawn`, plus what lets an
 /// HTTP/2 tunnel's request context (a WebSocket over HTTP/2, a CONNECT) end with the
@@ -27,7 +27,10 @@ where
         // Spawned from the poll of the stream whose answer opened a tunnel: this task is
         // the tunnel's, and carries its owner until it ends.
         let held = tunnel::take();
-        tokio::spawn(Carry { fut, held });
+        // Spawned from the connection's poll: an HTTP/2 stream's task serves a request of
+        // that connection, which finds it as the current one.
+        let conn = ConnectionContext::current();
+        tokio::spawn(Carry { fut, held, conn });
     }
 }
 
@@ -37,6 +40,7 @@ pin_project! {
         #[pin]
         fut: F,
         held: Option<Held>,
+        conn: Option<ConnectionContext>,
     }
 }
 
@@ -45,7 +49,8 @@ impl<F: Future> Future for Carry<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<F::Output> {
         let this = self.project();
-        let out = tunnel::polling(|| this.fut.poll(cx));
+        let fut = this.fut;
+        let out = serving(this.conn, || tunnel::polling(|| fut.poll(cx)));
         if out.is_ready() {
             // The tunnel's stream ended: its owner records the end.
             *this.held = None;

@@ -32,6 +32,8 @@ use std::time::{Duration, Instant};
 
 use hyper::rt::{Sleep, Timer};
 use pin_project_lite::pin_project;
+
+use crate::connection::{ConnectionContext, serving};
 use reqctx::timer_instant;
 
 /// The [`Timer`] `serve` gives hyper for HTTP/1: sleeps on the polling connection's
@@ -165,19 +167,22 @@ fn with_clock<R>(f: impl FnOnce(Option<&mut Clock>) -> R) -> R {
 }
 
 pin_project! {
-    /// A connection's future, polled with its [`Clock`] in the thread-local.
+    /// A connection's future, polled with its [`Clock`] in the thread-local, and with its
+    /// connection as the current one ([`ConnectionContext::current`]).
     pub(crate) struct Clocked<F> {
         #[pin]
         inner: F,
         clock: Option<Box<Clock>>,
+        conn: Option<ConnectionContext>,
     }
 }
 
 impl<F> Clocked<F> {
-    pub(crate) fn new(inner: F) -> Self {
+    pub(crate) fn new(inner: F, conn: ConnectionContext) -> Self {
         Clocked {
             inner,
             clock: Some(Box::default()),
+            conn: Some(conn),
         }
     }
 
@@ -193,7 +198,8 @@ impl<F: Future> Future for Clocked<F> {
     fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<F::Output> {
         let this = self.project();
         let inner = this.inner;
-        scoped(this.clock, || inner.poll(cx))
+        let clock = this.clock;
+        serving(this.conn, || scoped(clock, || inner.poll(cx)))
     }
 }
 

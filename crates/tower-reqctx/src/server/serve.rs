@@ -118,10 +118,12 @@ const FALLBACK_MAX_CONNECTIONS: usize = 10_000;
 /// # Contexts
 ///
 /// The contexts form a tree: the [`root`](Serve::root) → one per connection → one per
-/// request (made by [`ContextLayer`](crate::ContextLayer) under the connection's). Each
-/// request's extensions hold a [`ConnectionContext`] (its
-/// [`remote_addr`](ConnectionContext::remote_addr) is the peer's address) and, when asked
-/// for with [`connect_info`](Serve::connect_info), axum's
+/// request (made by [`ContextLayer`](crate::ContextLayer) under the connection's). While
+/// `serve` polls a connection (and, over HTTP/2, each stream's task), the connection is
+/// the thread's current one: [`ConnectionContext::current`] (its
+/// [`remote_addr`](ConnectionContext::remote_addr) is the peer's address). It is not put
+/// in the request's extensions, which hold, when asked for with
+/// [`connect_info`](Serve::connect_info), axum's
 /// [`ConnectInfo<SocketAddr>`](https://docs.rs/axum/0.8/axum/extract/struct.ConnectInfo.html).
 ///
 /// A connection's context ends when the connection does, from either side:
@@ -519,7 +521,6 @@ impl<S, L: Listener> Serve<S, L> {
                     let io = connections.accept(stream, peer, Some(permit));
                     let service = WithConnection {
                         inner: service.clone(),
-                        conn: io.connection().clone(),
                         peer: peer.filter(|_| connect_info),
                     };
                     tasks.spawn(serve_connection(
@@ -668,10 +669,12 @@ async fn serve_connection<I, S, B>(
 {
     let connection = io.connection().clone();
     // hyper's HTTP/1 header-read sleeps use the connection's clock, set while it is polled.
-    let mut conn = pin!(Clocked::new(builder.serve_connection_with_upgrades(
-        TokioIo::new(io),
-        TowerToHyperService::new(service)
-    )));
+    // hyper's HTTP/1 header-read sleeps use the connection's clock, and the layer (and
+    // `ConnectionContext::current`) the connection, both set while it is polled.
+    let mut conn = pin!(Clocked::new(
+        builder.serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(service)),
+        connection.clone(),
+    ));
     // hyper-util waits for a connection's first bytes (to tell HTTP/1 from HTTP/2) with no
     // timeout, and hyper's header-read timeout starts only after them.
     let mut silent = pin!(Silent {
@@ -777,12 +780,13 @@ impl Future for OnDrain {
     }
 }
 
-/// Puts the connection's context (and, when asked for, `ConnectInfo<SocketAddr>`) in every
-/// request's extensions.
+/// Puts `ConnectInfo<SocketAddr>` in every request's extensions, when asked for. The
+/// connection itself is not put there: requests find it as the current one while `serve`
+/// polls them (see [`ConnectionContext::current`]), which keeps axum's map of three entries
+/// from growing to four on every request.
 #[derive(Clone)]
 struct WithConnection<S> {
     inner: S,
-    conn: ConnectionContext,
     #[cfg_attr(not(feature = "axum"), allow(dead_code))]
     peer: Option<SocketAddr>,
 }
@@ -801,12 +805,13 @@ where
     }
 
     fn call(&mut self, mut req: Request<R>) -> Self::Future {
-        let extensions = req.extensions_mut();
-        extensions.insert(self.conn.clone());
         #[cfg(feature = "axum")]
         if let Some(peer) = self.peer {
-            extensions.insert(axum::extract::ConnectInfo(peer));
+            req.extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
         }
+        #[cfg(not(feature = "axum"))]
+        let _ = &mut req;
         self.inner.call(req)
     }
 }

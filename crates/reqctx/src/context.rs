@@ -554,7 +554,7 @@ pub struct DeadlineDriver {
     // One word, set once by compare-and-swap (`Word`); a custom cause waits in `custom`.
     // Its instant is not kept: no descendant exists before birth to compare it with.
     word: AtomicU8,
-    custom: OnceLock<Cause>,
+    custom: OnceLock<Box<Cause>>, // boxed: rare, and it keeps the driver small
     /// The node, once something asked for the context; cancelled (`Cancelled`) when the
     /// driver drops, as by a `Canceller`.
     born: OnceLock<Arc<CancelNode>>,
@@ -598,7 +598,7 @@ impl DeadlineDriver {
     fn recorded(&self) -> Option<Cause> {
         match self.word.load(Ordering::Acquire) {
             word::NONE => None,
-            word::CUSTOM => self.custom.get().cloned(),
+            word::CUSTOM => self.custom.get().map(|c| Cause::clone(c)),
             w => word::decode(w),
         }
     }
@@ -610,7 +610,7 @@ impl DeadlineDriver {
             None => {
                 // Set before the word is, so a reader who sees the word finds it; a cause
                 // that then loses the word is never read.
-                if self.custom.set(cause).is_err() {
+                if self.custom.set(Box::new(cause)).is_err() {
                     return false; // another custom cause is being recorded, or was
                 }
                 word::CUSTOM

@@ -46,7 +46,9 @@ use crate::node::{CancelNode, LazyNow};
 /// must be polled inside a tokio runtime with the time driver enabled), while
 /// [`token`](Context::token) and [`on_cancel`](Context::on_cancel) spawn one timer task
 /// for each deadline in the chain, once, and panic outside a tokio runtime if there is a
-/// deadline to time. A `CancellationToken` is created only when something waits.
+/// deadline to time. A waiter registers on the context (no allocation for the first
+/// one); a `CancellationToken` is created only for [`token`](Context::token) and
+/// [`on_cancel`](Context::on_cancel).
 ///
 /// Timer tasks and `on_cancel` tasks never keep a context alive: they end when its last
 /// handle (clones, children, cancellers, waiters) is gone.
@@ -166,6 +168,12 @@ impl Context {
         crate::node::live_driven()
     }
 
+    /// The context's node, for the node's tests.
+    #[cfg(test)]
+    pub(crate) fn node(&self) -> Option<&Arc<CancelNode>> {
+        self.cancel.as_ref()
+    }
+
     fn with_node(&self, node: Arc<CancelNode>) -> Context {
         Context {
             cancel: Some(node),
@@ -234,7 +242,9 @@ impl Context {
     /// Resolves once the context is cancelled; never, for a context that cannot be.
     ///
     /// A deadline in the chain, fixed or driven, wakes it when it passes, whether or not
-    /// anything else is polled: it times the earliest itself from its first poll.
+    /// anything else is polled: from its first poll it times the earliest itself, unless
+    /// that is a driven deadline its owner times (see [`DeadlineDriver::owner_times`]).
+    /// An ancestor's cancellation wakes it too.
     ///
     /// # Cancellation safety
     ///
@@ -329,7 +339,7 @@ impl Context {
     /// Which wins a race: cancellation is checked before the work on every poll, so work
     /// is never polled once the context is known to be cancelled, and work that is ready
     /// in the same poll in which the cancellation is first seen loses. Work that completes
-    /// without ever yielding costs no token and no timer.
+    /// without ever yielding costs no registration and no timer.
     ///
     /// # Cancellation safety
     ///
@@ -575,6 +585,26 @@ impl DeadlineDriver {
             cancel: Some(self.canceller.node.clone()),
             values: None,
         }
+    }
+
+    /// Whether the owner times the driven deadline itself: while `on`, the owner promises
+    /// to call [`expire`](DeadlineDriver::expire) once the deadline passes (it is polled
+    /// by a timer of its own, set for [`deadline`](DeadlineDriver::deadline) as it reads it
+    /// on each poll), so waiters on the context (and its descendants) whose earliest
+    /// deadline is this one arm no timer of their own: they are woken by the cause the
+    /// owner records. Switch it off when the owner stops being polled by its timer (the
+    /// response went on to the body, or the owner is about to be dropped without a cause):
+    /// if something waits on the context then, the context's own timer takes over, so no
+    /// waiter sleeps past the deadline. A deadline moved earlier while the owner times it
+    /// and something waits is timed by the context's timer too, until the owner's next
+    /// poll. Off when the driver is made; dropping the driver cancels the context, which
+    /// needs no timer.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime, when switched off while something waits on the context
+    /// and it has a deadline (its timer is spawned then).
+    pub fn owner_times(&self, on: bool) {
+        self.canceller.node.set_owner_timed(on);
     }
 
     /// Records [`Cause::DeadlineExceeded`] if the deadline has passed and the context had

@@ -96,10 +96,11 @@ impl Future for WaitForCancel {
         };
         match this.key {
             Some(key) => {
-                if node.is_done() {
+                // Gone from the registry: drained by a cause, which may have woken the
+                // waker of an earlier poll rather than this one.
+                if node.is_done() || !node.update(key, cx.waker()) {
                     return Poll::Ready(());
                 }
-                node.update(key, cx.waker());
             }
             None => {
                 // Register first, then look: a cause recorded in between wakes us or is

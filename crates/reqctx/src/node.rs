@@ -627,12 +627,20 @@ impl CancelNode {
     }
 
     /// Replaces the waker registered under `key`, unless it would wake the same task.
-    pub(crate) fn update(&self, key: usize, waker: &Waker) {
+    /// Returns `false` if the registration is gone: the registry was drained, so the node
+    /// has a cause (and the waker drained may have been another task's).
+    pub(crate) fn update(&self, key: usize, waker: &Waker) -> bool {
         let mut st = self.lock();
-        if let Some(Some(Entry::Waker(w))) = st.registry.slot(key) {
-            if !w.will_wake(waker) {
-                *w = waker.clone();
+        match st.registry.slot(key) {
+            Some(Some(Entry::Waker(w))) => {
+                if !w.will_wake(waker) {
+                    let old = std::mem::replace(w, waker.clone());
+                    drop(st);
+                    drop(old); // outside the lock
+                }
+                true
             }
+            _ => false,
         }
     }
 

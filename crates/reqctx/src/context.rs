@@ -600,6 +600,28 @@ impl DeadlineDriver {
     /// poll. Off when the driver is made; dropping the driver cancels the context, which
     /// needs no timer.
     ///
+    /// ```
+    /// use std::time::Duration;
+    /// use reqctx::{Cause, Context, DeadlineOrigin};
+    /// use tokio::time::Instant;
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let at = Instant::now() + Duration::from_secs(1);
+    /// let (ctx, driver) =
+    ///     Context::background().with_driven_deadline(Some((at, DeadlineOrigin::Layer)));
+    /// driver.owner_times(true);
+    /// let waiter = tokio::spawn(async move {
+    ///     ctx.cancelled().await; // arms no timer of its own
+    ///     ctx.cause()
+    /// });
+    /// tokio::time::sleep_until(at).await; // the owner's own timer
+    /// driver.expire();
+    /// let exceeded = Cause::DeadlineExceeded { origin: DeadlineOrigin::Layer };
+    /// assert_eq!(waiter.await.unwrap(), Some(exceeded));
+    /// # }
+    /// ```
+    ///
     /// # Panics
     /// Outside a tokio runtime, when switched off while something waits on the context
     /// and it has a deadline (its timer is spawned then).

@@ -351,3 +351,43 @@ async fn an_owner_that_stops_timing_with_nobody_waiting_spawns_nothing() {
     let node = ctx.node().unwrap();
     assert!(!matches!(node.lock().timer, super::TimerSlot::Running(_)));
 }
+
+#[test]
+fn waiters_racing_an_ancestors_cancel_on_other_threads_are_all_woken() {
+    // Registration, linking and the cascade race a cancel from another thread: a waiter
+    // that misses the cause would hang past the generous bound.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_time()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        for _ in 0..300 {
+            let (root, cancel_root) = Context::background().with_cancel();
+            let (mid, _cm) = root.with_cancel();
+            let (leaf, _cl) = mid.with_cancel();
+            let waiters: Vec<_> = (0..4)
+                .map(|i| {
+                    let ctx = if i % 2 == 0 {
+                        leaf.clone()
+                    } else {
+                        mid.clone()
+                    };
+                    tokio::spawn(async move { ctx.cancelled().await })
+                })
+                .collect();
+            let canceller = tokio::spawn(async move {
+                tokio::task::yield_now().await;
+                cancel_root.cancel_with(Cause::Shutdown);
+            });
+            for w in waiters {
+                tokio::time::timeout(Duration::from_secs(10), w)
+                    .await
+                    .expect("every waiter is woken")
+                    .unwrap();
+            }
+            canceller.await.unwrap();
+            assert_eq!(leaf.cause(), Some(Cause::Shutdown));
+        }
+    });
+}

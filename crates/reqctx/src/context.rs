@@ -3,7 +3,7 @@
 use std::any::Any;
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -46,7 +46,9 @@ use crate::node::{CancelNode, LazyNow};
 /// must be polled inside a tokio runtime with the time driver enabled), while
 /// [`token`](Context::token) and [`on_cancel`](Context::on_cancel) spawn one timer task
 /// for each deadline in the chain, once, and panic outside a tokio runtime if there is a
-/// deadline to time. A `CancellationToken` is created only when something waits.
+/// deadline to time. A waiter registers on the context (no allocation for the first
+/// one); a `CancellationToken` is created only for [`token`](Context::token) and
+/// [`on_cancel`](Context::on_cancel).
 ///
 /// Timer tasks and `on_cancel` tasks never keep a context alive: they end when its last
 /// handle (clones, children, cancellers, waiters) is gone.
@@ -161,6 +163,12 @@ impl Context {
         crate::node::live_driven()
     }
 
+    /// The context's node, for the node's tests.
+    #[cfg(test)]
+    pub(crate) fn node(&self) -> Option<&Arc<CancelNode>> {
+        self.cancel.as_ref()
+    }
+
     fn with_node(&self, node: Arc<CancelNode>) -> Context {
         Context {
             cancel: Some(node),
@@ -229,7 +237,9 @@ impl Context {
     /// Resolves once the context is cancelled; never, for a context that cannot be.
     ///
     /// A deadline in the chain, fixed or driven, wakes it when it passes, whether or not
-    /// anything else is polled: it times the earliest itself from its first poll.
+    /// anything else is polled: from its first poll it times the earliest itself, unless
+    /// that is a driven deadline its owner times (see [`DeadlineDriver::owner_times`]).
+    /// An ancestor's cancellation wakes it too.
     ///
     /// # Cancellation safety
     ///
@@ -324,7 +334,7 @@ impl Context {
     /// Which wins a race: cancellation is checked before the work on every poll, so work
     /// is never polled once the context is known to be cancelled, and work that is ready
     /// in the same poll in which the cancellation is first seen loses. Work that completes
-    /// without ever yielding costs no token and no timer.
+    /// without ever yielding costs no registration and no timer.
     ///
     /// # Cancellation safety
     ///
@@ -554,6 +564,8 @@ pub struct DeadlineDriver {
     // One word, set once by compare-and-swap (`Word`); a custom cause waits in `custom`.
     // Its instant is not kept: no descendant exists before birth to compare it with.
     word: AtomicU8,
+    /// Until birth: the owner times the deadline (see `owner_times`).
+    owner_timed: AtomicBool,
     custom: OnceLock<Box<Cause>>, // boxed: rare, and it keeps the driver small
     /// The node, once something asked for the context; cancelled (`Cancelled`) when the
     /// driver drops, as by a `Canceller`.
@@ -573,6 +585,7 @@ impl Context {
             parent: self.clone(),
             deadline,
             word: AtomicU8::new(word::NONE),
+            owner_timed: AtomicBool::new(false),
             custom: OnceLock::new(),
             born: OnceLock::new(),
         }
@@ -585,6 +598,9 @@ impl DeadlineDriver {
         self.born.get_or_init(|| {
             let node = CancelNode::new(self.parent.cancel.clone(), self.deadline, true);
             crate::node::born_driven(); // the node counts itself from now on
+            if self.owner_timed.load(Ordering::Relaxed) {
+                node.set_owner_timed(true);
+            }
             if let Some(cause) = self.recorded() {
                 node.adopt((cause, None));
             }
@@ -726,6 +742,52 @@ impl DeadlineDriver {
     /// Whether the context is cancelled, for whatever cause.
     pub fn is_cancelled(&self) -> bool {
         self.resolve().is_some()
+    }
+
+    /// Whether the owner times the driven deadline itself: while `on`, the owner promises
+    /// to call [`expire`](DeadlineDriver::expire) once the deadline passes (it is polled
+    /// by a timer of its own, set for [`deadline`](DeadlineDriver::deadline) as it reads it
+    /// on each poll), so waiters on the context (and its descendants) whose earliest
+    /// deadline is this one arm no timer of their own: they are woken by the cause the
+    /// owner records. Switch it off when the owner stops being polled by its timer (the
+    /// response went on to the body, or the owner is about to be dropped without a cause):
+    /// if something waits on the context then, the context's own timer takes over, so no
+    /// waiter sleeps past the deadline. A deadline moved earlier while the owner times it
+    /// and something waits is timed by the context's timer too, until the owner's next
+    /// poll. Off when the driver is made; dropping the driver cancels the context, which
+    /// needs no timer.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use reqctx::{Cause, Context, DeadlineOrigin};
+    /// use tokio::time::Instant;
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let at = Instant::now() + Duration::from_secs(1);
+    /// let (ctx, driver) =
+    ///     Context::background().with_driven_deadline(Some((at, DeadlineOrigin::Layer)));
+    /// driver.owner_times(true);
+    /// let waiter = tokio::spawn(async move {
+    ///     ctx.cancelled().await; // arms no timer of its own
+    ///     ctx.cause()
+    /// });
+    /// tokio::time::sleep_until(at).await; // the owner's own timer
+    /// driver.expire();
+    /// let exceeded = Cause::DeadlineExceeded { origin: DeadlineOrigin::Layer };
+    /// assert_eq!(waiter.await.unwrap(), Some(exceeded));
+    /// # }
+    /// ```
+    ///
+    /// # Panics
+    /// Outside a tokio runtime, when switched off while something waits on the context
+    /// and it has a deadline (its timer is spawned then).
+    pub fn owner_times(&self, on: bool) {
+        match self.born.get() {
+            Some(node) => node.set_owner_timed(on),
+            // Applied when the node is made.
+            None => self.owner_timed.store(on, Ordering::Relaxed),
+        }
     }
 
     /// Records [`Cause::DeadlineExceeded`] if the deadline has passed and the context had

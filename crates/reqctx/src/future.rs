@@ -9,25 +9,31 @@ use std::time::Duration;
 
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep, sleep_until};
-use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::cause::{Cancelled, Cause};
 use crate::node::{CancelNode, LazyNow, wheel_instant};
 
-pin_project! {
-    /// The future returned by [`Context::cancelled`](crate::Context::cancelled).
-    ///
-    /// It owns what it needs (no borrow of the context), so it can be stored in a struct
-    /// or moved into a task. It times the earliest deadline of the context's chain, fixed
-    /// or driven, itself, so the deadline reaches it whoever else is polled; when a driven
-    /// deadline moves later or goes away, it sleeps again until the new one.
-    #[must_use = "futures do nothing unless polled"]
-    pub struct WaitForCancel {
-        node: Option<Arc<CancelNode>>, // None: a context that is never cancelled
-        #[pin]
-        wait: Option<WaitForCancellationFutureOwned>, // set on the first poll
-        #[pin]
-        sleep: Option<Sleep>, // the earliest deadline of the chain, when it has one
+/// The future returned by [`Context::cancelled`](crate::Context::cancelled).
+///
+/// It owns what it needs (no borrow of the context), so it can be stored in a struct or
+/// moved into a task. On its first poll it registers its waker on the context's node (a
+/// cancellation, its own or an ancestor's, wakes it), and times the earliest deadline of
+/// the chain, fixed or driven, that nobody else times, with a `Sleep` of its own, so the
+/// deadline reaches it whoever else is polled; when a driven deadline moves later or goes
+/// away, it sleeps again until the new one. A driven deadline timed by its owner (the
+/// middleware that drives it) needs no `Sleep`. Dropping it removes the registration.
+#[must_use = "futures do nothing unless polled"]
+pub struct WaitForCancel {
+    node: Option<Arc<CancelNode>>, // None: a context that is never cancelled
+    key: Option<usize>,            // the registration, from the first poll
+    sleep: Option<Pin<Box<Sleep>>>, // the earliest deadline timed by nobody else
+}
+
+impl Drop for WaitForCancel {
+    fn drop(&mut self) {
+        if let (Some(node), Some(key)) = (&self.node, self.key) {
+            node.deregister(key);
+        }
     }
 }
 
@@ -35,16 +41,16 @@ impl WaitForCancel {
     pub(crate) fn new(node: Option<Arc<CancelNode>>) -> WaitForCancel {
         WaitForCancel {
             node,
-            wait: None,
+            key: None,
             sleep: None,
         }
     }
 
     fn started(&self) -> bool {
-        self.wait.is_some()
+        self.key.is_some()
     }
 
-    /// Whether the context is cancelled now, without creating a token or a timer.
+    /// Whether the context is cancelled now, without registering or timing anything.
     fn check(&self) -> bool {
         self.node
             .as_ref()
@@ -68,33 +74,57 @@ impl fmt::Debug for WaitForCancel {
     }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// `Sleep`s armed by waiters on this thread, for tests of who times what.
+    static SLEEPS_ARMED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many `Sleep`s waiters armed on this thread so far.
+#[cfg(test)]
+pub(crate) fn sleeps_armed() -> usize {
+    SLEEPS_ARMED.with(std::cell::Cell::get)
+}
+
 impl Future for WaitForCancel {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<()> {
-        let mut this = self.project();
+        let this = self.get_mut();
         let Some(node) = this.node.as_ref() else {
             return Poll::Pending;
         };
-        if this.wait.is_none() {
-            if node.resolve(&mut LazyNow::new()).is_some() {
-                return Poll::Ready(());
+        match this.key {
+            Some(key) => {
+                // Gone from the registry: drained by a cause, which may have woken the
+                // waker of an earlier poll rather than this one.
+                if node.is_done() || !node.update(key, cx.waker()) {
+                    return Poll::Ready(());
+                }
             }
-            this.wait.set(Some(node.token().cancelled_owned()));
-            if let Some(deadline) = node.waiter_deadline() {
-                this.sleep.set(Some(sleep_until(wheel_instant(deadline))));
+            None => {
+                // Register first, then look: a cause recorded in between wakes us or is
+                // seen by `resolve` (invariant 2 in `node.rs`).
+                let Some(key) = node.register(cx.waker()) else {
+                    return Poll::Ready(());
+                };
+                this.key = Some(key);
+                node.link_up();
+                if node.resolve(&mut LazyNow::new()).is_some() {
+                    return Poll::Ready(());
+                }
+                if let Some(deadline) = node.waiter_deadline() {
+                    #[cfg(test)]
+                    SLEEPS_ARMED.with(|n| n.set(n.get() + 1));
+                    this.sleep = Some(Box::pin(sleep_until(wheel_instant(deadline))));
+                }
             }
         }
-        if let Some(wait) = this.wait.as_pin_mut() {
-            if wait.poll(cx).is_ready() {
-                return Poll::Ready(());
-            }
-        }
-        while let Some(sleep) = this.sleep.as_mut().as_pin_mut() {
+        while let Some(sleep) = this.sleep.as_mut() {
             let slept_until = sleep.deadline();
-            ready!(sleep.poll(cx));
-            // Records DeadlineExceeded on the node whose deadline passed, which cancels
-            // its token and so every token below it.
+            ready!(sleep.as_mut().poll(cx));
+            // Records DeadlineExceeded on the node whose deadline passed, which wakes the
+            // waiters of every node below it.
             if node.resolve(&mut LazyNow::new()).is_some() {
                 return Poll::Ready(());
             }
@@ -102,7 +132,7 @@ impl Future for WaitForCancel {
             // earliest one now, if any (a move earlier is timed by the node, invariant 5
             // in `node.rs`).
             match node.waiter_deadline().map(wheel_instant) {
-                None => this.sleep.set(None),
+                None => this.sleep = None,
                 Some(deadline) => {
                     // Not passed by the clock although the sleep ended (tokio's timer
                     // never fires early; stay correct anyway): look again a millisecond
@@ -115,9 +145,7 @@ impl Future for WaitForCancel {
                     } else {
                         deadline
                     };
-                    if let Some(sleep) = this.sleep.as_mut().as_pin_mut() {
-                        sleep.reset(next);
-                    }
+                    sleep.as_mut().reset(next);
                 }
             }
         }
@@ -155,7 +183,7 @@ impl<F: Future> Future for Run<F> {
         let mut this = self.project();
         // Cancellation is looked at before the work on every poll: once the context is
         // cancelled, the work is not polled again. Until the work first returns Pending,
-        // this costs no token and no timer.
+        // this costs no registration and no timer.
         let started = this.wait.started();
         let cancelled = if started {
             this.wait.as_mut().poll(cx).is_ready()

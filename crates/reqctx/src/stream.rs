@@ -25,7 +25,7 @@ impl Context {
     /// stream on every poll, so the stream is never polled once the context is known to be
     /// cancelled, and an item that is ready in the same poll in which the cancellation is
     /// first seen is not yielded (it stays in the stream). Items that are ready without the
-    /// stream ever returning `Pending` cost no token and no timer.
+    /// stream ever returning `Pending` cost no registration and no timer.
     ///
     /// Once ended, the bound stream keeps `stream` (not polled again) until it is dropped or
     /// taken back with [`into_inner`](Bound::into_inner).
@@ -142,7 +142,7 @@ impl<S: Stream> Stream for Bound<S> {
             return Poll::Ready(None);
         };
         // As `Run`: once the stream has returned Pending, the cancellation future is
-        // registered and polled first; before that, a plain check costs no token.
+        // registered and polled first; before that, a plain check registers nothing.
         let cancelled = if waiting {
             this.wait.as_mut().poll(cx).is_ready()
         } else {

@@ -238,6 +238,9 @@ where
                     let Some(o) = owner.take() else {
                         panic!("ResponseFuture polled after completion");
                     };
+                    // No timer of ours from now on: the context's own takes over for
+                    // whatever still waits (a streaming body's watch, a spawned task).
+                    o.driver().owner_times(false);
                     return Poll::Ready(match result {
                         Ok(res) => Ok(ContextBody::answered(o, res, *grace)),
                         Err(e) => {

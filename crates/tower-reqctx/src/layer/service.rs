@@ -138,6 +138,9 @@ where
             .filter(|_| http1)
             .map(ConnectionContext::abort_handle);
         let mut driver = parent.driven(deadline);
+        // The response future's timer times the deadline while it lives (it arms it on
+        // every pending poll): waiters need no timer of their own until it hands over.
+        driver.owner_times(true);
         with_request_id(&mut driver, &req, config);
         record_route(&req);
         let kind = match *req.method() {

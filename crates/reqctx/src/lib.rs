@@ -52,12 +52,14 @@
 //!
 //! # Cost
 //!
-//! Deriving a context allocates once and takes no lock. No `CancellationToken` exists
-//! until something waits on the context, no timer until something waits on a deadline
-//! (a waiter's own `Sleep`; for tokens and `on_cancel`, one task per deadline, ending
-//! with the context), and a context without a deadline never reads the clock. Chains of
-//! any depth are walked and dropped in constant stack. See [`Context`] for which methods
-//! need a tokio runtime.
+//! Deriving a context allocates once and takes no lock. A waiter (`cancelled`, `run`,
+//! `spawn`) registers its waker on the context, with no allocation for the first one; a
+//! `CancellationToken` exists only for [`Context::token`] and [`Context::on_cancel`]. No
+//! timer exists until something waits on a deadline (a waiter's own `Sleep`, unless the
+//! deadline is a driven one its owner times; for tokens and `on_cancel`, one task per
+//! deadline, ending with the context), and a context without a deadline never reads the
+//! clock. Chains of any depth are walked and dropped in constant stack. See [`Context`]
+//! for which methods need a tokio runtime.
 //!
 //! # Features
 //!

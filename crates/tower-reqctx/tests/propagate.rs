@@ -700,7 +700,10 @@ mod hyper_client {
     #[tokio::test]
     async fn in_flight_deadline_aborts_and_the_server_sees_the_client_leave() {
         let mut server = Server::start().await;
-        let (ctx, _cancel) = Context::background().with_timeout(Duration::from_millis(200));
+        // Long enough for the request to reach the handler on a loaded 2-core machine
+        // (200 ms was not, about one run in seven under load): the handler must have
+        // started before the caller's deadline ends the call.
+        let (ctx, _cancel) = Context::background().with_timeout(Duration::from_secs(2));
         let err = timeout(BOUND, http1().oneshot(get(server.url("/hold"), &ctx)))
             .await
             .unwrap()
@@ -815,7 +818,10 @@ mod reqwest_helper {
     #[tokio::test]
     async fn in_flight_deadline_is_the_contexts() {
         let mut server = Server::start().await;
-        let (ctx, _cancel) = Context::background().with_timeout(Duration::from_millis(200));
+        // Long enough for the request to reach the handler on a loaded 2-core machine
+        // (200 ms was not, about one run in seven under load): the handler must have
+        // started before the caller's deadline ends the call.
+        let (ctx, _cancel) = Context::background().with_timeout(Duration::from_secs(2));
         let err = timeout(
             BOUND,
             client().get(server.url("/hold")).context(&ctx).send(),

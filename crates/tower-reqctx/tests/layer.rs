@@ -1045,3 +1045,33 @@ async fn route_timeout_none_keeps_the_clients_timeout() {
     assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(start.elapsed(), Duration::from_millis(300));
 }
+
+/// When the layer answers `504` at the deadline (no grace), the handler's own code still
+/// sees the cause first, whatever it waits on (here a token, woken by no timer of its
+/// own): the layer records the deadline before its last poll of the handler.
+#[tokio::test(start_paused = true)]
+async fn the_handler_sees_the_deadline_before_the_layers_504() {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let app = Router::new()
+        .route(
+            "/",
+            get(move |ctx: ReqCtx| {
+                let tx = tx.clone();
+                async move {
+                    ctx.token().cancelled_owned().await;
+                    tx.send(ctx.cause()).unwrap();
+                    "too late"
+                }
+            }),
+        )
+        .layer(ContextLayer::new().timeout(Duration::from_millis(100)));
+    let res = app.oneshot(get_req("/")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(
+        rx.try_recv().ok(),
+        Some(Some(Cause::DeadlineExceeded {
+            origin: DeadlineOrigin::Layer
+        })),
+        "the handler's code ran with the cause before the layer answered"
+    );
+}

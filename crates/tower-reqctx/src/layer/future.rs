@@ -201,6 +201,15 @@ where
                 grace,
                 on_timeout,
             } => 'owner: {
+                // Our timer fired: record the deadline before the handler's poll, so that
+                // its waiters (which time nothing themselves while we time the deadline:
+                // `owner_times`) see the cause in this poll and its own code handles it,
+                // before a `504` of ours drops it.
+                if !*expired && timer.as_ref().is_some_and(|t| t.is_elapsed()) {
+                    if let Some(o) = owner.as_ref() {
+                        o.expire();
+                    }
+                }
                 // A panic that unwinds through here is the handler's, whatever catches it
                 // further out (tower-http's CatchPanicLayer drops us only after catching).
                 // The inner service finds its request through the thread's current scope

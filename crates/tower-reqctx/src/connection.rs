@@ -139,15 +139,7 @@ impl ConnectionContext {
     /// assert!(ConnectionContext::current().is_none()); // no request is being served here
     /// ```
     pub fn current() -> Option<ConnectionContext> {
-        CURRENT
-            .try_with(|current| {
-                let conn = current.take();
-                let copy = conn.clone();
-                current.set(conn);
-                copy
-            })
-            .ok()
-            .flatten()
+        crate::current::with(&CURRENT, |conn| conn.clone())
     }
 }
 
@@ -158,28 +150,10 @@ thread_local! {
 }
 
 /// Runs `f` with `slot`'s connection as the thread's current one, and puts it back in
-/// `slot` after, also when `f` unwinds; whatever was current before is current again.
+/// `slot` after, also when `f` unwinds.
 #[cfg_attr(not(feature = "server"), allow(dead_code))]
 pub(crate) fn serving<R>(slot: &mut Option<ConnectionContext>, f: impl FnOnce() -> R) -> R {
-    struct Restore<'a> {
-        outer: Option<ConnectionContext>,
-        mine: &'a mut Option<ConnectionContext>,
-    }
-
-    impl Drop for Restore<'_> {
-        fn drop(&mut self) {
-            let outer = self.outer.take();
-            if let Ok(mine) = CURRENT.try_with(|current| current.replace(outer)) {
-                *self.mine = mine;
-            }
-        }
-    }
-
-    let Ok(outer) = CURRENT.try_with(|current| current.replace(slot.take())) else {
-        return f(); // a thread being torn down: no current connection
-    };
-    let _restore = Restore { outer, mine: slot };
-    f()
+    crate::current::enter(&CURRENT, slot, f)
 }
 
 impl ConnectionContext {

@@ -166,6 +166,7 @@ pub use reqctx;
 
 mod cause;
 mod connection;
+mod current;
 mod layer;
 pub mod propagate;
 #[cfg(feature = "server")]

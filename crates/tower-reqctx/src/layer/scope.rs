@@ -16,11 +16,13 @@
 //! A request's context is made only when something asks for it (see
 //! [`DeadlineDriver`]): a request that nobody asks costs no allocation for it.
 
-use std::cell::RefCell;
+use std::cell::Cell;
 use std::time::Duration;
 
 use reqctx::{Context, DeadlineDriver, DeadlineOrigin};
 use tokio::time::Instant;
+
+use crate::current;
 
 /// What the owner hands to the code its inner service runs: the request's context (made
 /// on demand) and what a route's timeout needs to move its deadline.
@@ -33,7 +35,7 @@ pub(crate) struct Scope {
 thread_local! {
     /// The scope of the request whose layer is calling or polling its inner service on
     /// this thread, if any.
-    static CURRENT: RefCell<Option<Scope>> = const { RefCell::new(None) };
+    static CURRENT: Cell<Option<Scope>> = const { Cell::new(None) };
 }
 
 impl Scope {
@@ -61,43 +63,20 @@ impl Scope {
 }
 
 /// Runs `f` with `slot`'s scope as the thread's current one, and puts it back in `slot`
-/// after, also when `f` unwinds. Whatever was current before (the scope of an outer
-/// request whose handler calls another service in process) is current again after.
+/// after, also when `f` unwinds.
 #[inline]
 pub(crate) fn enter<R>(slot: &mut Option<Scope>, f: impl FnOnce() -> R) -> R {
-    struct Leave<'a>(&'a mut Option<Scope>);
-
-    impl Drop for Leave<'_> {
-        #[inline]
-        fn drop(&mut self) {
-            swap(self.0);
-        }
-    }
-
-    swap(slot);
-    let _leave = Leave(slot);
-    f()
-}
-
-#[inline]
-fn swap(slot: &mut Option<Scope>) {
-    // `try_with`: a thread being torn down has no current request.
-    let _ = CURRENT.try_with(|current| std::mem::swap(&mut *current.borrow_mut(), slot));
+    current::enter(&CURRENT, slot, f)
 }
 
 /// `f` on the current request's scope, if the thread is inside a layer's call or poll.
 fn with_current<R>(f: impl FnOnce(&mut Scope) -> R) -> Option<R> {
-    CURRENT
-        .try_with(|current| current.borrow_mut().as_mut().map(f))
-        .ok()
-        .flatten()
+    current::with(&CURRENT, f)
 }
 
 /// Whether a layer is calling or polling its inner service for a request on this thread.
 pub(crate) fn is_current() -> bool {
-    CURRENT
-        .try_with(|current| current.borrow().is_some())
-        .unwrap_or(false)
+    with_current(|_| ()).is_some()
 }
 
 /// For a route's layer: moves the current request's deadline. `false` if there is no

@@ -206,24 +206,7 @@ impl<F: Future> Future for Clocked<F> {
 /// Runs `f` with `clock` in the thread-local, and takes it back after, even if `f` unwinds
 /// (a handler's panic): a connection polled inside another's poll keeps its own clock.
 fn scoped<R>(clock: &mut Option<Box<Clock>>, f: impl FnOnce() -> R) -> R {
-    let outer = CLOCK.with(|slot| slot.replace(clock.take()));
-    let _restore = Restore { outer, mine: clock };
-    f()
-}
-
-/// Takes a connection's clock back from the thread-local after its poll.
-struct Restore<'a> {
-    outer: Option<Box<Clock>>,
-    mine: &'a mut Option<Box<Clock>>,
-}
-
-impl Drop for Restore<'_> {
-    fn drop(&mut self) {
-        let outer = self.outer.take();
-        if let Ok(mine) = CLOCK.try_with(|slot| slot.replace(outer)) {
-            *self.mine = mine;
-        }
-    }
+    crate::current::enter(&CLOCK, clock, f)
 }
 
 #[cfg(test)]

@@ -145,8 +145,8 @@ impl ConnectionContext {
 
 thread_local! {
     /// The connection `serve` is polling on this thread (see [`ConnectionContext::current`]).
-    static CURRENT: std::cell::Cell<Option<ConnectionContext>> =
-        const { std::cell::Cell::new(None) };
+    static CURRENT: std::cell::RefCell<Option<ConnectionContext>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 /// Runs `f` with `slot`'s connection as the thread's current one, and puts it back in

@@ -16,7 +16,7 @@
 //! A request's context is made only when something asks for it (see
 //! [`DeadlineDriver`]): a request that nobody asks costs no allocation for it.
 
-use std::cell::Cell;
+use std::cell::RefCell;
 use std::time::Duration;
 
 use reqctx::{Context, DeadlineDriver, DeadlineOrigin};
@@ -35,7 +35,7 @@ pub(crate) struct Scope {
 thread_local! {
     /// The scope of the request whose layer is calling or polling its inner service on
     /// this thread, if any.
-    static CURRENT: Cell<Option<Scope>> = const { Cell::new(None) };
+    static CURRENT: RefCell<Option<Scope>> = const { RefCell::new(None) };
 }
 
 impl Scope {
@@ -76,7 +76,7 @@ fn with_current<R>(f: impl FnOnce(&mut Scope) -> R) -> Option<R> {
 
 /// Whether a layer is calling or polling its inner service for a request on this thread.
 pub(crate) fn is_current() -> bool {
-    with_current(|_| ()).is_some()
+    current::is_set(&CURRENT)
 }
 
 /// For a route's layer: moves the current request's deadline. `false` if there is no

@@ -168,6 +168,8 @@ mod cause;
 mod connection;
 mod current;
 mod layer;
+#[cfg(feature = "live")]
+pub mod live;
 pub mod propagate;
 #[cfg(feature = "server")]
 mod server;

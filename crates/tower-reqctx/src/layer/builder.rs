@@ -186,6 +186,26 @@ impl ContextLayer {
         self.with(|c| c.request_id = Some(name))
     }
 
+    /// Records every request in `view`, a live page of the requests in flight and of how
+    /// the last ones ended: see [`live`](crate::live). Without it (the default) nothing
+    /// is recorded.
+    ///
+    /// ```
+    /// use axum::{Router, routing::get};
+    /// use tower_reqctx::{ContextLayer, live::LiveView};
+    ///
+    /// let view = LiveView::new();
+    /// let app: Router = Router::new()
+    ///     .route("/", get(|| async { "hello" }))
+    ///     .nest("/debug/requests", view.router())
+    ///     .layer(ContextLayer::new().live_view(&view));
+    /// # let _ = app;
+    /// ```
+    #[cfg(feature = "live")]
+    pub fn live_view(self, view: &crate::live::LiveView) -> ContextLayer {
+        self.with(|c| c.live = Some(view.registry().clone()))
+    }
+
     /// The parent of every request context when the request carries no
     /// [`ConnectionContext`](crate::ConnectionContext). Cancel it with
     /// [`Cause::Shutdown`](reqctx::Cause::Shutdown) at shutdown. With

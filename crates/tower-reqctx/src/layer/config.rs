@@ -21,6 +21,8 @@ pub(crate) struct Config {
     pub(crate) root: Option<Context>,
     pub(crate) deadline_headers: Arc<[DeadlineHeader]>, // read in order; the earliest wins
     pub(crate) request_id: Option<HeaderName>,
+    #[cfg(feature = "live")]
+    pub(crate) live: Option<Arc<crate::live::Registry>>,
 }
 
 impl Default for Config {
@@ -36,6 +38,8 @@ impl Default for Config {
             root: None,
             deadline_headers: Arc::new([]),
             request_id: None,
+            #[cfg(feature = "live")]
+            live: None,
         }
     }
 }

@@ -65,6 +65,15 @@ impl Answer {
     }
 
     /// The response; `cause` is the context's, for a timeout's answer.
+    /// The status the answer goes out with.
+    #[cfg(feature = "live")]
+    fn status(&self) -> u16 {
+        match self {
+            Answer::Text(status, _) | Answer::Timeout(status) => status.as_u16(),
+            Answer::Grpc(..) => 200,
+        }
+    }
+
     fn into_response<B>(self, cause: Option<Cause>) -> Response<ContextBody<B>> {
         match self {
             Answer::Text(status, message) => ContextBody::message_response(status, message),
@@ -311,7 +320,13 @@ where
         match timed_out {
             Some(answer) => {
                 let cause = match kind.as_mut().project() {
-                    KindProj::Owner { owner, .. } => owner.as_ref().and_then(Owner::cause),
+                    KindProj::Owner { owner, .. } => {
+                        #[cfg(feature = "live")]
+                        if let Some(o) = owner.as_mut() {
+                            o.live_status(answer.status());
+                        }
+                        owner.as_ref().and_then(Owner::cause)
+                    }
                     _ => None,
                 };
                 // Drops the handler's future; the context's cause is already recorded.

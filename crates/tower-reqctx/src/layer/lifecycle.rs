@@ -305,6 +305,8 @@ impl Owner {
         grace: Duration,
     ) -> Answered<B> {
         let status = res.status();
+        #[cfg(feature = "live")]
+        self.live_status(status.as_u16());
         if status.as_u16() == CLIENT_CLOSED_REQUEST {
             // nginx's reason phrase; hyper would send none for a status it does not know.
             res.extensions_mut()
@@ -325,6 +327,11 @@ impl Owner {
             // timeouts do not cut a WebSocket short.
             if let Some(scope) = self.scope.as_mut() {
                 scope.driver.set_deadline(None);
+                #[cfg(feature = "live")]
+                if let Some(ticket) = &scope.live {
+                    ticket.set_deadline(None);
+                    ticket.set_state(crate::live::State::Upgraded);
+                }
             }
             match self.upgrade.take() {
                 Some(conn) => conn.hold(Box::new(Held(self))),
@@ -364,6 +371,10 @@ impl Owner {
             false => self.grace_bound(grace),
         };
         self.unpolled = true;
+        #[cfg(feature = "live")]
+        if let Some(ticket) = self.scope.as_ref().and_then(|s| s.live.as_ref()) {
+            ticket.set_state(crate::live::State::Streaming);
+        }
         Answered::Streams(
             res,
             Streaming {
@@ -408,6 +419,28 @@ impl Owner {
         self.end(Cause::custom(ServiceFailed));
     }
 
+    /// The status of the response the request ends with, for its live view.
+    #[cfg(feature = "live")]
+    pub(crate) fn live_status(&mut self, status: u16) {
+        if let Some(ticket) = self.scope.as_mut().and_then(|s| s.live.as_mut()) {
+            ticket.set_status(status);
+        }
+    }
+
+    /// The request is over (the owner is dropped, its cause recorded): its live view
+    /// moves it from the requests in flight to the ended ones.
+    #[cfg(feature = "live")]
+    fn live_end(&mut self) {
+        let Some(scope) = self.scope.as_mut() else {
+            return;
+        };
+        let Some(ticket) = scope.live.take() else {
+            return;
+        };
+        let cause = scope.driver.expire().unwrap_or(Cause::Completed);
+        ticket.end(&cause);
+    }
+
     /// A panic is unwinding through the layer.
     pub(crate) fn panicked(&self) {
         self.end(Cause::custom(HandlerPanicked));
@@ -416,9 +449,17 @@ impl Owner {
 
 impl Drop for Owner {
     fn drop(&mut self) {
-        if self.reported.get() {
-            return; // the context already ended (and was reported): nothing to record
+        // Unless the context already ended (and was reported), the drop is its end.
+        if !self.reported.get() {
+            self.end_on_drop();
         }
+        #[cfg(feature = "live")]
+        self.live_end();
+    }
+}
+
+impl Owner {
+    fn end_on_drop(&mut self) {
         let cause = if std::thread::panicking() {
             Cause::custom(HandlerPanicked)
         } else if self.unpolled {

@@ -30,6 +30,10 @@ pub(crate) struct Scope {
     pub(crate) driver: DeadlineDriver,
     start: Option<Instant>, // when the request arrived, read only if a timeout needs it
     client: Option<(Instant, DeadlineOrigin)>, // the client's own deadline, if it set one
+    // The request's row in a live view, if the layer has one: here rather than in the
+    // owner so that a route's timeout can move the deadline it shows.
+    #[cfg(feature = "live")]
+    pub(crate) live: Option<crate::live::Ticket>,
 }
 
 thread_local! {
@@ -48,6 +52,8 @@ impl Scope {
             driver,
             start,
             client,
+            #[cfg(feature = "live")]
+            live: None,
         }
     }
 
@@ -58,7 +64,20 @@ impl Scope {
             let start = *self.start.get_or_insert_with(Instant::now);
             start.checked_add(d).map(|at| (at, DeadlineOrigin::Layer))
         });
-        self.driver.set_deadline(earliest(server, self.client));
+        let deadline = earliest(server, self.client);
+        self.driver.set_deadline(deadline);
+        #[cfg(feature = "live")]
+        if let Some(ticket) = &self.live {
+            use crate::live::Origin;
+            // The server's deadline is now the route's.
+            ticket.set_deadline(deadline.map(|(at, origin)| {
+                let origin = match origin {
+                    DeadlineOrigin::Layer => Origin::Route,
+                    origin => Origin::of(origin),
+                };
+                (at.into_std(), origin)
+            }));
+        }
     }
 }
 

@@ -148,7 +148,13 @@ where
             Method::CONNECT => RequestKind::Connect,
             _ => RequestKind::Other,
         };
-        let mut owner = Owner::new(Scope::new(driver, start, client), kind);
+        #[allow(unused_mut)] // without `live`
+        let mut scope = Scope::new(driver, start, client);
+        #[cfg(feature = "live")]
+        if let Some(registry) = &config.live {
+            scope.live = live_register(registry, &req, start, deadline, conn.as_ref());
+        }
+        let mut owner = Owner::new(scope, kind);
         if let Some(abort) = abort {
             owner.closes_on_stall(abort);
         }
@@ -202,6 +208,28 @@ fn record_route<B>(req: &Request<B>) {
     }
     #[cfg(not(feature = "axum"))]
     let _ = req;
+}
+
+/// The request's row in the layer's live view.
+#[cfg(feature = "live")]
+fn live_register<B>(
+    registry: &Arc<crate::live::Registry>,
+    req: &Request<B>,
+    start: Option<Instant>,
+    deadline: Option<(Instant, DeadlineOrigin)>,
+    conn: Option<&ConnectionContext>,
+) -> Option<crate::live::Ticket> {
+    use crate::live::Origin;
+    #[cfg(feature = "axum")]
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str());
+    #[cfg(not(feature = "axum"))]
+    let route = None;
+    let start = start.map_or_else(std::time::Instant::now, Instant::into_std);
+    let deadline = deadline.map(|(at, origin)| (at.into_std(), Origin::of(origin)));
+    registry.register(req, route, start, deadline, conn)
 }
 
 /// The connection the request arrived on: `serve`'s current one, or `WatchedListener`'s

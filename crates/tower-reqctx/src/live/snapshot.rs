@@ -1,0 +1,399 @@
+//! What the view shows, read from the registry at one instant: the page's JSON.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::registry::{
+    BUCKETS, CAUSES, Counters, Ended, Extras, HOUR_STEP, HOUR_STEPS, Live, MINUTE_STEP,
+    MINUTE_STEPS, Registry, State, UNMATCHED, Window, lock,
+};
+
+/// What a [`LiveView`](super::LiveView) shows at one instant: the page's JSON
+/// (`?format=json`), field for field.
+#[derive(Clone, Debug, Serialize)]
+#[non_exhaustive]
+pub struct Snapshot {
+    /// Milliseconds since the view was made.
+    pub uptime_ms: u64,
+    /// The heap the view holds, in bytes, from its tables' capacities: bounded by the
+    /// peak number of requests in flight and the settings, whatever the load.
+    pub memory_bytes: usize,
+    /// The requests in flight, oldest first.
+    pub in_flight: InFlight,
+    /// The last requests that ended, per cause.
+    pub recent: Recent,
+    /// Counts per route over the last minute and the last hour.
+    pub routes: Routes,
+    /// The names of the latency buckets of [`Window::buckets`].
+    pub buckets: [&'static str; 5],
+}
+
+/// The requests in flight.
+#[derive(Clone, Debug, Serialize)]
+#[non_exhaustive]
+pub struct InFlight {
+    /// How many are in flight.
+    pub total: usize,
+    /// How many rows follow (the oldest `limit` at most).
+    pub shown: usize,
+    /// The most rows shown ([`LiveView::max_rows`](super::LiveView::max_rows)).
+    pub limit: usize,
+    /// One per request, oldest first.
+    pub rows: Vec<Row>,
+}
+
+/// A request in flight.
+#[derive(Clone, Debug, Serialize)]
+#[non_exhaustive]
+pub struct Row {
+    /// The view's own id for the request, unique in the view.
+    pub id: u64,
+    /// The request's method.
+    pub method: String,
+    /// The matched route (axum's `MatchedPath`, such as `/users/{id}`); `None` when no
+    /// route matched or the layer sits outside the router.
+    pub route: Option<String>,
+    /// The request's path, when [`show_path`](super::LiveView::show_path) is on.
+    pub path: Option<String>,
+    /// Its query string, when [`show_query`](super::LiveView::show_query) is on.
+    pub query: Option<String>,
+    /// The headers [`show_header`](super::LiveView::show_header) names, with their values.
+    pub headers: Vec<(String, String)>,
+    /// Milliseconds since the layer received it.
+    pub age_ms: f64,
+    /// Milliseconds left before its deadline (negative once it has passed); `None`
+    /// without a deadline.
+    pub budget_ms: Option<f64>,
+    /// Who set the deadline: `query`, `header`, `layer` or `route`.
+    pub origin: Option<&'static str>,
+    /// `connected` or `disconnected`: whether the request's connection is still open,
+    /// under [`serve`](crate::serve) and `WatchedListener`; `None` where the layer has
+    /// no connection to watch (plain `axum::serve`).
+    pub client: Option<&'static str>,
+    /// `running` (the handler has not answered), `streaming` (the body is being sent) or
+    /// `upgraded` (held as a WebSocket or a tunnel).
+    pub state: &'static str,
+}
+
+/// The last requests that ended, per cause.
+#[derive(Clone, Debug, Serialize)]
+#[non_exhaustive]
+pub struct Recent {
+    /// How many are kept per cause ([`LiveView::recent_per_cause`](super::LiveView::recent_per_cause)).
+    pub per_cause: usize,
+    /// One entry per cause seen, in a fixed order (`completed` first).
+    pub causes: Vec<CauseRing>,
+}
+
+/// The last requests that ended with one cause.
+#[derive(Clone, Debug, Serialize)]
+#[non_exhaustive]
+pub struct CauseRing {
+    /// The cause's label, as in the logs and metrics (`deadline_exceeded`).
+    pub cause: &'static str,
+    /// Newest first.
+    pub requests: Vec<EndedRow>,
+}
+
+/// A request that ended.
+#[derive(Clone, Debug, Serialize)]
+#[non_exhaustive]
+pub struct EndedRow {
+    /// As in [`Row`].
+    pub id: u64,
+    /// As in [`Row`].
+    pub method: String,
+    /// As in [`Row`].
+    pub route: Option<String>,
+    /// As in [`Row`].
+    pub path: Option<String>,
+    /// As in [`Row`].
+    pub query: Option<String>,
+    /// As in [`Row`].
+    pub headers: Vec<(String, String)>,
+    /// From the layer receiving it to the end of its context.
+    pub duration_ms: f64,
+    /// The response's status; `None` when there was no response (the client left first).
+    pub status: Option<u16>,
+    /// The cause's label.
+    pub cause: &'static str,
+    /// The cause, in words (`deadline exceeded (set by the client's query parameter)`).
+    pub detail: String,
+    /// Milliseconds since it ended.
+    pub ago_ms: f64,
+}
+
+/// Counts per route.
+#[derive(Clone, Debug, Serialize)]
+#[non_exhaustive]
+pub struct Routes {
+    /// The route cap ([`LiveView::max_routes`](super::LiveView::max_routes)); the rest
+    /// count under `other`.
+    pub max: usize,
+    /// One per route that ended a request in the last hour, by name.
+    pub rows: Vec<RouteRow>,
+}
+
+/// One route's counts.
+#[derive(Clone, Debug, Serialize)]
+#[non_exhaustive]
+pub struct RouteRow {
+    /// The route, `other` (past the cap) or `(no route)`.
+    pub route: String,
+    /// The last minute (in 10-second steps: 50 to 60 seconds).
+    pub minute: WindowCounts,
+    /// The last hour (in 5-minute steps: 55 to 60 minutes).
+    pub hour: WindowCounts,
+}
+
+/// Counts over a window.
+#[derive(Clone, Debug, Default, Serialize)]
+#[non_exhaustive]
+pub struct WindowCounts {
+    /// Requests that ended in the window.
+    pub total: u64,
+    /// By cause label; only the causes seen.
+    pub causes: BTreeMap<&'static str, u64>,
+    /// Requests that took longer than each bucket: all, >10 ms, >100 ms, >1 s, >10 s.
+    pub buckets: [u64; 5],
+}
+
+impl WindowCounts {
+    fn add(&mut self, w: &Window) {
+        for (c, &n) in w.causes.iter().enumerate() {
+            if n > 0 {
+                *self.causes.entry(CAUSES[c]).or_default() += u64::from(n);
+                self.total += u64::from(n);
+            }
+        }
+        // Cumulative: a request above 1 s is also above 10 ms.
+        let mut above = 0;
+        for b in (0..BUCKETS.len()).rev() {
+            above += u64::from(w.buckets[b]);
+            self.buckets[b] += above;
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn extras(
+    e: Option<&Extras>,
+    show_path: bool,
+    show_query: bool,
+) -> (Option<String>, Option<String>, Vec<(String, String)>) {
+    let Some(e) = e else {
+        return (None, None, Vec::new());
+    };
+    let path = e
+        .uri
+        .as_ref()
+        .filter(|_| show_path)
+        .map(|u| u.path().to_owned());
+    let query = e
+        .uri
+        .as_ref()
+        .filter(|_| show_query)
+        .and_then(|u| u.query())
+        .map(str::to_owned);
+    let headers = e
+        .headers
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    (path, query, headers)
+}
+
+impl Registry {
+    pub(crate) fn snapshot(&self) -> Snapshot {
+        let now = Instant::now();
+        let names = self.route_names();
+        let hidden = lock(&self.hidden).clone();
+        let s = &self.settings;
+        let route_name = |id: u16| -> Option<String> {
+            (id != UNMATCHED).then(|| {
+                names
+                    .get(usize::from(id))
+                    .map_or("other", |n| &**n)
+                    .to_owned()
+            })
+        };
+
+        // In flight: copy out what the rows need, shard by shard, then sort.
+        let mut live: Vec<(Instant, u64, u16, usize, usize)> = Vec::new(); // start, id, route, shard, slot
+        let mut total = 0;
+        for (n, shard) in self.shards.iter().enumerate() {
+            let shard = lock(shard);
+            for (i, slot) in shard.slots.iter().enumerate() {
+                if let Some(l) = slot {
+                    if hidden.contains(&l.route) {
+                        continue;
+                    }
+                    total += 1;
+                    live.push((l.start, l.id, l.route, n, i));
+                }
+            }
+        }
+        live.sort_unstable_by_key(|&(start, id, ..)| (start, id));
+        live.truncate(s.max_rows);
+        let mut rows = Vec::with_capacity(live.len());
+        for (n, shard) in self.shards.iter().enumerate() {
+            let shard = lock(shard);
+            for (order, &(.., sn, i)) in live.iter().enumerate() {
+                if sn != n {
+                    continue;
+                }
+                // Ended since the first pass: left out.
+                if let Some(Some(l)) = shard.slots.get(i) {
+                    rows.push((order, self.row(l, now, &route_name)));
+                }
+            }
+        }
+        rows.sort_unstable_by_key(|&(order, _)| order);
+        let rows: Vec<Row> = rows.into_iter().map(|(_, r)| r).collect();
+
+        // Recent: each cause's rings merged, newest first.
+        let mut causes: Vec<Vec<(Instant, EndedRow)>> =
+            (0..CAUSES.len()).map(|_| Vec::new()).collect();
+        let mut counters: BTreeMap<u16, (WindowCounts, WindowCounts)> = BTreeMap::new();
+        let secs = now.saturating_duration_since(self.epoch).as_secs();
+        let (m, h) = (secs / MINUTE_STEP, secs / HOUR_STEP);
+        let recent_minute = |step: u64| step != u64::MAX && step + MINUTE_STEPS as u64 > m;
+        let recent_hour = |step: u64| step != u64::MAX && step + HOUR_STEPS as u64 > h;
+        for shard in self.shards.iter() {
+            let shard = lock(shard);
+            for (c, ring) in shard.recent.iter().enumerate() {
+                for e in &ring.entries {
+                    if hidden.contains(&e.route) {
+                        continue;
+                    }
+                    causes[c].push((e.at, self.ended(e, c, now, &route_name)));
+                }
+            }
+            for (route, Counters { minute, hour }) in shard.counters.iter().enumerate() {
+                let route = route as u16;
+                if hidden.contains(&route) {
+                    continue;
+                }
+                let in_hour = hour.iter().any(|w| recent_hour(w.step));
+                if !in_hour {
+                    continue;
+                }
+                let entry = counters.entry(route).or_default();
+                for w in minute.iter().filter(|w| recent_minute(w.step)) {
+                    entry.0.add(w);
+                }
+                for w in hour.iter().filter(|w| recent_hour(w.step)) {
+                    entry.1.add(w);
+                }
+            }
+        }
+        let causes = causes
+            .into_iter()
+            .enumerate()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(c, mut v)| {
+                v.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(b.1.id.cmp(&a.1.id)));
+                v.truncate(s.recent_per_cause);
+                CauseRing {
+                    cause: CAUSES[c],
+                    requests: v.into_iter().map(|(_, r)| r).collect(),
+                }
+            })
+            .collect();
+        let mut route_rows: Vec<RouteRow> = counters
+            .into_iter()
+            .map(|(id, (minute, hour))| RouteRow {
+                route: route_name(id).unwrap_or_else(|| "(no route)".to_owned()),
+                minute,
+                hour,
+            })
+            .collect();
+        route_rows.sort_by(|a, b| a.route.cmp(&b.route));
+
+        Snapshot {
+            uptime_ms: u64::try_from(now.saturating_duration_since(self.epoch).as_millis())
+                .unwrap_or(u64::MAX),
+            memory_bytes: self.heap_bytes(),
+            in_flight: InFlight {
+                total,
+                shown: rows.len(),
+                limit: s.max_rows,
+                rows,
+            },
+            recent: Recent {
+                per_cause: s.recent_per_cause,
+                causes,
+            },
+            routes: Routes {
+                max: s.max_routes,
+                rows: route_rows,
+            },
+            buckets: BUCKETS,
+        }
+    }
+
+    fn row(&self, l: &Live, now: Instant, route_name: &impl Fn(u16) -> Option<String>) -> Row {
+        let s = &self.settings;
+        let (path, query, headers) = extras(l.extras.as_deref(), s.show_path, s.show_query);
+        let budget_ms = l
+            .deadline
+            .map(|(at, _)| match at.checked_duration_since(now) {
+                Some(left) => ms(left),
+                None => -ms(now.saturating_duration_since(at)),
+            });
+        Row {
+            id: l.id,
+            method: l.method.as_str().to_owned(),
+            route: route_name(l.route),
+            path,
+            query,
+            headers,
+            age_ms: ms(now.saturating_duration_since(l.start)),
+            budget_ms,
+            origin: l.deadline.map(|(_, o)| o.name()),
+            client: l.conn.as_ref().map(|c| match c.context().is_cancelled() {
+                true => "disconnected",
+                false => "connected",
+            }),
+            state: match l.state {
+                State::Running => "running",
+                State::Streaming => "streaming",
+                State::Upgraded => "upgraded",
+            },
+        }
+    }
+
+    fn ended(
+        &self,
+        e: &Ended,
+        c: usize,
+        now: Instant,
+        route_name: &impl Fn(u16) -> Option<String>,
+    ) -> EndedRow {
+        let s = &self.settings;
+        let (path, query, headers) = extras(e.extras.as_deref(), s.show_path, s.show_query);
+        EndedRow {
+            id: e.id,
+            method: e.method.as_str().to_owned(),
+            route: route_name(e.route),
+            path,
+            query,
+            headers,
+            duration_ms: ms(e.duration),
+            status: (e.status != 0).then_some(e.status),
+            cause: CAUSES[c],
+            detail: e.cause.to_string(),
+            ago_ms: ms(now.saturating_duration_since(e.at)),
+        }
+    }
+}

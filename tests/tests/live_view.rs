@@ -1,0 +1,438 @@
+//! The live view (`tower_reqctx::live`) over real sockets: requests parked in handlers
+//! appear with their route, age, budget and origin; a client that hangs up shows as
+//! disconnected (under `serve` and `WatchedListener`) and then ends `client_disconnected`;
+//! counts per cause match what was sent; the page and its JSON are served where mounted,
+//! and never list themselves.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::get;
+use reqctx_tests::{BOUND, Running, Server, http_get, probe, send};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tower_reqctx::header::DeadlineHeader;
+use tower_reqctx::live::{LiveView, Row, Snapshot};
+use tower_reqctx::{ContextLayer, ReqCtx, RouteTimeout};
+
+/// Polls the view until `check` holds, failing after a generous bound with the last
+/// snapshot.
+async fn until(view: &LiveView, what: &str, check: impl Fn(&Snapshot) -> bool) -> Snapshot {
+    let give_up = Instant::now() + 6 * BOUND;
+    loop {
+        let snap = view.snapshot();
+        if check(&snap) {
+            return snap;
+        }
+        assert!(
+            Instant::now() < give_up,
+            "{what}: never seen; last: {snap:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn row<'a>(snap: &'a Snapshot, route: &str) -> &'a Row {
+    snap.in_flight
+        .rows
+        .iter()
+        .find(|r| r.route.as_deref() == Some(route))
+        .unwrap_or_else(|| panic!("no row for {route}: {snap:#?}"))
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Handlers that park until the gate opens, telling the probe when they start.
+fn parking_app(view: &LiveView, gate: watch::Receiver<bool>, tx: reqctx_tests::ProbeTx) -> Router {
+    let park = move |ctx: ReqCtx| {
+        let (mut gate, tx) = (gate.clone(), tx.clone());
+        async move {
+            let _ = tx.send((*ctx).clone());
+            let _ = gate.wait_for(|open| *open).await;
+            "done"
+        }
+    };
+    Router::new()
+        .route("/query/{id}", get(park.clone()))
+        .route("/header", get(park.clone()))
+        .route("/layer", get(park.clone()))
+        .route("/upload", axum::routing::post(park.clone()))
+        .route(
+            "/route",
+            get(park).layer(RouteTimeout::new(Duration::from_secs(20))),
+        )
+        .nest("/debug/requests", view.router())
+        .layer(
+            ContextLayer::new()
+                .timeout(Duration::from_secs(60))
+                .deadline_header(DeadlineHeader::grpc())
+                .live_view(view),
+        )
+}
+
+async fn parked_requests_show_route_age_budget_and_origin(server: Server) {
+    let view = LiveView::new();
+    let (open, gate) = watch::channel(false);
+    let (tx, mut probe) = probe();
+    let running = Running::start(server, parking_app(&view, gate, tx), Duration::ZERO).await;
+    let addr = running.addr;
+
+    // In order, each started before the next is sent: the oldest is the first.
+    let sent = Instant::now();
+    let mut clients = Vec::new();
+    for (path, extra) in [
+        ("/query/7?timeout=30s", ""),
+        ("/header", "grpc-timeout: 40S\r\n"),
+        ("/layer", ""),
+        ("/route", ""),
+    ] {
+        let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\n{extra}\r\n");
+        clients.push(send(addr, req.as_bytes()).await);
+        probe.started().await;
+    }
+    let started = Instant::now();
+
+    let before = Instant::now();
+    let snap = view.snapshot();
+    let after = Instant::now();
+    assert_eq!(snap.in_flight.total, 4, "{snap:#?}");
+    assert_eq!(snap.in_flight.shown, 4);
+    let routes: Vec<_> = snap
+        .in_flight
+        .rows
+        .iter()
+        .map(|r| r.route.as_deref())
+        .collect();
+    assert_eq!(
+        routes,
+        [
+            Some("/query/{id}"),
+            Some("/header"),
+            Some("/layer"),
+            Some("/route")
+        ],
+        "oldest first"
+    );
+    let ids: Vec<u64> = snap.in_flight.rows.iter().map(|r| r.id).collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] != w[1]),
+        "distinct ids: {ids:?}"
+    );
+    for (route, origin, budget) in [
+        ("/query/{id}", "query", 30_000.0),
+        ("/header", "header", 40_000.0),
+        ("/layer", "layer", 60_000.0),
+        ("/route", "route", 20_000.0),
+    ] {
+        let r = row(&snap, route);
+        assert_eq!(r.origin, Some(origin), "{r:#?}");
+        assert_eq!(r.method, "GET");
+        assert_eq!(r.state, "running");
+        let left = r.budget_ms.expect("a deadline");
+        // Set no earlier than `sent`, read no later than `after`.
+        assert!(left <= budget, "{route}: {left} ms left of {budget}");
+        assert!(
+            left >= budget - ms(after - sent),
+            "{route}: {left} ms left of {budget}"
+        );
+        // Arrived after `sent`, before its handler started; read between before and after.
+        assert!(r.age_ms <= ms(after - sent), "{route}: age {}", r.age_ms);
+        assert!(
+            r.age_ms >= ms(before - started),
+            "{route}: age {}",
+            r.age_ms
+        );
+        // Nothing the user did not opt in to.
+        assert_eq!((&r.path, &r.query), (&None, &None));
+        assert!(r.headers.is_empty());
+        let client = match server {
+            Server::AxumPlain => None,
+            _ => Some("connected"),
+        };
+        assert_eq!(r.client, client, "{route}");
+    }
+
+    // Older on a second look.
+    let first_age = snap.in_flight.rows[0].age_ms;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(view.snapshot().in_flight.rows[0].age_ms >= first_age + 20.0);
+
+    // The view's own JSON, over the socket: the same rows, and not itself.
+    let (status, body) = http_get(addr, "/debug/requests?format=json").await;
+    assert_eq!(status, 200, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["in_flight"]["total"], 4, "{body}");
+    assert_eq!(json["in_flight"]["rows"][0]["route"], "/query/{id}");
+    let (status, page) = http_get(addr, "/debug/requests").await;
+    assert_eq!(status, 200);
+    assert!(
+        page.contains("<html") || page.contains("<!doctype"),
+        "{page}"
+    );
+
+    open.send(true).unwrap();
+    for mut c in clients {
+        reqctx_tests::read_until(&mut c, "done").await;
+    }
+    let snap = until(&view, "four completed", |s| {
+        s.in_flight.total == 0
+            && s.recent
+                .causes
+                .iter()
+                .any(|c| c.cause == "completed" && c.requests.len() == 4)
+    })
+    .await;
+    let completed = &snap.recent.causes[0];
+    assert!(completed.requests.iter().all(|e| e.status == Some(200)));
+    // The page's own requests are in no table.
+    let listed = |r: &Option<String>| r.as_deref().is_some_and(|r| r.starts_with("/debug"));
+    assert!(
+        !snap
+            .recent
+            .causes
+            .iter()
+            .flat_map(|c| &c.requests)
+            .any(|e| listed(&e.route))
+    );
+    assert!(
+        !snap
+            .routes
+            .rows
+            .iter()
+            .any(|r| r.route.starts_with("/debug")),
+        "{snap:#?}"
+    );
+    assert_eq!(snap.routes.rows.len(), 4, "{snap:#?}");
+    for r in &snap.routes.rows {
+        assert_eq!(r.minute.total, 1, "{r:#?}");
+        assert_eq!(r.minute.causes.get("completed"), Some(&1));
+        assert_eq!(r.hour.total, 1);
+    }
+    running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_requests_show_route_age_budget_and_origin_under_serve() {
+    parked_requests_show_route_age_budget_and_origin(Server::Serve).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_requests_show_route_age_budget_and_origin_under_watched_listener() {
+    parked_requests_show_route_age_budget_and_origin(Server::AxumWatched).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_requests_show_route_age_budget_and_origin_under_plain_axum_serve() {
+    parked_requests_show_route_age_budget_and_origin(Server::AxumPlain).await;
+}
+
+async fn a_client_that_hangs_up_shows_as_disconnected_then_ends(server: Server) {
+    let view = LiveView::new();
+    let (open, gate) = watch::channel(false);
+    let (tx, mut probe) = probe();
+    let running = Running::start(server, parking_app(&view, gate, tx), Duration::ZERO).await;
+
+    // An upload the handler never reads: hyper reads nothing more of the socket, only the
+    // connection's watcher sees the client leave.
+    let client = send(
+        running.addr,
+        b"POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\npartial",
+    )
+    .await;
+    probe.started().await;
+    let snap = view.snapshot();
+    assert_eq!(row(&snap, "/upload").client, Some("connected"));
+    drop(client); // a real close of the TCP connection
+
+    // The handler does not look at its context: the request stays in flight, seen as
+    // disconnected.
+    let snap = until(&view, "the client disconnected", |s| {
+        s.in_flight.rows.first().and_then(|r| r.client) == Some("disconnected")
+    })
+    .await;
+    assert_eq!(snap.in_flight.total, 1);
+    open.send(true).unwrap();
+    let snap = until(&view, "ended client_disconnected", |s| {
+        s.in_flight.total == 0
+            && s.recent
+                .causes
+                .iter()
+                .any(|c| c.cause == "client_disconnected")
+    })
+    .await;
+    let ended = &snap.recent.causes[0];
+    assert_eq!(ended.cause, "client_disconnected", "{snap:#?}");
+    assert_eq!(ended.requests[0].route.as_deref(), Some("/upload"));
+    assert_eq!(ended.requests[0].method, "POST");
+    assert_eq!(snap.recent.causes.len(), 1, "no other cause: {snap:#?}");
+    running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_shows_as_disconnected_then_ends_under_serve() {
+    a_client_that_hangs_up_shows_as_disconnected_then_ends(Server::Serve).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_shows_as_disconnected_then_ends_under_watched_listener() {
+    a_client_that_hangs_up_shows_as_disconnected_then_ends(Server::AxumWatched).await;
+}
+
+/// 200 mixed requests: 80 complete, 60 time out, 60 hang up. The counts per route and
+/// cause are exactly those, and each cause's ring holds its last 10.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_per_cause_match_what_was_sent() {
+    let view = LiveView::new();
+    let (tx, mut probe) = probe();
+    let hold = move |ctx: ReqCtx| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send((*ctx).clone());
+            ctx.cancelled().await;
+            "left"
+        }
+    };
+    let app = Router::new()
+        .route("/fast", get(|| async { "fast" }))
+        .route(
+            "/slow",
+            get(|ctx: ReqCtx| async move { ctx.cancelled().await }),
+        )
+        .route("/hold", get(hold))
+        .layer(ContextLayer::new().live_view(&view));
+    let running = Running::start(Server::Serve, app, Duration::ZERO).await;
+    let addr = running.addr;
+
+    let mut tasks = Vec::new();
+    for i in 0..80 {
+        tasks.push(tokio::spawn(async move {
+            let (status, _) = http_get(addr, &format!("/fast?n={i}")).await;
+            assert_eq!(status, 200);
+        }));
+    }
+    for _ in 0..60 {
+        tasks.push(tokio::spawn(async move {
+            let (status, _) = http_get(addr, "/slow?timeout=20ms").await;
+            assert_eq!(status, 504);
+        }));
+    }
+    // Each hangs up once its handler has started.
+    for _ in 0..60 {
+        let mut c = send(addr, b"GET /hold HTTP/1.1\r\nhost: x\r\n\r\n").await;
+        probe.started().await;
+        c.shutdown().await.unwrap();
+        drop(c);
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+
+    let snap = until(&view, "200 ended", |s| {
+        s.in_flight.total == 0 && s.routes.rows.iter().map(|r| r.minute.total).sum::<u64>() == 200
+    })
+    .await;
+    let count = |route: &str, cause: &str| {
+        let r = snap.routes.rows.iter().find(|r| r.route == route).unwrap();
+        (
+            r.minute.total,
+            r.minute.causes.get(cause).copied(),
+            r.hour.total,
+        )
+    };
+    assert_eq!(count("/fast", "completed"), (80, Some(80), 80), "{snap:#?}");
+    assert_eq!(
+        count("/slow", "deadline_exceeded"),
+        (60, Some(60), 60),
+        "{snap:#?}"
+    );
+    assert_eq!(
+        count("/hold", "client_disconnected"),
+        (60, Some(60), 60),
+        "{snap:#?}"
+    );
+    // The timed out ones took at least their 20 ms: all of them are above 10 ms.
+    let slow = snap
+        .routes
+        .rows
+        .iter()
+        .find(|r| r.route == "/slow")
+        .unwrap();
+    assert_eq!(slow.minute.buckets[1], 60, "{slow:#?}");
+    for c in &snap.recent.causes {
+        assert_eq!(c.requests.len(), 10, "{c:#?}");
+        let (route, status) = match c.cause {
+            "completed" => ("/fast", Some(200)),
+            "deadline_exceeded" => ("/slow", Some(504)),
+            "client_disconnected" => ("/hold", None),
+            other => panic!("unexpected cause {other}"),
+        };
+        for e in &c.requests {
+            assert_eq!(e.route.as_deref(), Some(route));
+            if c.cause != "client_disconnected" {
+                assert_eq!(e.status, status, "{e:#?}");
+            }
+        }
+        assert!(
+            c.requests.windows(2).all(|w| w[0].ago_ms <= w[1].ago_ms),
+            "newest first"
+        );
+    }
+    assert_eq!(snap.recent.causes.len(), 3);
+    running.shutdown().await.unwrap();
+}
+
+/// Paths, queries and headers appear only when asked for, field by field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_queries_and_headers_only_when_asked() {
+    let (tx, mut probe) = probe();
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let app = |view: &LiveView| {
+        let (tx, gate) = (tx.clone(), gate.clone());
+        Router::new()
+            .route(
+                "/item/{id}",
+                get(move |ctx: ReqCtx| {
+                    let (tx, gate) = (tx.clone(), gate.clone());
+                    async move {
+                        let _ = tx.send((*ctx).clone());
+                        gate.notified().await;
+                        "ok"
+                    }
+                }),
+            )
+            .layer(ContextLayer::new().live_view(view))
+    };
+    let request = b"GET /item/42?token=s3cret HTTP/1.1\r\nhost: x\r\nx-tenant: acme\r\nauthorization: Bearer s3cret\r\n\r\n";
+
+    let hidden = LiveView::new();
+    let running = Running::start(Server::Serve, app(&hidden), Duration::ZERO).await;
+    let _c = send(running.addr, request).await;
+    probe.started().await;
+    let json = hidden.json();
+    assert!(
+        !json.contains("s3cret") && !json.contains("acme") && !json.contains("/item/42"),
+        "{json}"
+    );
+    assert!(json.contains("/item/{id}"), "{json}");
+    gate.notify_waiters();
+    running.abort();
+
+    let shown = LiveView::new()
+        .show_path()
+        .show_header(http::HeaderName::from_static("x-tenant"));
+    let running = Running::start(Server::Serve, app(&shown), Duration::ZERO).await;
+    let _c = send(running.addr, request).await;
+    probe.started().await;
+    let snap = shown.snapshot();
+    let r = &snap.in_flight.rows[0];
+    assert_eq!(r.path.as_deref(), Some("/item/42"));
+    assert_eq!(r.query, None, "the query is its own opt-in");
+    assert_eq!(r.headers, [("x-tenant".to_owned(), "acme".to_owned())]);
+    assert!(!shown.json().contains("s3cret"));
+    gate.notify_waiters();
+    running.abort();
+}

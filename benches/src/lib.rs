@@ -17,6 +17,7 @@ use axum::routing::get;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tower_layer::Layer;
+use tower_reqctx::live::LiveView;
 use tower_reqctx::reqctx::Cancelled;
 use tower_reqctx::{ContextLayer, ReqCtx};
 use tower_service::Service;
@@ -57,6 +58,9 @@ pub enum Variant {
     /// `ContextLayer::new()`; the handler extracts `ReqCtx` (the README's setup, with
     /// `tower_reqctx::serve`).
     CtxReqCtx,
+    /// `ContextLayer::new().live_view(&view)`: every request recorded in a live view
+    /// (issue 21's bookkeeping; the view's own page is not mounted).
+    CtxLive,
     /// tower-http's `TimeoutLayer`, 30 s.
     TowerTimeout,
     /// tower-http's `TimeoutLayer`, 30 s, over the handler that yields once.
@@ -71,6 +75,8 @@ pub enum Variant {
     TowerTimeoutPark,
     /// Memory: as [`Variant::Park`] under `ContextLayer::new()`.
     CtxPark,
+    /// Memory: as [`Variant::Park`] under `ContextLayer::new().live_view(&view)`.
+    CtxLivePark,
     /// Memory: as [`Variant::Park`] under `ContextLayer::new().timeout(2h)` (the deadline
     /// timer is armed while the handler waits).
     CtxTimeoutPark,
@@ -94,7 +100,7 @@ pub enum Variant {
 
 impl Variant {
     /// Every variant, with the name `--variant` takes.
-    pub const ALL: [(Variant, &'static str); 20] = [
+    pub const ALL: [(Variant, &'static str); 22] = [
         (Variant::Bare, "bare"),
         (Variant::Noop, "noop"),
         (Variant::Ctx, "ctx"),
@@ -104,12 +110,14 @@ impl Variant {
         (Variant::CtxRun, "ctx-run"),
         (Variant::CtxRunReady, "ctx-run-ready"),
         (Variant::CtxReqCtx, "ctx-reqctx"),
+        (Variant::CtxLive, "ctx-live"),
         (Variant::TowerTimeout, "tower-timeout"),
         (Variant::TowerTimeoutYield, "tower-timeout-yield"),
         (Variant::Park, "park"),
         (Variant::NoopPark, "noop-park"),
         (Variant::TowerTimeoutPark, "tower-timeout-park"),
         (Variant::CtxPark, "ctx-park"),
+        (Variant::CtxLivePark, "ctx-live-park"),
         (Variant::CtxTimeoutPark, "ctx-timeout-park"),
         (Variant::CtxTimeoutCancelled, "ctx-timeout-cancelled"),
         (Variant::Lateness, "lateness"),
@@ -169,6 +177,9 @@ impl Variant {
             Variant::CtxReqCtx => Router::new()
                 .route("/", get(ctx_reqctx))
                 .layer(ContextLayer::new()),
+            Variant::CtxLive => Router::new()
+                .route("/", get(hello))
+                .layer(ContextLayer::new().live_view(&LiveView::new())),
             Variant::TowerTimeout => Router::new().route("/", get(hello)).layer(tower_timeout()),
             Variant::TowerTimeoutYield => Router::new()
                 .route("/", get(yielding))
@@ -185,6 +196,8 @@ impl Variant {
             Variant::CtxPark => {
                 slow_routes(Router::new().route("/slow", get(park))).layer(ContextLayer::new())
             }
+            Variant::CtxLivePark => slow_routes(Router::new().route("/slow", get(park)))
+                .layer(ContextLayer::new().live_view(&LiveView::new())),
             Variant::CtxTimeoutPark => slow_routes(Router::new().route("/slow", get(park)))
                 .layer(ContextLayer::new().timeout(SLOW)),
             Variant::CtxTimeoutCancelled => {

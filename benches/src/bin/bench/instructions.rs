@@ -27,7 +27,7 @@ pub(crate) struct Case {
 
 /// The report's rows, in order: (label, serve call, what it is). Every server runs on a
 /// current-thread runtime.
-pub(crate) const ROWS: [(&str, &str, &str); 17] = [
+pub(crate) const ROWS: [(&str, &str, &str); 18] = [
     (
         "bare",
         "axum",
@@ -37,6 +37,11 @@ pub(crate) const ROWS: [(&str, &str, &str); 17] = [
     ("ctx", "axum", "`Router::layer(ContextLayer::new())`"),
     ("ctx-timeout", "axum", "`ContextLayer::new().timeout(30s)`"),
     ("tower-timeout", "axum", "tower-http `TimeoutLayer` 30 s"),
+    (
+        "ctx-live",
+        "axum",
+        "`ContextLayer::new().live_view(&view)`: every request recorded in a live view",
+    ),
     (
         "bare-query",
         "axum",

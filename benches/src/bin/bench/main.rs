@@ -539,7 +539,7 @@ fn lateness_all(
 }
 
 /// The memory variants, with how the report names them.
-pub(crate) const MEMORY_VARIANTS: [(&str, &str); 6] = [
+pub(crate) const MEMORY_VARIANTS: [(&str, &str); 7] = [
     ("park", "no layer, the handler parked on a `Notify`"),
     (
         "noop-park",
@@ -552,6 +552,10 @@ pub(crate) const MEMORY_VARIANTS: [(&str, &str); 6] = [
     (
         "ctx-park",
         "`ContextLayer::new()`, the handler parked on a `Notify`",
+    ),
+    (
+        "ctx-live-park",
+        "`ContextLayer::new().live_view(&view)`, the handler parked on a `Notify`",
     ),
     (
         "ctx-timeout-park",

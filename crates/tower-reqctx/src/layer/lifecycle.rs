@@ -123,7 +123,11 @@ pub(crate) struct Owner {
     // so a stalled response may close it.
     abort: Option<ConnectionAbort>,
     reported: Cell<bool>, // the cause went to tracing and metrics (once, by the first `end`)
-    unpolled: bool,       // in a body that nothing has polled yet: its drop is a discarded response
+    // The reported cause, for a live view: its index and a deadline's origin (no custom
+    // cause: that one is read again at the end).
+    #[cfg(feature = "live")]
+    live_cause: Cell<(u8, u8)>,
+    unpolled: bool, // in a body that nothing has polled yet: its drop is a discarded response
     // An HTTP/1 upgrade request's connection: on an upgrade the owner is held there.
     upgrade: Option<ConnectionContext>,
     tunnel: bool, // an HTTP/2 request that may open a tunnel: the tunnel's task holds it
@@ -150,6 +154,8 @@ impl Owner {
             kind,
             abort: None,
             reported: Cell::new(false),
+            #[cfg(feature = "live")]
+            live_cause: Cell::new((0, 0)),
             unpolled: false,
             upgrade: None,
             tunnel: false,
@@ -272,6 +278,10 @@ impl Owner {
         }
         let kind = label(&cause);
         super::metrics::cause(kind);
+        #[cfg(feature = "live")]
+        if self.scope.as_ref().is_some_and(|s| s.live.is_some()) {
+            self.live_cause.set(crate::live::code(&cause));
+        }
         // Fills `cause` on the request's span, if it declares one (see the crate docs); as
         // `Display`, so that a text log reads `cause=client_disconnected`.
         let kind_field = tracing::field::display(kind);
@@ -437,8 +447,13 @@ impl Owner {
         let Some(ticket) = scope.live.take() else {
             return;
         };
-        let cause = scope.driver.expire().unwrap_or(Cause::Completed);
-        ticket.end(&cause);
+        let (c, origin) = self.live_cause.get();
+        // Only a custom cause is read again: the view shows its words.
+        let custom = match crate::live::is_common(c) {
+            true => None,
+            false => scope.driver.expire(),
+        };
+        ticket.end(usize::from(c), origin, custom);
     }
 
     /// A panic is unwinding through the layer.

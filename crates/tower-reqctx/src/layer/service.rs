@@ -152,7 +152,7 @@ where
         let mut scope = Scope::new(driver, start, client);
         #[cfg(feature = "live")]
         if let Some(registry) = &config.live {
-            scope.live = live_register(registry, &req, start, deadline, conn.as_ref());
+            scope.live = live_register(registry, &req, deadline, conn.as_ref());
         }
         let mut owner = Owner::new(scope, kind);
         if let Some(abort) = abort {
@@ -215,21 +215,16 @@ fn record_route<B>(req: &Request<B>) {
 fn live_register<B>(
     registry: &Arc<crate::live::Registry>,
     req: &Request<B>,
-    start: Option<Instant>,
     deadline: Option<(Instant, DeadlineOrigin)>,
     conn: Option<&ConnectionContext>,
 ) -> Option<crate::live::Ticket> {
     use crate::live::Origin;
     #[cfg(feature = "axum")]
-    let route = req
-        .extensions()
-        .get::<axum::extract::MatchedPath>()
-        .map(|p| p.as_str());
+    let route = req.extensions().get::<axum::extract::MatchedPath>();
     #[cfg(not(feature = "axum"))]
     let route = None;
-    let start = start.map_or_else(std::time::Instant::now, Instant::into_std);
     let deadline = deadline.map(|(at, origin)| (at.into_std(), Origin::of(origin)));
-    registry.register(req, route, start, deadline, conn)
+    registry.register(req, route, deadline, conn)
 }
 
 /// The connection the request arrived on: `serve`'s current one, or `WatchedListener`'s

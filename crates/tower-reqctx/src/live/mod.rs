@@ -78,7 +78,7 @@ use std::sync::Arc;
 use http::HeaderName;
 
 use self::registry::Settings;
-pub(crate) use self::registry::{Origin, Registry, State, Ticket};
+pub(crate) use self::registry::{Origin, Registry, State, Ticket, code, is_common};
 pub use self::snapshot::{
     CauseRing, EndedRow, InFlight, Recent, RouteRow, Routes, Row, Snapshot, WindowCounts,
 };

@@ -15,9 +15,9 @@
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::Instant;
 
 use http::{HeaderName, HeaderValue, Method, Uri};
 use reqctx::{Cause, DeadlineOrigin};
@@ -46,7 +46,22 @@ pub(crate) const CAUSES: [&str; 10] = [
     "custom",
 ];
 
-fn cause_index(cause: &Cause) -> usize {
+/// A cause as the owner keeps it for its view: its index in [`CAUSES`], and the origin
+/// of a deadline.
+pub(crate) fn code(cause: &Cause) -> (u8, u8) {
+    let origin = match cause {
+        Cause::DeadlineExceeded { origin } => Origin::of(*origin) as u8,
+        _ => Origin::None as u8,
+    };
+    (cause_index(cause) as u8, origin)
+}
+
+/// Whether the cause of index `c` is rebuilt from its index (and origin) alone.
+pub(crate) fn is_common(c: u8) -> bool {
+    c <= 4
+}
+
+pub(crate) fn cause_index(cause: &Cause) -> usize {
     match cause {
         Cause::Completed => 0,
         Cause::DeadlineExceeded { .. } => 1,
@@ -69,16 +84,54 @@ fn cause_index(cause: &Cause) -> usize {
     }
 }
 
+/// Standard methods as one byte; 0 is any other (its name goes in the request's extras).
+const METHODS: [Method; 9] = [
+    Method::GET,
+    Method::POST,
+    Method::PUT,
+    Method::DELETE,
+    Method::HEAD,
+    Method::OPTIONS,
+    Method::CONNECT,
+    Method::PATCH,
+    Method::TRACE,
+];
+
+fn method_code(m: &Method) -> u8 {
+    match *m {
+        Method::GET => 1,
+        Method::POST => 2,
+        Method::PUT => 3,
+        Method::DELETE => 4,
+        Method::HEAD => 5,
+        Method::OPTIONS => 6,
+        Method::CONNECT => 7,
+        Method::PATCH => 8,
+        Method::TRACE => 9,
+        _ => 0,
+    }
+}
+
+/// A method's name, from its code and the request's extras.
+pub(crate) fn method_name(code: u8, extras: Option<&Extras>) -> String {
+    match code {
+        1..=9 => METHODS[usize::from(code) - 1].as_str().to_owned(),
+        _ => extras
+            .and_then(|e| e.method.as_ref())
+            .map_or_else(|| "OTHER".to_owned(), |m| m.as_str().to_owned()),
+    }
+}
+
 /// Latency buckets, as `golang.org/x/net/trace`'s: every request, then above 10 ms, 100 ms,
 /// 1 s and 10 s.
 pub(crate) const BUCKETS: [&str; 5] = ["all", ">10ms", ">100ms", ">1s", ">10s"];
 
-fn bucket(d: Duration) -> usize {
-    match d.as_millis() {
-        0..=10 => 0,
-        11..=100 => 1,
-        101..=1_000 => 2,
-        1_001..=10_000 => 3,
+fn bucket(ns: u64) -> usize {
+    match ns {
+        0..=10_000_000 => 0,
+        ..=100_000_000 => 1,
+        ..=1_000_000_000 => 2,
+        ..=10_000_000_000 => 3,
         _ => 4,
     }
 }
@@ -92,7 +145,9 @@ pub(crate) const HOUR_STEPS: usize = 12;
 /// Who set a live request's deadline, as the view shows it: a route's timeout is told
 /// apart from the layer's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
 pub(crate) enum Origin {
+    None,
     Query,
     Header,
     Layer,
@@ -117,12 +172,24 @@ impl Origin {
             Origin::Layer => "layer",
             Origin::Route => "route",
             Origin::Code => "code",
+            Origin::None => "none",
+        }
+    }
+
+    /// The origin a `DeadlineExceeded` names, for its words in the view.
+    pub(crate) fn deadline_origin(self) -> DeadlineOrigin {
+        match self {
+            Origin::Query => DeadlineOrigin::Query,
+            Origin::Header => DeadlineOrigin::Header,
+            Origin::Code => DeadlineOrigin::Code,
+            _ => DeadlineOrigin::Layer,
         }
     }
 }
 
 /// Where a live request is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
 pub(crate) enum State {
     Running,
     Streaming,
@@ -134,6 +201,7 @@ pub(crate) enum State {
 /// and made only when some field is on.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Extras {
+    pub(crate) method: Option<Method>, // a method that is not a standard one
     pub(crate) uri: Option<Uri>,
     pub(crate) headers: Vec<(HeaderName, HeaderValue)>,
 }
@@ -168,31 +236,63 @@ impl Settings {
     }
 }
 
-/// One request in flight.
-#[derive(Debug)]
+/// One request in flight. Times are nanoseconds since the registry's epoch; `id` 0 is a
+/// free slot.
+#[derive(Debug, Default)]
 pub(crate) struct Live {
     pub(crate) id: u64,
-    pub(crate) method: Method,
-    pub(crate) route: u16,
-    pub(crate) state: State,
-    pub(crate) start: Instant,
-    pub(crate) deadline: Option<(Instant, Origin)>,
+    pub(crate) start: u64,
+    pub(crate) deadline: u64, // with `origin`; 0 with `Origin::None`
     pub(crate) conn: Option<ConnectionContext>,
     pub(crate) extras: Option<Box<Extras>>,
+    pub(crate) route: u16,
+    pub(crate) method: u8,
+    pub(crate) state: u8,
+    pub(crate) origin: u8,
 }
 
 /// One request that ended, in its cause's ring.
 #[derive(Debug)]
 pub(crate) struct Ended {
     pub(crate) id: u64,
-    pub(crate) method: Method,
+    pub(crate) duration: u64,
+    pub(crate) at: u64,
+    pub(crate) custom: Option<Cause>, // the cause, when it is not one of the common ones
+    pub(crate) extras: Option<Box<Extras>>,
     pub(crate) route: u16,
     pub(crate) status: u16, // 0: no response
-    pub(crate) duration: Duration,
-    pub(crate) at: Instant,
-    pub(crate) cause: Cause,
-    pub(crate) extras: Option<Box<Extras>>,
+    pub(crate) method: u8,
+    pub(crate) origin: u8, // a deadline's
 }
+
+impl Ended {
+    /// The cause, for its words.
+    pub(crate) fn cause(&self, c: usize) -> Cause {
+        if let Some(cause) = &self.custom {
+            return cause.clone();
+        }
+        match c {
+            0 => Cause::Completed,
+            1 => Cause::DeadlineExceeded {
+                origin: ORIGINS[usize::from(self.origin)].deadline_origin(),
+            },
+            2 => Cause::ClientDisconnected,
+            3 => Cause::Shutdown,
+            _ => Cause::Cancelled,
+        }
+    }
+}
+
+pub(crate) const ORIGINS: [Origin; 6] = [
+    Origin::None,
+    Origin::Query,
+    Origin::Header,
+    Origin::Layer,
+    Origin::Route,
+    Origin::Code,
+];
+
+pub(crate) const STATES: [State; 3] = [State::Running, State::Streaming, State::Upgraded];
 
 /// The last `n` ended requests of one cause, in one shard.
 #[derive(Debug, Default)]
@@ -210,7 +310,10 @@ impl Ring {
             self.entries.push(ended);
         } else if n > 0 {
             self.entries[self.next] = ended;
-            self.next = (self.next + 1) % n;
+            self.next += 1;
+            if self.next == n {
+                self.next = 0;
+            }
         }
     }
 }
@@ -259,12 +362,15 @@ impl Default for Counters {
 
 #[derive(Debug, Default)]
 pub(crate) struct Shard {
-    pub(crate) slots: Vec<Option<Live>>,
+    pub(crate) slots: Vec<Live>,
     free: Vec<u32>,
     pub(crate) live: usize,
     next_id: u64,
-    // The shard's cache of the registry's route ids.
+    // The shard's cache of the registry's route ids: by name, and by the matched route's
+    // own pointer (axum hands out one `Arc<str>` per route; kept here, it cannot be freed
+    // and reused for another name while it is cached).
     route_ids: HashMap<Arc<str>, u16, BuildHasherDefault<FxHasher>>,
+    route_cache: [Option<(Route, u16)>; ROUTE_CACHE],
     pub(crate) recent: Vec<Ring>,       // by cause
     pub(crate) counters: Vec<Counters>, // by route id
 }
@@ -274,8 +380,13 @@ pub(crate) struct Shard {
 pub(crate) struct Registry {
     pub(crate) settings: Settings,
     pub(crate) epoch: Instant,
+    epoch_raw: u64, // `epoch` on `clock()`'s raw counter
+    wants_extras: bool,
     shard_bits: u32,
     pub(crate) shards: Box<[Mutex<Shard>]>,
+    // The state of each shard's first `STATE_SLOTS` slots, set without the shard's lock
+    // (a body starting to stream); the slots past them keep theirs in the slot.
+    states: Box<[Box<[AtomicU8]>]>,
     // Interned route names, by id; ids 0 and 1 are "unmatched" and "other".
     routes: Mutex<Routes>,
     // Routes the view itself is served on: not listed.
@@ -296,7 +407,54 @@ pub(crate) struct Ticket {
     status: u16,
 }
 
+/// The clock of every registry: quanta's, which reads the CPU's time-stamp counter where
+/// it is invariant (a few instructions, against about 75 for `Instant::now` and its
+/// arithmetic) and the monotonic clock elsewhere. Calibrated once per process.
+fn clock() -> &'static quanta::Clock {
+    static CLOCK: OnceLock<quanta::Clock> = OnceLock::new();
+    CLOCK.get_or_init(quanta::Clock::new)
+}
+
+impl Registry {
+    /// Nanoseconds since the registry's epoch, on its clock: the ages and durations.
+    #[inline]
+    pub(crate) fn now(&self) -> u64 {
+        let clock = clock();
+        clock.delta_as_nanos(self.epoch_raw, clock.raw())
+    }
+
+    /// Nanoseconds since the registry's epoch on `Instant`'s clock: deadlines are
+    /// `Instant`s, and their budgets are read on the same clock.
+    pub(crate) fn now_instant(&self) -> u64 {
+        self.at(Instant::now())
+    }
+
+    /// `at` on the registry's clock (0 for an instant before the epoch).
+    #[inline]
+    pub(crate) fn at(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
 const INDEX_BITS: u32 = 24;
+const ROUTE_CACHE: usize = 8;
+
+/// A request's matched route, as the layer finds it.
+#[cfg(feature = "axum")]
+pub(crate) type Route = axum::extract::MatchedPath;
+/// Without axum there is no matched route.
+#[cfg(not(feature = "axum"))]
+pub(crate) type Route = std::convert::Infallible;
+
+#[cfg(feature = "axum")]
+fn route_str(r: &Route) -> &str {
+    r.as_str()
+}
+#[cfg(not(feature = "axum"))]
+fn route_str(r: &Route) -> &str {
+    match *r {}
+}
+const STATE_SLOTS: usize = 1024;
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // The registry holds counts: a panic while one was held leaves nothing unsafe to read.
@@ -324,11 +482,18 @@ impl Registry {
     pub(crate) fn new(settings: Settings) -> Registry {
         let cpus = std::thread::available_parallelism().map_or(4, |n| n.get());
         let shards = cpus.next_power_of_two().clamp(1, 64);
+        let epoch_raw = clock().raw();
+        let epoch = Instant::now();
         Registry {
+            epoch_raw,
+            wants_extras: settings.wants_extras(),
             settings,
-            epoch: Instant::now(),
+            epoch,
             shard_bits: shards.trailing_zeros(),
             shards: (0..shards).map(|_| Mutex::default()).collect(),
+            states: (0..shards)
+                .map(|_| (0..STATE_SLOTS).map(|_| AtomicU8::new(0)).collect())
+                .collect(),
             routes: Mutex::new(Routes {
                 names: vec![Arc::from("(no route)"), Arc::from("other")],
                 ids: HashMap::default(),
@@ -371,32 +536,34 @@ impl Registry {
         }
     }
 
-    /// Registers a request that arrived at `start`.
-    #[allow(clippy::too_many_arguments)]
+    /// Registers a request that arrives now.
+    #[inline]
     pub(crate) fn register<B>(
         self: &Arc<Self>,
         req: &http::Request<B>,
-        route: Option<&str>,
-        start: Instant,
+        route: Option<&Route>,
         deadline: Option<(Instant, Origin)>,
         conn: Option<&ConnectionContext>,
     ) -> Option<Ticket> {
-        let extras = self.settings.wants_extras().then(|| self.extras(req));
+        let method = method_code(req.method());
+        let extras = (method == 0 || self.wants_extras).then(|| self.extras(req));
+        let start = self.now();
+        let (deadline, origin) = match deadline {
+            Some((at, origin)) => (self.at(at), origin as u8),
+            None => (0, Origin::None as u8),
+        };
         let shard_no = thread_shard() & ((1 << self.shard_bits) - 1);
         let mut shard = lock(&self.shards[shard_no as usize]);
         let route = match route {
             None => UNMATCHED,
-            Some(route) => match shard.route_ids.get(route) {
-                Some(&id) => id,
-                None => {
-                    let id = self.intern(route);
-                    // Bounded: the routes under the cap, and as many past it.
-                    if shard.route_ids.len() < 2 * self.settings.max_routes + 2 {
-                        shard.route_ids.insert(Arc::from(route), id);
-                    }
-                    id
+            Some(route) => {
+                let name = route_str(route);
+                let slot = (name.as_ptr() as usize >> 3) % ROUTE_CACHE;
+                match &shard.route_cache[slot] {
+                    Some((cached, id)) if std::ptr::eq(route_str(cached), name) => *id,
+                    _ => self.route_miss(&mut shard, slot, route),
                 }
-            },
+            }
         };
         let index = match shard.free.pop() {
             Some(index) => index,
@@ -405,28 +572,51 @@ impl Registry {
                 if index >= 1 << INDEX_BITS {
                     return None; // 16 million in flight in one shard: not shown
                 }
-                shard.slots.push(None);
+                shard.slots.push(Live::default());
                 index
             }
         };
         shard.next_id += 1;
         let id = (shard.next_id << self.shard_bits) | u64::from(shard_no);
-        shard.slots[index as usize] = Some(Live {
+        if let Some(state) = self.states[shard_no as usize].get(index as usize) {
+            state.store(State::Running as u8, Ordering::Relaxed);
+        }
+        shard.slots[index as usize] = Live {
             id,
-            method: req.method().clone(),
-            route,
-            state: State::Running,
             start,
             deadline,
             conn: conn.cloned(),
             extras,
-        });
+            route,
+            method,
+            state: State::Running as u8,
+            origin,
+        };
         shard.live += 1;
+        drop(shard);
         Some(Ticket {
             registry: self.clone(),
             slot: (shard_no << INDEX_BITS) | index,
             status: 0,
         })
+    }
+
+    #[cold]
+    fn route_miss(&self, shard: &mut Shard, slot: usize, route: &Route) -> u16 {
+        let name = route_str(route);
+        let id = match shard.route_ids.get(name) {
+            Some(&id) => id,
+            None => {
+                let id = self.intern(name);
+                // Bounded: the routes under the cap, and as many past it.
+                if shard.route_ids.len() < 2 * self.settings.max_routes + 2 {
+                    shard.route_ids.insert(Arc::from(name), id);
+                }
+                id
+            }
+        };
+        shard.route_cache[slot] = Some((route.clone(), id));
+        id
     }
 
     fn extras<B>(&self, req: &http::Request<B>) -> Box<Extras> {
@@ -441,7 +631,9 @@ impl Registry {
                     .map(|v| (name.clone(), v.clone()))
             })
             .collect();
+        let method = req.method();
         Box::new(Extras {
+            method: (method_code(method) == 0).then(|| method.clone()),
             uri: (s.show_path || s.show_query).then(|| req.uri().clone()),
             headers,
         })
@@ -468,21 +660,17 @@ impl Registry {
         fn table<K, V>(m: &HashMap<K, V, BuildHasherDefault<FxHasher>>) -> usize {
             m.capacity() * (size_of::<(K, V)>() + 1)
         }
-        let mut n = size_of::<Registry>() + self.shards.len() * size_of::<Mutex<Shard>>();
+        let mut n =
+            size_of::<Registry>() + self.shards.len() * (size_of::<Mutex<Shard>>() + STATE_SLOTS);
         for shard in self.shards.iter() {
             let shard = lock(shard);
-            n += shard.slots.capacity() * size_of::<Option<Live>>()
+            n += shard.slots.capacity() * size_of::<Live>()
                 + shard.free.capacity() * size_of::<u32>()
                 + table(&shard.route_ids)
                 + shard.route_ids.keys().map(|k| k.len() + 16).sum::<usize>()
                 + shard.recent.capacity() * size_of::<Ring>()
                 + shard.counters.capacity() * size_of::<Counters>();
-            n += shard
-                .slots
-                .iter()
-                .flatten()
-                .map(|l| extras(&l.extras))
-                .sum::<usize>();
+            n += shard.slots.iter().map(|l| extras(&l.extras)).sum::<usize>();
             for ring in &shard.recent {
                 n += ring.entries.capacity() * size_of::<Ended>();
                 n += ring
@@ -499,13 +687,29 @@ impl Registry {
         n + lock(&self.hidden).capacity() * size_of::<u16>()
     }
 
+    /// A live request's state.
+    pub(crate) fn state(&self, shard: usize, index: usize, live: &Live) -> u8 {
+        match self.states[shard].get(index) {
+            Some(s) => s.load(Ordering::Relaxed),
+            None => live.state,
+        }
+    }
+
     fn with_slot(&self, slot: u32, f: impl FnOnce(&mut Shard, usize)) {
-        let shard = (slot >> INDEX_BITS) as usize;
-        let index = (slot & ((1 << INDEX_BITS) - 1)) as usize;
+        let (shard, index) = split(slot);
         if let Some(shard_lock) = self.shards.get(shard) {
             f(&mut lock(shard_lock), index);
         }
     }
+}
+
+/// A ticket's shard and index.
+#[inline]
+fn split(slot: u32) -> (usize, usize) {
+    (
+        (slot >> INDEX_BITS) as usize,
+        (slot & ((1 << INDEX_BITS) - 1)) as usize,
+    )
 }
 
 impl Ticket {
@@ -516,41 +720,55 @@ impl Ticket {
     }
 
     pub(crate) fn set_state(&self, state: State) {
+        let (shard, index) = split(self.slot);
+        if let Some(s) = self.registry.states.get(shard).and_then(|s| s.get(index)) {
+            s.store(state as u8, Ordering::Relaxed);
+            return;
+        }
         self.registry.with_slot(self.slot, |shard, i| {
-            if let Some(Some(live)) = shard.slots.get_mut(i) {
-                live.state = state;
+            if let Some(live) = shard.slots.get_mut(i) {
+                live.state = state as u8;
             }
         });
     }
 
     pub(crate) fn set_deadline(&self, deadline: Option<(Instant, Origin)>) {
+        let (at, origin) = match deadline {
+            Some((at, origin)) => (self.registry.at(at), origin),
+            None => (0, Origin::None),
+        };
         self.registry.with_slot(self.slot, |shard, i| {
-            if let Some(Some(live)) = shard.slots.get_mut(i) {
-                live.deadline = deadline;
+            if let Some(live) = shard.slots.get_mut(i) {
+                (live.deadline, live.origin) = (at, origin as u8);
             }
         });
     }
 
-    /// The request ended with `cause`: its slot is freed, the request goes into its
-    /// cause's ring and its route's counters.
-    pub(crate) fn end(self, cause: &Cause) {
+    /// The request ended with the cause `c` (an index of [`CAUSES`]; `custom` is the cause
+    /// itself when it is not one of the first five, `origin` a deadline's): its slot is
+    /// freed, the request goes into its cause's ring and its route's counters.
+    pub(crate) fn end(self, c: usize, origin: u8, custom: Option<Cause>) {
         let Ticket {
             registry,
             slot,
             status,
         } = self;
-        let now = Instant::now();
-        let settings = &registry.settings;
+        let now = registry.now();
+        let n = registry.settings.recent_per_cause;
         registry.with_slot(slot, |shard, i| {
-            let Some(live) = shard.slots.get_mut(i).and_then(Option::take) else {
+            let Some(live) = shard.slots.get_mut(i).filter(|l| l.id != 0) else {
                 return;
             };
+            let (id, start, route, method) = (live.id, live.start, live.route, live.method);
+            live.id = 0;
+            live.conn = None;
+            let extras = live.extras.take();
             shard.free.push(i as u32);
             shard.live -= 1;
-            let duration = now.saturating_duration_since(live.start);
-            let c = cause_index(cause);
-            let secs = now.saturating_duration_since(registry.epoch).as_secs();
-            let route = usize::from(live.route);
+            let duration = now.saturating_sub(start);
+            let secs = now / 1_000_000_000;
+            let route_id = route;
+            let route = usize::from(route);
             if shard.counters.len() <= route {
                 shard.counters.resize_with(route + 1, Counters::default);
             }
@@ -564,16 +782,17 @@ impl Ticket {
                 shard.recent.resize_with(CAUSES.len(), Ring::default);
             }
             shard.recent[c].push(
-                settings.recent_per_cause,
+                n,
                 Ended {
-                    id: live.id,
-                    method: live.method,
-                    route: live.route,
-                    status,
+                    id,
                     duration,
                     at: now,
-                    cause: cause.clone(),
-                    extras: live.extras,
+                    custom,
+                    extras,
+                    route: route_id,
+                    status,
+                    method,
+                    origin,
                 },
             );
         });
@@ -632,14 +851,16 @@ impl Hasher for FxHasher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn buckets_follow_x_net_trace() {
-        assert_eq!(bucket(Duration::from_millis(10)), 0);
-        assert_eq!(bucket(Duration::from_millis(11)), 1);
-        assert_eq!(bucket(Duration::from_millis(101)), 2);
-        assert_eq!(bucket(Duration::from_secs(2)), 3);
-        assert_eq!(bucket(Duration::from_secs(11)), 4);
+        let ns = |d: Duration| d.as_nanos() as u64;
+        assert_eq!(bucket(ns(Duration::from_millis(10))), 0);
+        assert_eq!(bucket(ns(Duration::from_millis(11))), 1);
+        assert_eq!(bucket(ns(Duration::from_millis(101))), 2);
+        assert_eq!(bucket(ns(Duration::from_secs(2))), 3);
+        assert_eq!(bucket(ns(Duration::from_secs(11))), 4);
     }
 
     #[test]
@@ -663,13 +884,14 @@ mod tests {
                 10,
                 Ended {
                     id,
-                    method: Method::GET,
+                    duration: 0,
+                    at: 0,
+                    custom: None,
+                    extras: None,
                     route: 0,
                     status: 200,
-                    duration: Duration::ZERO,
-                    at: Instant::now(),
-                    cause: Cause::Completed,
-                    extras: None,
+                    method: 1,
+                    origin: 0,
                 },
             );
         }

@@ -1,13 +1,12 @@
 //! What the view shows, read from the registry at one instant: the page's JSON.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 use super::registry::{
     BUCKETS, CAUSES, Counters, Ended, Extras, HOUR_STEP, HOUR_STEPS, Live, MINUTE_STEP,
-    MINUTE_STEPS, Registry, State, UNMATCHED, Window, lock,
+    MINUTE_STEPS, ORIGINS, Origin, Registry, STATES, State, UNMATCHED, Window, lock, method_name,
 };
 
 /// What a [`LiveView`](super::LiveView) shows at one instant: the page's JSON
@@ -177,8 +176,8 @@ impl WindowCounts {
     }
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
+fn ms(ns: u64) -> f64 {
+    ns as f64 / 1e6
 }
 
 fn extras(
@@ -215,7 +214,8 @@ fn extras(
 
 impl Registry {
     pub(crate) fn snapshot(&self) -> Snapshot {
-        let now = Instant::now();
+        let now = self.now();
+        let now_instant = self.now_instant();
         let names = self.route_names();
         let hidden = lock(&self.hidden).clone();
         let s = &self.settings;
@@ -229,18 +229,16 @@ impl Registry {
         };
 
         // In flight: copy out what the rows need, shard by shard, then sort.
-        let mut live: Vec<(Instant, u64, u16, usize, usize)> = Vec::new(); // start, id, route, shard, slot
+        let mut live: Vec<(u64, u64, u16, usize, usize)> = Vec::new(); // start, id, route, shard, slot
         let mut total = 0;
         for (n, shard) in self.shards.iter().enumerate() {
             let shard = lock(shard);
-            for (i, slot) in shard.slots.iter().enumerate() {
-                if let Some(l) = slot {
-                    if hidden.contains(&l.route) {
-                        continue;
-                    }
-                    total += 1;
-                    live.push((l.start, l.id, l.route, n, i));
+            for (i, l) in shard.slots.iter().enumerate() {
+                if l.id == 0 || hidden.contains(&l.route) {
+                    continue;
                 }
+                total += 1;
+                live.push((l.start, l.id, l.route, n, i));
             }
         }
         live.sort_unstable_by_key(|&(start, id, ..)| (start, id));
@@ -252,9 +250,10 @@ impl Registry {
                 if sn != n {
                     continue;
                 }
-                // Ended since the first pass: left out.
-                if let Some(Some(l)) = shard.slots.get(i) {
-                    rows.push((order, self.row(l, now, &route_name)));
+                // Ended since the first pass (or the slot reused): left out.
+                if let Some(l) = shard.slots.get(i).filter(|l| l.id == live[order].1) {
+                    let state = self.state(n, i, l);
+                    rows.push((order, self.row(l, state, (now, now_instant), &route_name)));
                 }
             }
         }
@@ -262,10 +261,9 @@ impl Registry {
         let rows: Vec<Row> = rows.into_iter().map(|(_, r)| r).collect();
 
         // Recent: each cause's rings merged, newest first.
-        let mut causes: Vec<Vec<(Instant, EndedRow)>> =
-            (0..CAUSES.len()).map(|_| Vec::new()).collect();
+        let mut causes: Vec<Vec<(u64, EndedRow)>> = (0..CAUSES.len()).map(|_| Vec::new()).collect();
         let mut counters: BTreeMap<u16, (WindowCounts, WindowCounts)> = BTreeMap::new();
-        let secs = now.saturating_duration_since(self.epoch).as_secs();
+        let secs = now / 1_000_000_000;
         let (m, h) = (secs / MINUTE_STEP, secs / HOUR_STEP);
         let recent_minute = |step: u64| step != u64::MAX && step + MINUTE_STEPS as u64 > m;
         let recent_hour = |step: u64| step != u64::MAX && step + HOUR_STEPS as u64 > h;
@@ -321,8 +319,7 @@ impl Registry {
         route_rows.sort_by(|a, b| a.route.cmp(&b.route));
 
         Snapshot {
-            uptime_ms: u64::try_from(now.saturating_duration_since(self.epoch).as_millis())
-                .unwrap_or(u64::MAX),
+            uptime_ms: now / 1_000_000,
             memory_bytes: self.heap_bytes(),
             in_flight: InFlight {
                 total,
@@ -342,30 +339,36 @@ impl Registry {
         }
     }
 
-    fn row(&self, l: &Live, now: Instant, route_name: &impl Fn(u16) -> Option<String>) -> Row {
+    fn row(
+        &self,
+        l: &Live,
+        state: u8,
+        (now, now_instant): (u64, u64),
+        route_name: &impl Fn(u16) -> Option<String>,
+    ) -> Row {
         let s = &self.settings;
         let (path, query, headers) = extras(l.extras.as_deref(), s.show_path, s.show_query);
-        let budget_ms = l
-            .deadline
-            .map(|(at, _)| match at.checked_duration_since(now) {
-                Some(left) => ms(left),
-                None => -ms(now.saturating_duration_since(at)),
-            });
+        let origin = ORIGINS[usize::from(l.origin)];
+        let deadline = (origin != Origin::None).then_some(l.deadline);
+        let budget_ms = deadline.map(|at| match at.checked_sub(now_instant) {
+            Some(left) => ms(left),
+            None => -ms(now_instant - at),
+        });
         Row {
             id: l.id,
-            method: l.method.as_str().to_owned(),
+            method: method_name(l.method, l.extras.as_deref()),
             route: route_name(l.route),
             path,
             query,
             headers,
-            age_ms: ms(now.saturating_duration_since(l.start)),
+            age_ms: ms(now.saturating_sub(l.start)),
             budget_ms,
-            origin: l.deadline.map(|(_, o)| o.name()),
+            origin: deadline.map(|_| origin.name()),
             client: l.conn.as_ref().map(|c| match c.context().is_cancelled() {
                 true => "disconnected",
                 false => "connected",
             }),
-            state: match l.state {
+            state: match STATES[usize::from(state)] {
                 State::Running => "running",
                 State::Streaming => "streaming",
                 State::Upgraded => "upgraded",
@@ -377,14 +380,14 @@ impl Registry {
         &self,
         e: &Ended,
         c: usize,
-        now: Instant,
+        now: u64,
         route_name: &impl Fn(u16) -> Option<String>,
     ) -> EndedRow {
         let s = &self.settings;
         let (path, query, headers) = extras(e.extras.as_deref(), s.show_path, s.show_query);
         EndedRow {
             id: e.id,
-            method: e.method.as_str().to_owned(),
+            method: method_name(e.method, e.extras.as_deref()),
             route: route_name(e.route),
             path,
             query,
@@ -392,8 +395,8 @@ impl Registry {
             duration_ms: ms(e.duration),
             status: (e.status != 0).then_some(e.status),
             cause: CAUSES[c],
-            detail: e.cause.to_string(),
-            ago_ms: ms(now.saturating_duration_since(e.at)),
+            detail: e.cause(c).to_string(),
+            ago_ms: ms(now.saturating_sub(e.at)),
         }
     }
 }

@@ -353,6 +353,7 @@ pub(super) fn allocations(s: &mut String, r: &Results) {
     for ((label, serve), (base_label, base_serve)) in [
         (("ctx", "axum"), ("noop", "axum")),
         (("ctx", "axum"), ("tower-timeout", "axum")),
+        (("ctx-live", "axum"), ("ctx", "axum")),
         (("ctx-run", "axum"), ("tower-timeout-yield", "axum")),
         (("bare", "reqctx"), ("bare", "axum")),
         (("ctx-reqctx", "reqctx"), ("bare", "reqctx")),
@@ -441,6 +442,7 @@ pub(super) fn where_it_goes(s: &mut String, cases: &[CaseResult]) {
         (("ctx", "axum"), ("noop", "axum")),
         (("ctx", "axum"), ("tower-timeout", "axum")),
         (("ctx-timeout", "axum"), ("ctx", "axum")),
+        (("ctx-live", "axum"), ("ctx", "axum")),
         (("ctx-query", "axum"), ("ctx", "axum")),
         (
             ("ctx-timeout-yield", "axum"),

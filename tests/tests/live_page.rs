@@ -379,6 +379,8 @@ async fn on_a_phone_the_tables_scroll_inside_the_page() {
     )
     .await;
 
+    // A page wider than the phone would not scroll sideways: the phone zooms out, widening
+    // the layout viewport (`innerWidth`) to the content. Hence both checks.
     assert_eq!(page.eval("window.innerWidth").await, json!(390));
     let widths = page
         .eval("[document.documentElement.scrollWidth, window.innerWidth]")

@@ -181,8 +181,31 @@ async fn the_rows_rendered_match_the_json() {
         .await;
     let search = search.as_str().unwrap();
     assert!(
-        search.contains("completed 40 · deadline_exceeded 2") && search.contains("10 · 2 · 0 · 0"),
+        search.contains("completed\u{a0}40 · deadline_exceeded\u{a0}2"),
         "{search}"
+    );
+    // route, then per window: total, causes, and the buckets after "all".
+    assert_eq!(
+        page.eval(
+            "[...document.querySelectorAll('#routes tr[data-route=\"/search\"] td')]\
+             .map(td => td.textContent)"
+        )
+        .await,
+        json!([
+            "/search",
+            "42",
+            "completed\u{a0}40 · deadline_exceeded\u{a0}2",
+            "10",
+            "2",
+            "0",
+            "0",
+            "42",
+            "completed\u{a0}40 · deadline_exceeded\u{a0}2",
+            "10",
+            "2",
+            "0",
+            "0",
+        ])
     );
 }
 

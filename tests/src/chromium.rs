@@ -273,7 +273,10 @@ impl Chromium {
             target,
             session: attached["sessionId"].as_str().unwrap().to_owned(),
         };
-        page.call("Page.navigate", json!({ "url": url })).await;
+        let navigated = page.call("Page.navigate", json!({ "url": url })).await;
+        if let Some(error) = navigated.get("errorText") {
+            panic!("open {url}: {error}");
+        }
         page.wait_until(
             "location.href !== 'about:blank' && document.readyState === 'complete'",
             &format!("{url} loaded"),

@@ -367,6 +367,44 @@ async fn a_failed_fetch_shows_an_error_and_keeps_the_last_data() {
 }
 
 #[tokio::test]
+async fn hidden_it_says_paused_and_visible_again_it_updates() {
+    let Some(chromium) = Chromium::launch().await else {
+        return;
+    };
+    let (url, canned) = serve(three()).await;
+    let page = open(&chromium, &url).await;
+
+    // What a browser does when the tab goes to the background, and back.
+    page.eval(
+        "Object.defineProperty(document, 'hidden', { value: true, configurable: true }); \
+         document.dispatchEvent(new Event('visibilitychange'))",
+    )
+    .await;
+    page.wait_until(
+        "document.getElementById('status').textContent.endsWith('paused while hidden')",
+        "the status line saying paused",
+    )
+    .await;
+    {
+        let mut doc = canned.lock().unwrap();
+        doc["in_flight"]["rows"].as_array_mut().unwrap().truncate(1);
+        doc["in_flight"]["total"] = json!(1);
+        doc["in_flight"]["shown"] = json!(1);
+    }
+    page.eval("delete document.hidden; document.dispatchEvent(new Event('visibilitychange'))")
+        .await;
+    page.wait_until(
+        "document.querySelectorAll('#inflight tbody tr').length === 1",
+        "the render after the tab is visible again",
+    )
+    .await;
+    let status = page
+        .eval("document.getElementById('status').textContent")
+        .await;
+    assert!(!status.as_str().unwrap().contains("paused"), "{status}");
+}
+
+#[tokio::test]
 async fn on_a_phone_the_tables_scroll_inside_the_page() {
     let Some(chromium) = Chromium::launch().await else {
         return;

@@ -200,6 +200,8 @@ impl Chromium {
                     "--disable-component-update",
                     "--disable-sync",
                     "--remote-debugging-port=0",
+                    // Containers often have a small /dev/shm: use /tmp instead.
+                    "--disable-dev-shm-usage",
                 ])
                 .arg(format!("--user-data-dir={}", profile.display()))
                 .arg("about:blank")

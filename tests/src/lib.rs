@@ -3,6 +3,7 @@
 //! context to the test.
 
 pub mod chain;
+pub mod chromium;
 pub mod detect;
 
 use std::net::SocketAddr;

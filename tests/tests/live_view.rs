@@ -436,3 +436,163 @@ async fn paths_queries_and_headers_only_when_asked() {
     gate.notify_waiters();
     running.abort();
 }
+
+/// The real view in a real browser: headless Chromium loads the page of a server with
+/// requests parked in handlers, the rows come from its DOM, and when one request ends
+/// the page moves it to the ended ones without a reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_in_a_browser_shows_what_is_in_flight_and_follows_it() {
+    use reqctx_tests::chromium::Chromium;
+
+    let Some(chromium) = Chromium::launch().await else {
+        return;
+    };
+    let view = LiveView::new();
+    let (tx, mut probe) = probe();
+    // One gate per route: each request is released on its own.
+    let gates: Vec<_> = (0..3).map(|_| watch::channel(false)).collect();
+    let park = |gate: watch::Receiver<bool>| {
+        let tx = tx.clone();
+        move |ctx: ReqCtx| {
+            let (mut gate, tx) = (gate.clone(), tx.clone());
+            async move {
+                let _ = tx.send((*ctx).clone());
+                let _ = gate.wait_for(|open| *open).await;
+                "done"
+            }
+        }
+    };
+    let app = Router::new()
+        .route("/search", get(park(gates[0].1.clone())))
+        .route("/items/{id}", get(park(gates[1].1.clone())))
+        .route("/report", get(park(gates[2].1.clone())))
+        .nest("/debug/requests", view.router())
+        .layer(ContextLayer::new().live_view(&view));
+    let running = Running::start(Server::Serve, app, Duration::ZERO).await;
+    let addr = running.addr;
+    let mut clients = Vec::new();
+    for path in ["/search?timeout=1h", "/items/42", "/report"] {
+        let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n");
+        clients.push(send(addr, req.as_bytes()).await);
+        probe.started().await;
+    }
+
+    let page = chromium
+        .open(&format!("http://{addr}/debug/requests"))
+        .await;
+    page.wait_until(
+        "document.querySelectorAll('#inflight tbody tr').length === 3",
+        "three rows in flight",
+    )
+    .await;
+    let rows = page
+        .eval("[...document.querySelectorAll('#inflight tbody tr')].map(tr => tr.textContent)")
+        .await;
+    let rows: Vec<String> = serde_json::from_value(rows).unwrap();
+    assert!(
+        rows[0].contains("/search") && rows[0].contains("query"),
+        "{rows:?}"
+    );
+    assert!(
+        rows[1].contains("/items/{id}") && !rows[1].contains("42"),
+        "{rows:?}"
+    );
+    assert!(rows[2].contains("/report"), "{rows:?}");
+    let summary = page
+        .eval("document.getElementById('inflight-summary').textContent")
+        .await;
+    assert!(
+        summary.as_str().unwrap().contains("3 in flight"),
+        "{summary}"
+    );
+
+    // The second request ends; the page follows without a reload.
+    page.eval("window.__marker = 1").await;
+    gates[1].0.send(true).unwrap();
+    reqctx_tests::read_until(&mut clients[1], "done").await;
+    page.wait_until(
+        "document.querySelectorAll('#inflight tbody tr').length === 2 && \
+         [...document.querySelectorAll('table[data-cause=completed] tbody tr')]\
+           .some(tr => tr.textContent.includes('/items/{id}'))",
+        "the ended request moved to the completed ones",
+    )
+    .await;
+    assert_eq!(page.eval("window.__marker").await, 1, "the page reloaded");
+    let rows = page
+        .eval("[...document.querySelectorAll('#inflight tbody tr')].map(tr => tr.textContent)")
+        .await;
+    let rows: Vec<String> = serde_json::from_value(rows).unwrap();
+    assert!(
+        rows[0].contains("/search") && rows[1].contains("/report"),
+        "{rows:?}"
+    );
+
+    for (open, _) in &gates {
+        let _ = open.send(true);
+    }
+    running.shutdown().await.unwrap();
+}
+
+/// Sends `n` keep-alive requests on one connection, to `/item/{i % paths}` from `first`.
+async fn keep_alive(addr: std::net::SocketAddr, first: usize, n: usize, paths: usize) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (read, mut write) = stream.into_split();
+    let mut read = BufReader::new(read);
+    let mut line = String::new();
+    for i in first..first + n {
+        let req = format!("GET /item/{} HTTP/1.1\r\nhost: x\r\n\r\n", i % paths);
+        write.write_all(req.as_bytes()).await.unwrap();
+        let mut length = 0;
+        loop {
+            line.clear();
+            read.read_line(&mut line).await.unwrap();
+            if line == "\r\n" {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap();
+            }
+            assert!(!line.is_empty(), "the server closed the connection");
+        }
+        let mut body = vec![0; length];
+        read.read_exact(&mut body).await.unwrap();
+    }
+}
+
+/// 100,000 requests over 10,000 distinct paths under one route: the view's memory after
+/// the first 10,000 (every path seen once) is all it ever holds, with paths shown or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_stays_bounded_over_100k_requests_on_10k_paths() {
+    const PATHS: usize = 10_000;
+    const CONNECTIONS: usize = 8;
+    for view in [LiveView::new(), LiveView::new().show_path().show_query()] {
+        let app = Router::new()
+            .route("/item/{id}", get(|| async { "ok" }))
+            .layer(ContextLayer::new().live_view(&view));
+        let running = Running::start(Server::Serve, app, Duration::ZERO).await;
+        let addr = running.addr;
+        let mut sizes = Vec::new();
+        for round in 0..10 {
+            let per = PATHS / CONNECTIONS;
+            let tasks: Vec<_> = (0..CONNECTIONS)
+                .map(|c| tokio::spawn(keep_alive(addr, round * PATHS + c * per, per, PATHS)))
+                .collect();
+            for t in tasks {
+                t.await.unwrap();
+            }
+            let snap = until(&view, "every request ended", |s| s.in_flight.total == 0).await;
+            sizes.push(snap.memory_bytes);
+        }
+        let snap = view.snapshot();
+        let r = &snap.routes.rows[0];
+        assert_eq!(r.route, "/item/{id}");
+        assert_eq!(r.hour.total, 100_000, "{r:#?}");
+        assert_eq!(snap.routes.rows.len(), 1);
+        eprintln!("live view memory after each 10,000 requests ({view:?}): {sizes:?} bytes");
+        // Nothing grows with the requests or the paths after the first round.
+        assert!(sizes.iter().all(|&s| s == sizes[0]), "{sizes:?}");
+        assert!(sizes[0] < 64 * 1024, "{sizes:?}");
+        running.shutdown().await.unwrap();
+    }
+}

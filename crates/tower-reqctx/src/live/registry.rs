@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Instant;
 
-use http::{HeaderName, HeaderValue, Method, Uri};
+use http::{HeaderName, Method};
 use reqctx::{Cause, DeadlineOrigin};
 
 use crate::cause::{HandlerPanicked, ResponseBodyFailed, ResponseDiscarded, ServiceFailed};
@@ -202,8 +202,11 @@ pub(crate) enum State {
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Extras {
     pub(crate) method: Option<Method>, // a method that is not a standard one
-    pub(crate) uri: Option<Uri>,
-    pub(crate) headers: Vec<(HeaderName, HeaderValue)>,
+    // Copies, not clones of the request's buffers: a kept `Uri` or `HeaderValue` can hold
+    // the whole buffer hyper read it from.
+    pub(crate) path: Option<Box<str>>,
+    pub(crate) query: Option<Box<str>>,
+    pub(crate) headers: Vec<(HeaderName, Box<str>)>,
 }
 
 /// The settings, fixed when the view is made.
@@ -628,13 +631,17 @@ impl Registry {
                 req.headers()
                     .get_all(name)
                     .iter()
-                    .map(|v| (name.clone(), v.clone()))
+                    .map(|v| (name.clone(), String::from_utf8_lossy(v.as_bytes()).into()))
             })
             .collect();
         let method = req.method();
         Box::new(Extras {
             method: (method_code(method) == 0).then(|| method.clone()),
-            uri: (s.show_path || s.show_query).then(|| req.uri().clone()),
+            path: s.show_path.then(|| req.uri().path().into()),
+            query: s
+                .show_query
+                .then(|| req.uri().query().map(Into::into))
+                .flatten(),
             headers,
         })
     }
@@ -646,10 +653,9 @@ impl Registry {
         fn extras(e: &Option<Box<Extras>>) -> usize {
             e.as_ref().map_or(0, |e| {
                 size_of::<Extras>()
-                    + e.uri
-                        .as_ref()
-                        .map_or(0, |u| u.path().len() + u.query().map_or(0, str::len))
-                    + e.headers.capacity() * size_of::<(HeaderName, HeaderValue)>()
+                    + e.path.as_ref().map_or(0, |p| p.len())
+                    + e.query.as_ref().map_or(0, |q| q.len())
+                    + e.headers.capacity() * size_of::<(HeaderName, Box<str>)>()
                     + e.headers
                         .iter()
                         .map(|(n, v)| n.as_str().len() + v.len())

@@ -180,36 +180,20 @@ fn ms(ns: u64) -> f64 {
     ns as f64 / 1e6
 }
 
-fn extras(
-    e: Option<&Extras>,
-    show_path: bool,
-    show_query: bool,
-) -> (Option<String>, Option<String>, Vec<(String, String)>) {
+fn extras(e: Option<&Extras>) -> (Option<String>, Option<String>, Vec<(String, String)>) {
     let Some(e) = e else {
         return (None, None, Vec::new());
     };
-    let path = e
-        .uri
-        .as_ref()
-        .filter(|_| show_path)
-        .map(|u| u.path().to_owned());
-    let query = e
-        .uri
-        .as_ref()
-        .filter(|_| show_query)
-        .and_then(|u| u.query())
-        .map(str::to_owned);
     let headers = e
         .headers
         .iter()
-        .map(|(n, v)| {
-            (
-                n.as_str().to_owned(),
-                String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            )
-        })
+        .map(|(n, v)| (n.as_str().to_owned(), v.to_string()))
         .collect();
-    (path, query, headers)
+    (
+        e.path.as_deref().map(str::to_owned),
+        e.query.as_deref().map(str::to_owned),
+        headers,
+    )
 }
 
 impl Registry {
@@ -346,8 +330,7 @@ impl Registry {
         (now, now_instant): (u64, u64),
         route_name: &impl Fn(u16) -> Option<String>,
     ) -> Row {
-        let s = &self.settings;
-        let (path, query, headers) = extras(l.extras.as_deref(), s.show_path, s.show_query);
+        let (path, query, headers) = extras(l.extras.as_deref());
         let origin = ORIGINS[usize::from(l.origin)];
         let deadline = (origin != Origin::None).then_some(l.deadline);
         let budget_ms = deadline.map(|at| match at.checked_sub(now_instant) {
@@ -383,8 +366,7 @@ impl Registry {
         now: u64,
         route_name: &impl Fn(u16) -> Option<String>,
     ) -> EndedRow {
-        let s = &self.settings;
-        let (path, query, headers) = extras(e.extras.as_deref(), s.show_path, s.show_query);
+        let (path, query, headers) = extras(e.extras.as_deref());
         EndedRow {
             id: e.id,
             method: method_name(e.method, e.extras.as_deref()),

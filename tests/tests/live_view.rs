@@ -596,3 +596,39 @@ async fn memory_stays_bounded_over_100k_requests_on_10k_paths() {
         running.shutdown().await.unwrap();
     }
 }
+
+/// A deadline set by a route's timeout is the route's, in flight and once ended; one the
+/// client set on that route stays the client's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_timeout_is_named_as_the_routes() {
+    let view = LiveView::new();
+    let app = Router::new()
+        .route(
+            "/lucky",
+            get(|ctx: ReqCtx| async move { ctx.cancelled().await })
+                .layer(RouteTimeout::new(Duration::from_millis(20))),
+        )
+        .layer(
+            ContextLayer::new()
+                .timeout(Duration::from_secs(60))
+                .live_view(&view),
+        );
+    let running = Running::start(Server::Serve, app, Duration::ZERO).await;
+    assert_eq!(http_get(running.addr, "/lucky").await.0, 504);
+    assert_eq!(http_get(running.addr, "/lucky?timeout=10ms").await.0, 504);
+    let snap = until(&view, "two ended", |s| {
+        s.recent
+            .causes
+            .first()
+            .is_some_and(|c| c.requests.len() == 2)
+    })
+    .await;
+    let ended = &snap.recent.causes[0];
+    assert_eq!(ended.cause, "deadline_exceeded");
+    assert_eq!(
+        ended.requests[1].detail,
+        "deadline exceeded (set by the route's timeout)"
+    );
+    assert!(ended.requests[0].detail.contains("query"), "{ended:#?}");
+    running.shutdown().await.unwrap();
+}

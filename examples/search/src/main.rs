@@ -40,6 +40,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tower_reqctx::header::DeadlineHeader;
+use tower_reqctx::live::LiveView;
 use tower_reqctx::propagate::{ClientError, ReqwestContextExt};
 use tower_reqctx::reqctx::{Cause, Context};
 use tower_reqctx::{ContextLayer, ReqCtx, RouteTimeout};
@@ -171,6 +172,7 @@ struct App {
     client: reqwest::Client,
     trusted: TrustedProxies,
     seen: Arc<Seen>,
+    live_view: bool,
 }
 
 /// The first value of each parameter, as the `ContextLayer` reads `timeout`: a strict
@@ -265,6 +267,7 @@ async fn search(
         deadline: budget.zip(origin).map(|(budget, origin)| {
             Deadline::new(budget, ctx.remaining().unwrap_or_default(), origin)
         }),
+        live_view: app.live_view,
     };
     if json {
         return Json(page).into_response();
@@ -272,7 +275,7 @@ async fn search(
     Html(render(&page)).into_response()
 }
 
-fn server(app: App, log: bool) -> Router {
+fn server(app: App, log: bool, view: Option<&LiveView>) -> Router {
     let router = Router::new()
         .route("/search", get(search))
         // "I'm feeling lucky" must be quick: its own timeout replaces the server's.
@@ -286,18 +289,27 @@ fn server(app: App, log: bool) -> Router {
         true => router.layer(axum::middleware::from_fn(access_log::inner)),
         false => router,
     };
-    let router = router.layer(
-        ContextLayer::new()
-            .timeout(SERVER_TIMEOUT)
-            .max_timeout(MAX_TIMEOUT)
-            // At the deadline the handler's backend call fails at once with the cause; a
-            // short grace lets the handler answer with it, whoever saw the deadline first.
-            .grace(Duration::from_millis(100)),
-    );
-    match log {
+    let layer = ContextLayer::new()
+        .timeout(SERVER_TIMEOUT)
+        .max_timeout(MAX_TIMEOUT)
+        // At the deadline the handler's backend call fails at once with the cause; a
+        // short grace lets the handler answer with it, whoever saw the deadline first.
+        .grace(Duration::from_millis(100));
+    let router = router.layer(match view {
+        Some(view) => layer.live_view(view),
+        None => layer,
+    });
+    let router = match log {
         // Outside it: every answer passes here, the layer's own 400 and 504 too.
         true => router.layer(axum::middleware::from_fn(access_log::outer)),
         false => router,
+    };
+    // The live view, on the demo's own router (a demo on a local address; a real service
+    // mounts it on an internal listener or behind its authentication: see the guide).
+    // Nested after the layers, so that its own polling is neither logged nor listed.
+    match view {
+        Some(view) => router.nest("/debug/requests", view.router()),
+        None => router,
     }
 }
 
@@ -307,6 +319,7 @@ async fn start(
     listen: &str,
     trusted: TrustedProxies,
     log: bool,
+    view: Option<&LiveView>,
 ) -> std::io::Result<(SocketAddr, Arc<Seen>)> {
     let seen = Arc::new(Seen::default());
     let backend_listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -318,11 +331,12 @@ async fn start(
         client: reqwest::Client::new(),
         trusted,
         seen: seen.clone(),
+        live_view: view.is_some(),
     };
     let listener = TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     tokio::spawn(
-        tower_reqctx::serve(listener, server(app, log))
+        tower_reqctx::serve(listener, server(app, log, view))
             .connect_info(true) // the access log's peer address, through axum's extractor
             .into_future(),
     );
@@ -587,8 +601,14 @@ async fn main() {
         }
     }
     if let Some(listen) = serve {
-        let (addr, _) = start(&listen, trusted, true).await.expect("start");
+        let view = LiveView::new();
+        let (addr, _) = start(&listen, trusted, true, Some(&view))
+            .await
+            .expect("start");
         println!("serving on http://{addr}/search?q=golang");
+        println!(
+            "  the requests in flight, and how the last ones ended: http://{addr}/debug/requests"
+        );
         println!("  try &timeout=50ms&latency_ms=500, /lucky?q=rust&latency_ms=500, &format=json");
         println!(
             "\n{:<6} {:<48} {:>6}  {:<28} {:>8}",
@@ -597,7 +617,9 @@ async fn main() {
         let _ = tokio::signal::ctrl_c().await;
         return;
     }
-    let (addr, seen) = start("127.0.0.1:0", trusted, false).await.expect("start");
+    let (addr, seen) = start("127.0.0.1:0", trusted, false, None)
+        .await
+        .expect("start");
     println!(
         "server on {addr}: its own timeout {SERVER_TIMEOUT:?}, /lucky {LUCKY_TIMEOUT:?}; backend bound to each request's context"
     );

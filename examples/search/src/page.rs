@@ -56,6 +56,7 @@ pub(crate) struct Page {
     pub(crate) results: Vec<Hit>,
     pub(crate) elapsed_ms: f64,
     pub(crate) deadline: Option<Deadline>, // None: the request has no deadline
+    pub(crate) live_view: bool,            // link to the live view (`--serve`)
 }
 
 /// "1 result", "2 results", "no results".
@@ -166,6 +167,12 @@ pub(crate) fn render(page: &Page) -> String {
             html.push_str("</ol>\n");
         }
     }
+    if page.live_view {
+        html.push_str(
+            "<p class=\"meta\"><a href=\"/debug/requests\">Requests in flight, and how the \
+             last ones ended</a> (the live view)</p>\n",
+        );
+    }
     html.push_str("</main></body></html>\n");
     html
 }
@@ -195,6 +202,7 @@ mod tests {
                 .collect(),
             elapsed_ms: 12.34,
             deadline,
+            live_view: false,
         }
     }
 

@@ -766,6 +766,11 @@ impl Ticket {
                 return;
             };
             let (id, start, route, method) = (live.id, live.start, live.route, live.method);
+            // The layer's origin of a deadline that a route's timeout set is the route's.
+            let origin = match live.origin == Origin::Route as u8 && origin == Origin::Layer as u8 {
+                true => live.origin,
+                false => origin,
+            };
             live.id = 0;
             live.conn = None;
             let extras = live.extras.take();

@@ -377,7 +377,10 @@ impl Registry {
             duration_ms: ms(e.duration),
             status: (e.status != 0).then_some(e.status),
             cause: CAUSES[c],
-            detail: e.cause(c).to_string(),
+            detail: match (c, ORIGINS[usize::from(e.origin)]) {
+                (1, Origin::Route) => "deadline exceeded (set by the route's timeout)".to_owned(),
+                _ => e.cause(c).to_string(),
+            },
             ago_ms: ms(now.saturating_sub(e.at)),
         }
     }

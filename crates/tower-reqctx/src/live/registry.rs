@@ -202,6 +202,7 @@ pub(crate) enum State {
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Extras {
     pub(crate) method: Option<Method>, // a method that is not a standard one
+    pub(crate) custom: Option<Cause>,  // an ended request's cause, when not a common one
     // Copies, not clones of the request's buffers: a kept `Uri` or `HeaderValue` can hold
     // the whole buffer hyper read it from.
     pub(crate) path: Option<Box<str>>,
@@ -260,8 +261,7 @@ pub(crate) struct Ended {
     pub(crate) id: u64,
     pub(crate) duration: u64,
     pub(crate) at: u64,
-    pub(crate) custom: Option<Cause>, // the cause, when it is not one of the common ones
-    pub(crate) extras: Option<Box<Extras>>,
+    pub(crate) extras: Option<Box<Extras>>, // and a cause that is not a common one
     pub(crate) route: u16,
     pub(crate) status: u16, // 0: no response
     pub(crate) method: u8,
@@ -271,7 +271,7 @@ pub(crate) struct Ended {
 impl Ended {
     /// The cause, for its words.
     pub(crate) fn cause(&self, c: usize) -> Cause {
-        if let Some(cause) = &self.custom {
+        if let Some(cause) = self.extras.as_ref().and_then(|e| e.custom.as_ref()) {
             return cause.clone();
         }
         match c {
@@ -312,7 +312,12 @@ impl Ring {
             }
             self.entries.push(ended);
         } else if n > 0 {
-            self.entries[self.next] = ended;
+            let old = std::mem::replace(&mut self.entries[self.next], ended);
+            // Most entries own nothing: skip their drop glue (forgetting them leaks nothing).
+            match old.extras {
+                Some(_) => drop(old),
+                None => std::mem::forget(old),
+            }
             self.next += 1;
             if self.next == n {
                 self.next = 0;
@@ -337,8 +342,9 @@ impl Window {
                 ..Window::default()
             };
         }
-        self.causes[cause] = self.causes[cause].saturating_add(1);
-        self.buckets[bucket] = self.buckets[bucket].saturating_add(1);
+        // A u32 per 10 s or 5 min step: it cannot overflow at any real rate.
+        self.causes[cause] = self.causes[cause].wrapping_add(1);
+        self.buckets[bucket] = self.buckets[bucket].wrapping_add(1);
     }
 }
 
@@ -363,8 +369,34 @@ impl Default for Counters {
     }
 }
 
+/// The time steps of an instant, and until when they hold (the next 10-second boundary:
+/// 5-minute steps change on one too).
+#[derive(Clone, Copy, Debug, Default)]
+struct Steps {
+    until: u64,
+    m: u64,
+    mi: usize,
+    h: u64,
+    hi: usize,
+}
+
+impl Steps {
+    fn at(now: u64) -> Steps {
+        let secs = now / 1_000_000_000;
+        let (m, h) = (secs / MINUTE_STEP, secs / HOUR_STEP);
+        Steps {
+            until: (m + 1) * MINUTE_STEP * 1_000_000_000,
+            m,
+            mi: (m % MINUTE_STEPS as u64) as usize,
+            h,
+            hi: (h % HOUR_STEPS as u64) as usize,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct Shard {
+    steps: Steps,
     pub(crate) slots: Vec<Live>,
     free: Vec<u32>,
     pub(crate) live: usize,
@@ -584,17 +616,17 @@ impl Registry {
         if let Some(state) = self.states[shard_no as usize].get(index as usize) {
             state.store(State::Running as u8, Ordering::Relaxed);
         }
-        shard.slots[index as usize] = Live {
-            id,
-            start,
-            deadline,
-            conn: conn.cloned(),
-            extras,
-            route,
-            method,
-            state: State::Running as u8,
-            origin,
-        };
+        // Field by field: a free slot owns nothing (its end took it), so nothing to drop.
+        let slot = &mut shard.slots[index as usize];
+        (slot.id, slot.start, slot.deadline) = (id, start, deadline);
+        (slot.route, slot.method, slot.state, slot.origin) =
+            (route, method, State::Running as u8, origin);
+        if let Some(conn) = conn {
+            slot.conn = Some(conn.clone());
+        }
+        if extras.is_some() {
+            slot.extras = extras;
+        }
         shard.live += 1;
         drop(shard);
         Some(Ticket {
@@ -637,6 +669,7 @@ impl Registry {
         let method = req.method();
         Box::new(Extras {
             method: (method_code(method) == 0).then(|| method.clone()),
+            custom: None,
             path: s.show_path.then(|| req.uri().path().into()),
             query: s
                 .show_query
@@ -766,18 +799,26 @@ impl Ticket {
                 return;
             };
             let (id, start, route, method) = (live.id, live.start, live.route, live.method);
+            let mut extras = live.extras.take();
+            if custom.is_some() {
+                extras.get_or_insert_with(Box::default).custom = custom;
+            }
             // The layer's origin of a deadline that a route's timeout set is the route's.
             let origin = match live.origin == Origin::Route as u8 && origin == Origin::Layer as u8 {
                 true => live.origin,
                 false => origin,
             };
             live.id = 0;
-            live.conn = None;
-            let extras = live.extras.take();
+            if live.conn.is_some() {
+                live.conn = None;
+            }
             shard.free.push(i as u32);
             shard.live -= 1;
             let duration = now.saturating_sub(start);
-            let secs = now / 1_000_000_000;
+            if now >= shard.steps.until {
+                shard.steps = Steps::at(now);
+            }
+            let Steps { m, mi, h, hi, .. } = shard.steps;
             let route_id = route;
             let route = usize::from(route);
             if shard.counters.len() <= route {
@@ -785,10 +826,8 @@ impl Ticket {
             }
             let counters = &mut shard.counters[route];
             let b = bucket(duration);
-            let m = secs / MINUTE_STEP;
-            counters.minute[(m % MINUTE_STEPS as u64) as usize].count(m, c, b);
-            let h = secs / HOUR_STEP;
-            counters.hour[(h % HOUR_STEPS as u64) as usize].count(h, c, b);
+            counters.minute[mi].count(m, c, b);
+            counters.hour[hi].count(h, c, b);
             if shard.recent.is_empty() {
                 shard.recent.resize_with(CAUSES.len(), Ring::default);
             }
@@ -798,7 +837,6 @@ impl Ticket {
                     id,
                     duration,
                     at: now,
-                    custom,
                     extras,
                     route: route_id,
                     status,
@@ -897,7 +935,6 @@ mod tests {
                     id,
                     duration: 0,
                     at: 0,
-                    custom: None,
                     extras: None,
                     route: 0,
                     status: 200,

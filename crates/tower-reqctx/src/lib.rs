@@ -137,6 +137,10 @@
 //!   `TraceLayer` that does not count a client's own deadline as a failure.
 //! - `metrics` (off): `reqctx_requests_total{cause}` and `reqctx_live_request_contexts`
 //!   through the `metrics` facade, no exporter: see `record_metrics`.
+//! - `live` (off): [`live::LiveView`], a page of the requests in flight (route, age, budget
+//!   and who set it, client still there, state) and of how the last ones ended, per cause
+//!   and per route, with its JSON: Go's `/debug/requests`. Recorded only for a layer given
+//!   a view ([`ContextLayer::live_view`]); served only where its router is mounted.
 //!
 //! With `axum`, `sse()` is an event stream that ends with the request's
 //! context. `serve` takes any `Listener`: TCP, Unix domain sockets, TLS.
@@ -150,6 +154,7 @@
 //! | `connection` | [`ConnectionContext`], the seam between server and layer | nothing |
 //! | `layer` | [`ContextLayer`], [`RouteTimeout`], the lifecycle, `ReqCtx`, [`request_context`] | `wire`, `cause`, `connection` |
 //! | `server` (feature `server`) | `serve`, the listeners, the connection watcher | `cause`, `connection` |
+//! | [`live`] (feature `live`) | the live view: its registry, snapshot, page and router | `cause`, `connection` |
 //! | [`propagate`] | outbound clients that carry the context and its budget | `wire` |
 //!
 //! # Deadlines across services

@@ -29,7 +29,9 @@ use crate::connection::ConnectionContext;
 /// the router, or a fallback).
 pub(crate) const UNMATCHED: u16 = 0;
 /// Route id of every route past the cap.
+#[cfg_attr(not(feature = "axum"), allow(dead_code))] // no matched routes without axum
 pub(crate) const OTHER: u16 = 1;
+#[cfg_attr(not(feature = "axum"), allow(dead_code))]
 const FIRST_ROUTE: u16 = 2;
 
 /// Cause kinds, in the order of [`CAUSES`].
@@ -129,9 +131,9 @@ pub(crate) const BUCKETS: [&str; 5] = ["all", ">10ms", ">100ms", ">1s", ">10s"];
 fn bucket(ns: u64) -> usize {
     match ns {
         0..=10_000_000 => 0,
-        ..=100_000_000 => 1,
-        ..=1_000_000_000 => 2,
-        ..=10_000_000_000 => 3,
+        10_000_001..=100_000_000 => 1,
+        100_000_001..=1_000_000_000 => 2,
+        1_000_000_001..=10_000_000_000 => 3,
         _ => 4,
     }
 }
@@ -405,6 +407,7 @@ pub(crate) struct Shard {
     // own pointer (axum hands out one `Arc<str>` per route; kept here, it cannot be freed
     // and reused for another name while it is cached).
     route_ids: HashMap<Arc<str>, u16, BuildHasherDefault<FxHasher>>,
+    #[cfg(feature = "axum")]
     route_cache: [Option<(Route, u16)>; ROUTE_CACHE],
     pub(crate) recent: Vec<Ring>,       // by cause
     pub(crate) counters: Vec<Counters>, // by route id
@@ -472,6 +475,7 @@ impl Registry {
 }
 
 const INDEX_BITS: u32 = 24;
+#[cfg(feature = "axum")]
 const ROUTE_CACHE: usize = 8;
 
 /// A request's matched route, as the layer finds it.
@@ -481,14 +485,6 @@ pub(crate) type Route = axum::extract::MatchedPath;
 #[cfg(not(feature = "axum"))]
 pub(crate) type Route = std::convert::Infallible;
 
-#[cfg(feature = "axum")]
-fn route_str(r: &Route) -> &str {
-    r.as_str()
-}
-#[cfg(not(feature = "axum"))]
-fn route_str(r: &Route) -> &str {
-    match *r {}
-}
 const STATE_SLOTS: usize = 1024;
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -543,6 +539,7 @@ impl Registry {
     }
 
     /// The route's id, interned under the cap.
+    #[cfg_attr(not(feature = "axum"), allow(dead_code))]
     fn intern(&self, route: &str) -> u16 {
         let mut routes = lock(&self.routes);
         if let Some(&id) = routes.ids.get(route) {
@@ -561,6 +558,7 @@ impl Registry {
     }
 
     /// The route of the view's own page, not listed.
+    #[cfg(feature = "axum")]
     pub(crate) fn hide(&self, route: &str) {
         let id = self.intern(route);
         if id >= FIRST_ROUTE {
@@ -591,14 +589,7 @@ impl Registry {
         let mut shard = lock(&self.shards[shard_no as usize]);
         let route = match route {
             None => UNMATCHED,
-            Some(route) => {
-                let name = route_str(route);
-                let slot = (name.as_ptr() as usize >> 3) % ROUTE_CACHE;
-                match &shard.route_cache[slot] {
-                    Some((cached, id)) if std::ptr::eq(route_str(cached), name) => *id,
-                    _ => self.route_miss(&mut shard, slot, route),
-                }
-            }
+            Some(route) => self.route_id(&mut shard, route),
         };
         let index = match shard.free.pop() {
             Some(index) => index,
@@ -636,9 +627,28 @@ impl Registry {
         })
     }
 
+    /// The matched route's id: from the shard's cache by the route's own pointer, else by
+    /// its name.
+    #[cfg(feature = "axum")]
+    #[inline]
+    fn route_id(&self, shard: &mut Shard, route: &Route) -> u16 {
+        let name = route.as_str();
+        let slot = (name.as_ptr() as usize >> 3) % ROUTE_CACHE;
+        match &shard.route_cache[slot] {
+            Some((cached, id)) if std::ptr::eq(cached.as_str(), name) => *id,
+            _ => self.route_miss(shard, slot, route),
+        }
+    }
+
+    #[cfg(not(feature = "axum"))]
+    fn route_id(&self, _: &mut Shard, route: &Route) -> u16 {
+        match *route {}
+    }
+
+    #[cfg(feature = "axum")]
     #[cold]
     fn route_miss(&self, shard: &mut Shard, slot: usize, route: &Route) -> u16 {
-        let name = route_str(route);
+        let name = route.as_str();
         let id = match shard.route_ids.get(name) {
             Some(&id) => id,
             None => {

@@ -25,7 +25,7 @@ pub struct Snapshot {
     pub recent: Recent,
     /// Counts per route over the last minute and the last hour.
     pub routes: Routes,
-    /// The names of the latency buckets of [`Window::buckets`].
+    /// The names of the latency buckets of [`WindowCounts::buckets`].
     pub buckets: [&'static str; 5],
 }
 

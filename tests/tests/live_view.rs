@@ -632,3 +632,44 @@ async fn a_route_timeout_is_named_as_the_routes() {
     assert!(ended.requests[0].detail.contains("query"), "{ended:#?}");
     running.shutdown().await.unwrap();
 }
+
+/// More in flight than the view lists: the oldest `max_rows`, and the total.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_in_flight_than_listed_gives_the_oldest_and_the_total() {
+    let view = LiveView::new().max_rows(5).show_path();
+    let (open, gate) = watch::channel(false);
+    let (tx, mut probe) = probe();
+    let running = Running::start(Server::Serve, parking_app(&view, gate, tx), Duration::ZERO).await;
+    let mut clients = Vec::new();
+    for i in 0..8 {
+        let req = format!("GET /query/{i}?timeout=1h HTTP/1.1\r\nhost: x\r\n\r\n");
+        clients.push(send(running.addr, req.as_bytes()).await);
+        probe.started().await;
+    }
+    let first = view.snapshot();
+    let (status, body) = http_get(running.addr, "/debug/requests?format=json").await;
+    assert_eq!(status, 200);
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let snap = first;
+    assert_eq!(
+        (
+            snap.in_flight.total,
+            snap.in_flight.shown,
+            snap.in_flight.limit
+        ),
+        (8, 5, 5)
+    );
+    assert_eq!(json["in_flight"]["total"], 8);
+    assert_eq!(json["in_flight"]["rows"].as_array().unwrap().len(), 5);
+    // The five oldest, oldest first: ages never increase down the list.
+    let ages: Vec<f64> = snap.in_flight.rows.iter().map(|r| r.age_ms).collect();
+    assert!(ages.windows(2).all(|w| w[0] >= w[1]), "{ages:?}");
+    let ids: Vec<u64> = snap.in_flight.rows.iter().map(|r| r.id).collect();
+    let all = LiveView::snapshot(&view);
+    assert_eq!(
+        all.in_flight.rows.iter().map(|r| r.id).collect::<Vec<_>>(),
+        ids
+    );
+    open.send(true).unwrap();
+    running.shutdown().await.unwrap();
+}

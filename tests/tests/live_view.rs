@@ -673,3 +673,61 @@ async fn more_in_flight_than_listed_gives_the_oldest_and_the_total() {
     open.send(true).unwrap();
     running.shutdown().await.unwrap();
 }
+
+/// A WebSocket is listed as upgraded, with no deadline (the request's timeout does not cut
+/// it short), until the client closes it: then it ends `client_disconnected`, status 101.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_is_listed_as_upgraded_until_it_ends() {
+    use axum::extract::ws::WebSocketUpgrade;
+    let view = LiveView::new();
+    let app = Router::new()
+        .route(
+            "/ws",
+            get(|ws: WebSocketUpgrade| async move {
+                ws.on_upgrade(|mut socket| async move {
+                    while let Some(Ok(msg)) = socket.recv().await {
+                        if socket.send(msg).await.is_err() {
+                            break;
+                        }
+                    }
+                })
+            }),
+        )
+        .layer(
+            ContextLayer::new()
+                .timeout(Duration::from_secs(30))
+                .live_view(&view),
+        );
+    let running = Running::start(Server::Serve, app, Duration::ZERO).await;
+    let tcp = reqctx_tests::connect(running.addr).await;
+    let (mut ws, res) = tokio_tungstenite::client_async(format!("ws://{}/ws", running.addr), tcp)
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 101);
+    let snap = until(&view, "the upgraded request", |s| {
+        s.in_flight
+            .rows
+            .first()
+            .is_some_and(|r| r.state == "upgraded")
+    })
+    .await;
+    let r = &snap.in_flight.rows[0];
+    assert_eq!(
+        (r.route.as_deref(), r.budget_ms, r.origin),
+        (Some("/ws"), None, None)
+    );
+    assert_eq!(r.client, Some("connected"));
+    ws.close(None).await.unwrap();
+    drop(ws);
+    let snap = until(&view, "the WebSocket ended", |s| {
+        s.in_flight.total == 0 && !s.recent.causes.is_empty()
+    })
+    .await;
+    let ended = &snap.recent.causes[0].requests[0];
+    assert_eq!(ended.status, Some(101), "{snap:#?}");
+    assert!(
+        ["completed", "client_disconnected"].contains(&ended.cause),
+        "{snap:#?}"
+    );
+    running.shutdown().await.unwrap();
+}

@@ -225,7 +225,15 @@ where
                 // while we poll it (see `scope`).
                 let poll_inner = AssertUnwindSafe(|| inner.as_mut().poll(cx));
                 let caught = match owner.as_mut() {
-                    Some(o) => super::scope::enter(o.scope_slot(), || catch_unwind(poll_inner)),
+                    Some(o) => {
+                        #[cfg(feature = "live")]
+                        o.live_before_call();
+                        let caught =
+                            super::scope::enter(o.scope_slot(), || catch_unwind(poll_inner));
+                        #[cfg(feature = "live")]
+                        o.live_route_moved();
+                        caught
+                    }
                     None => catch_unwind(poll_inner),
                 };
                 let polled = match caught {

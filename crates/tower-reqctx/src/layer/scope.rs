@@ -30,10 +30,6 @@ pub(crate) struct Scope {
     pub(crate) driver: DeadlineDriver,
     start: Option<Instant>, // when the request arrived, read only if a timeout needs it
     client: Option<(Instant, DeadlineOrigin)>, // the client's own deadline, if it set one
-    // The request's row in a live view, if the layer has one: here rather than in the
-    // owner so that a route's timeout can move the deadline it shows.
-    #[cfg(feature = "live")]
-    pub(crate) live: Option<crate::live::Ticket>,
 }
 
 thread_local! {
@@ -52,8 +48,6 @@ impl Scope {
             driver,
             start,
             client,
-            #[cfg(feature = "live")]
-            live: None,
         }
     }
 
@@ -64,21 +58,25 @@ impl Scope {
             let start = *self.start.get_or_insert_with(Instant::now);
             start.checked_add(d).map(|at| (at, DeadlineOrigin::Layer))
         });
-        let deadline = earliest(server, self.client);
-        self.driver.set_deadline(deadline);
+        self.driver.set_deadline(earliest(server, self.client));
         #[cfg(feature = "live")]
-        if let Some(ticket) = &self.live {
-            use crate::live::Origin;
-            // The server's deadline is now the route's.
-            ticket.set_deadline(deadline.map(|(at, origin)| {
-                let origin = match origin {
-                    DeadlineOrigin::Layer => Origin::Route,
-                    origin => Origin::of(origin),
-                };
-                (at.into_std(), origin)
-            }));
-        }
+        ROUTE_MOVED.set(true);
     }
+}
+
+#[cfg(feature = "live")]
+thread_local! {
+    /// A route's timeout moved the current request's deadline: the owner's live view shows
+    /// the new one. A flag of the thread rather than a field of the scope, which stays
+    /// within the 128 bytes the compiler moves without calling `memcpy`; only an owner with
+    /// a live view clears and reads it, around its call or poll.
+    static ROUTE_MOVED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether a route's timeout moved the current request's deadline since the last call.
+#[cfg(feature = "live")]
+pub(crate) fn take_route_moved() -> bool {
+    ROUTE_MOVED.replace(false)
 }
 
 /// Runs `f` with `slot`'s scope as the thread's current one, and puts it back in `slot`

@@ -148,13 +148,11 @@ where
             Method::CONNECT => RequestKind::Connect,
             _ => RequestKind::Other,
         };
-        #[allow(unused_mut)] // without `live`
-        let mut scope = Scope::new(driver, start, client);
+        let mut owner = Owner::new(Scope::new(driver, start, client), kind);
         #[cfg(feature = "live")]
         if let Some(registry) = &config.live {
-            scope.live = live_register(registry, &req, deadline, conn.as_ref());
+            owner.live_in(live_register(registry, &req, deadline, conn.as_ref()));
         }
-        let mut owner = Owner::new(scope, kind);
         if let Some(abort) = abort {
             owner.closes_on_stall(abort);
         }
@@ -167,7 +165,11 @@ where
         }
         // The inner service finds the request through the thread's current scope while it
         // is called (and, in the response future, while it is polled).
+        #[cfg(feature = "live")]
+        owner.live_before_call();
         let inner = scope::enter(owner.scope_slot(), || self.inner.call(req));
+        #[cfg(feature = "live")]
+        owner.live_route_moved();
         ResponseFuture::owner(
             inner,
             owner,

@@ -436,6 +436,7 @@ impl Owner {
 
     /// Puts the request in the layer's live view.
     #[cfg(feature = "live")]
+    #[inline]
     pub(crate) fn live_in(&mut self, ticket: Option<crate::live::Ticket>) {
         self.live = ticket;
     }

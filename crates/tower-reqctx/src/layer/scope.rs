@@ -75,6 +75,7 @@ thread_local! {
 
 /// Whether a route's timeout moved the current request's deadline since the last call.
 #[cfg(feature = "live")]
+#[inline]
 pub(crate) fn take_route_moved() -> bool {
     ROUTE_MOVED.replace(false)
 }

@@ -97,7 +97,12 @@ async fn parked_requests_show_route_age_budget_and_origin(server: Server) {
     let started = Instant::now();
 
     let before = Instant::now();
-    let snap = view.snapshot();
+    // A route's timeout shows once the handler's poll returns (the owner looks after each
+    // call and poll): the last handler may still be in its first one.
+    let snap = until(&view, "the route's deadline", |s| {
+        s.in_flight.rows.iter().any(|r| r.origin == Some("route"))
+    })
+    .await;
     let after = Instant::now();
     assert_eq!(snap.in_flight.total, 4, "{snap:#?}");
     assert_eq!(snap.in_flight.shown, 4);

@@ -14,7 +14,9 @@
 //!   left and who set it (`query`, `header`, `layer` or `route`), whether the client is
 //!   still connected (under [`serve`](crate::serve) and `WatchedListener`; unknown under
 //!   plain `axum::serve`), the view's own id for the request, and its state (`running`,
-//!   `streaming` its body, or `upgraded`).
+//!   `streaming` its body, or `upgraded`). A route's
+//!   [`RouteTimeout`](crate::RouteTimeout) shows once the call or poll it ran in returns
+//!   (the layer looks after each), microseconds later.
 //! - **Recently ended**: the last [`recent_per_cause`](LiveView::recent_per_cause) per
 //!   cause (10 by default), each with its route, duration, status and cause.
 //! - **Per route**, over the last minute (in 10-second steps) and the last hour (in
@@ -60,10 +62,14 @@
 //! # What it costs
 //!
 //! Without the `live` feature, or with it but no view given to the layer, nothing: the
-//! layer's path is the same (one branch on a `None`). With a view, each request takes its
-//! shard's lock three times (it arrives; its body starts to stream; it ends) and allocates
-//! nothing once the view's tables have grown to the load, unless a `show_*` option is on
-//! (then one box per request holds what it shows). `docs/benchmarks.md` has the figures.
+//! layer's path is the same but for a few branches on a `None` (about 50 instructions per
+//! request, measured). With a view, each request takes its shard's lock twice (it
+//! arrives; it ends), stores one byte when its body starts to stream, reads the clock
+//! twice (quanta's: the CPU's time-stamp counter, calibrated once per process, which takes
+//! up to 200 ms of one core when the first view is made), and allocates nothing once the
+//! view's tables have grown to the load, unless a `show_*` option is on (then one box per
+//! request holds what it shows). About 630 instructions per request in all:
+//! `docs/benchmarks.md` has the figures.
 //! Memory is bounded whatever the load: the in-flight table by the peak number of requests
 //! in flight, the rest by the settings (see [`LiveView::new`]).
 
@@ -117,10 +123,12 @@ impl LiveView {
     /// A view with the defaults: the 1,000 oldest requests in flight, the last 10 per
     /// cause, 64 routes, and no path, query or header shown.
     ///
-    /// Its memory: one slot (about 120 bytes) per request in flight at the peak, the
-    /// rings (`recent_per_cause` × 10 causes × the shards, about 100 bytes each), and
-    /// about 1.2 KB per route and shard for the counters. The shards are the machine's
-    /// cores rounded up to a power of two, at most 64.
+    /// Its memory: one slot (48 bytes) per request in flight at the peak, the rings
+    /// (`recent_per_cause` × 10 causes × the shards, 40 bytes an entry), about 1.3 KB per
+    /// route and shard for the counters, and 1 KB per shard for the states of its first
+    /// slots. The shards are the machine's cores rounded up to a power of two, at most 64.
+    /// What a `show_*` option keeps comes on top, for the requests in flight and in the
+    /// rings only.
     pub fn new() -> LiveView {
         LiveView::with(Settings::default())
     }

@@ -3,8 +3,9 @@
 //! Sharded by the thread that registers the request (a request ends in the shard it began
 //! in, whatever thread ends it). Each shard is one mutex over a slab of in-flight slots,
 //! its share of the recent rings and of the per-route counters. A request takes the lock
-//! of its shard when it registers, when its body starts to stream (or it is held as an
-//! upgrade), and when it ends: no allocation once the slab, the rings and the counters
+//! of its shard when it registers and when it ends; when its body starts to stream (or it
+//! is held as an upgrade) it stores one byte, without the lock (in a shard's first 1,024
+//! slots; past them, with it). No allocation once the slab, the rings and the counters
 //! have grown to the load (they grow in steps, never per request, and never shrink below
 //! it), and no lock shared between shards on the request's path.
 //!
@@ -911,6 +912,13 @@ impl Hasher for FxHasher {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn the_sizes_the_docs_give() {
+        assert_eq!(std::mem::size_of::<Live>(), 48);
+        assert_eq!(std::mem::size_of::<Ended>(), 40);
+        assert!(std::mem::size_of::<Counters>() <= 1_300);
+    }
 
     #[test]
     fn buckets_follow_x_net_trace() {

@@ -736,3 +736,45 @@ async fn a_websocket_is_listed_as_upgraded_until_it_ends() {
     );
     running.shutdown().await.unwrap();
 }
+
+/// HTTP/2: two streams on one connection; a real `RST_STREAM` on the first ends it
+/// `client_disconnected` in the view while the second stays in flight, its client still
+/// connected (the reset was one stream's, not the connection's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_stream_reset_ends_that_request_only() {
+    for server in [Server::Serve, Server::AxumWatched] {
+        let view = LiveView::new();
+        let (open, gate) = watch::channel(false);
+        let (tx, mut probe) = probe();
+        let running = Running::start(server, parking_app(&view, gate, tx), Duration::ZERO).await;
+        let (mut send, conn) = reqctx_tests::h2_client(running.addr).await;
+        let get = |path: &str| {
+            http::Request::get(format!("http://{}{path}", running.addr))
+                .body(())
+                .unwrap()
+        };
+        let (_first, mut first) = send.send_request(get("/query/1"), true).unwrap();
+        probe.started().await;
+        let mut send = send.ready().await.unwrap();
+        let (_second, _stream) = send.send_request(get("/layer"), true).unwrap();
+        probe.started().await;
+        assert_eq!(view.snapshot().in_flight.total, 2);
+
+        first.send_reset(h2::Reason::CANCEL);
+        let snap = until(&view, "the reset stream ended", |s| {
+            s.in_flight.total == 1 && !s.recent.causes.is_empty()
+        })
+        .await;
+        let ended = &snap.recent.causes[0];
+        assert_eq!(ended.cause, "client_disconnected", "{server:?}: {snap:#?}");
+        assert_eq!(ended.requests[0].route.as_deref(), Some("/query/{id}"));
+        let row = &snap.in_flight.rows[0];
+        assert_eq!(row.route.as_deref(), Some("/layer"), "{server:?}");
+        assert_eq!(row.client, Some("connected"), "{server:?}");
+        assert_eq!(row.state, "running");
+
+        open.send(true).unwrap();
+        conn.abort();
+        running.shutdown().await.unwrap();
+    }
+}

@@ -164,20 +164,7 @@ impl Chromium {
     /// `None`, after a SKIPPED line on stderr, unless `REQCTX_CHROMIUM_REQUIRED=1`, which
     /// panics instead.
     pub async fn launch() -> Option<Chromium> {
-        let found = Command::new("chromium")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !found {
-            if std::env::var("REQCTX_CHROMIUM_REQUIRED").as_deref() == Ok("1") {
-                panic!("REQCTX_CHROMIUM_REQUIRED=1 but no `chromium` on the PATH");
-            }
-            eprintln!(
-                "\n!!! SKIPPED: no chromium on the PATH (apt-get install chromium; \
-                 REQCTX_CHROMIUM_REQUIRED=1 makes this a failure) !!!\n"
-            );
+        if !crate::tool_on_path("chromium", "--version", "REQCTX_CHROMIUM_REQUIRED") {
             return None;
         }
 

@@ -22,6 +22,28 @@ pub use reqctx_test_support::{
     tcp_state,
 };
 
+/// Whether the tool `program` is there (`program version_arg` succeeds). If it is not: a
+/// SKIPPED line on stderr and `false`, unless the environment variable `required` is `1`
+/// (CI sets it for every tool it installs), which makes that a failure.
+pub fn tool_on_path(program: &str, version_arg: &str, required: &str) -> bool {
+    let found = std::process::Command::new(program)
+        .arg(version_arg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        if std::env::var(required).as_deref() == Ok("1") {
+            panic!("{required}=1 but no `{program}` on the PATH");
+        }
+        eprintln!(
+            "\n!!! SKIPPED: no `{program}` on the PATH (apt-get install {program}; \
+             {required}=1 makes this a failure) !!!\n"
+        );
+    }
+    found
+}
+
 /// Receives the context of every request a probed handler starts.
 #[derive(Debug)]
 pub struct Probe {

@@ -55,20 +55,7 @@ impl Drop for TempFile {
 
 /// Starts HAProxy, or says why it cannot (no `haproxy` on the `PATH`).
 fn start(config: &str) -> Option<Haproxy> {
-    let found = std::process::Command::new("haproxy")
-        .arg("-v")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        if std::env::var("REQCTX_HAPROXY_REQUIRED").as_deref() == Ok("1") {
-            panic!("REQCTX_HAPROXY_REQUIRED=1 but no `haproxy` on the PATH");
-        }
-        eprintln!(
-            "\n!!! SKIPPED: no `haproxy` on the PATH (apt-get install haproxy; \
-             REQCTX_HAPROXY_REQUIRED=1 makes this a failure) !!!\n"
-        );
+    if !reqctx_tests::tool_on_path("haproxy", "-v", "REQCTX_HAPROXY_REQUIRED") {
         return None;
     }
     let path = std::env::temp_dir().join(format!(

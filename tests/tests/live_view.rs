@@ -778,3 +778,86 @@ async fn an_http2_stream_reset_ends_that_request_only() {
         running.shutdown().await.unwrap();
     }
 }
+
+/// The view in the stacks users build, under `serve` and plain `axum::serve`: a static
+/// file through `CompressionLayer` ends `completed` with its 200; a panic caught by
+/// `CatchPanicLayer` outside the layer ends `handler_panicked` with no status of ours; an
+/// erroring tower layer inside, turned into a 408 by `HandleErrorLayer` outside, ends
+/// `service_failed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_real_stacks_each_request_ends_with_its_cause() {
+    use axum::error_handling::HandleErrorLayer;
+    use tower::ServiceBuilder;
+    use tower_http::catch_panic::CatchPanicLayer;
+    use tower_http::compression::CompressionLayer;
+    use tower_http::services::ServeDir;
+
+    let dir = std::env::temp_dir().join(format!("reqctx-live-stack-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("file.txt"), "x".repeat(100_000)).unwrap();
+    for server in [Server::Serve, Server::AxumPlain] {
+        let view = LiveView::new();
+        let slow = Router::new().route(
+            "/slow",
+            get(|| async {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                "late"
+            }),
+        );
+        let failing = ServiceBuilder::new()
+            .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
+                http::StatusCode::REQUEST_TIMEOUT
+            }))
+            .layer(ContextLayer::new().live_view(&view))
+            .layer(tower::timeout::TimeoutLayer::new(Duration::from_millis(20)));
+        let app = Router::new()
+            .route(
+                "/panic",
+                get(|| async {
+                    tokio::task::yield_now().await;
+                    if std::hint::black_box(true) {
+                        panic!("on purpose");
+                    }
+                    "unreachable"
+                }),
+            )
+            .nest_service("/static", ServeDir::new(&dir))
+            .layer(ContextLayer::new().live_view(&view))
+            .layer(CompressionLayer::new())
+            .layer(CatchPanicLayer::new())
+            .merge(slow.layer(failing));
+        let running = Running::start(server, app, BOUND).await;
+        let mut file = send(
+            running.addr,
+            b"GET /static/file.txt HTTP/1.1\r\nhost: x\r\naccept-encoding: gzip\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        let head = reqctx_tests::read_to_end(&mut file).await;
+        assert!(head.contains("content-encoding: gzip"), "{head}");
+        assert_eq!(http_get(running.addr, "/panic").await.0, 500);
+        assert_eq!(http_get(running.addr, "/slow").await.0, 408);
+
+        let snap = until(&view, "three ended", |s| {
+            s.in_flight.total == 0
+                && s.recent
+                    .causes
+                    .iter()
+                    .map(|c| c.requests.len())
+                    .sum::<usize>()
+                    == 3
+        })
+        .await;
+        let ended = |cause: &str| {
+            let ring = snap.recent.causes.iter().find(|c| c.cause == cause);
+            ring.unwrap_or_else(|| panic!("{server:?}: no {cause}: {snap:#?}"))
+                .requests[0]
+                .clone()
+        };
+        assert_eq!(ended("completed").status, Some(200), "{server:?}");
+        assert_eq!(ended("handler_panicked").route.as_deref(), Some("/panic"));
+        assert_eq!(ended("handler_panicked").status, None, "{server:?}");
+        assert_eq!(ended("service_failed").route.as_deref(), Some("/slow"));
+        running.abort();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -115,23 +115,73 @@ pub(crate) fn server_closed() -> Cause {
     CAUSE.clone()
 }
 
+/// The labels of [`label`], by [`label_index`]: [`Cause::kind`]'s, and the layer's own
+/// custom causes by name. The first five are the causes that carry nothing but their kind
+/// (and a deadline's origin).
+#[cfg_attr(not(feature = "live"), allow(dead_code))] // the live view counts by index
+pub(crate) const LABELS: [&str; 10] = [
+    "completed",
+    "deadline_exceeded",
+    "client_disconnected",
+    "shutdown",
+    "cancelled",
+    "handler_panicked",
+    "service_failed",
+    "response_discarded",
+    "response_body_failed",
+    "custom",
+];
+
 /// The label of a request's cause in metrics and on its span: [`Cause::kind`], with the
 /// layer's own custom causes named (`service_failed`, `handler_panicked`,
 /// `response_body_failed`, `response_discarded`) rather than lumped under `custom`.
 pub(crate) fn label(cause: &Cause) -> &'static str {
-    if let Cause::Custom(_) = cause {
-        if cause.downcast_ref::<ServiceFailed>().is_some() {
-            return "service_failed";
-        }
-        if cause.downcast_ref::<HandlerPanicked>().is_some() {
-            return "handler_panicked";
-        }
-        if cause.downcast_ref::<ResponseBodyFailed>().is_some() {
-            return "response_body_failed";
-        }
-        if cause.downcast_ref::<ResponseDiscarded>().is_some() {
-            return "response_discarded";
-        }
+    LABELS[label_index(cause)]
+}
+
+/// The index of `cause`'s label in [`LABELS`].
+pub(crate) fn label_index(cause: &Cause) -> usize {
+    match cause {
+        Cause::Completed => 0,
+        Cause::DeadlineExceeded { .. } => 1,
+        Cause::ClientDisconnected => 2,
+        Cause::Shutdown => 3,
+        Cause::Cancelled => 4,
+        _ if cause.downcast_ref::<HandlerPanicked>().is_some() => 5,
+        _ if cause.downcast_ref::<ServiceFailed>().is_some() => 6,
+        _ if cause.downcast_ref::<ResponseDiscarded>().is_some() => 7,
+        _ if cause.downcast_ref::<ResponseBodyFailed>().is_some() => 8,
+        _ => 9,
     }
-    cause.kind()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_the_kinds_and_the_layers_own_causes() {
+        for cause in [
+            Cause::Completed,
+            Cause::DeadlineExceeded {
+                origin: reqctx::DeadlineOrigin::Query,
+            },
+            Cause::ClientDisconnected,
+            Cause::Shutdown,
+            Cause::Cancelled,
+        ] {
+            assert_eq!(label(&cause), cause.kind());
+        }
+        assert_eq!(label(&Cause::custom(HandlerPanicked)), "handler_panicked");
+        assert_eq!(label(&Cause::custom(ServiceFailed)), "service_failed");
+        assert_eq!(
+            label(&Cause::custom(ResponseDiscarded)),
+            "response_discarded"
+        );
+        assert_eq!(
+            label(&Cause::custom(ResponseBodyFailed)),
+            "response_body_failed"
+        );
+        assert_eq!(label(&Cause::custom(ServerClosed)), "custom");
+    }
 }

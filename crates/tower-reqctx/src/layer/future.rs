@@ -64,7 +64,6 @@ impl Answer {
         Answer::Text(StatusCode::INTERNAL_SERVER_ERROR, message.to_owned())
     }
 
-    /// The response; `cause` is the context's, for a timeout's answer.
     /// The status the answer goes out with.
     #[cfg(feature = "live")]
     fn status(&self) -> u16 {
@@ -74,6 +73,7 @@ impl Answer {
         }
     }
 
+    /// The response; `cause` is the context's, for a timeout's answer.
     fn into_response<B>(self, cause: Option<Cause>) -> Response<ContextBody<B>> {
         match self {
             Answer::Text(status, message) => ContextBody::message_response(status, message),

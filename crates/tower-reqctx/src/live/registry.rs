@@ -15,7 +15,6 @@
 
 use std::cell::Cell;
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Instant;
@@ -23,7 +22,7 @@ use std::time::Instant;
 use http::{HeaderName, Method};
 use reqctx::{Cause, DeadlineOrigin};
 
-use crate::cause::{HandlerPanicked, ResponseBodyFailed, ResponseDiscarded, ServiceFailed};
+use crate::cause::label_index;
 use crate::connection::ConnectionContext;
 
 /// Route id of a request with no matched route (no axum `MatchedPath`: the layer outside
@@ -35,19 +34,8 @@ pub(crate) const OTHER: u16 = 1;
 #[cfg_attr(not(feature = "axum"), allow(dead_code))]
 const FIRST_ROUTE: u16 = 2;
 
-/// Cause kinds, in the order of [`CAUSES`].
-pub(crate) const CAUSES: [&str; 10] = [
-    "completed",
-    "deadline_exceeded",
-    "client_disconnected",
-    "shutdown",
-    "cancelled",
-    "handler_panicked",
-    "service_failed",
-    "response_discarded",
-    "response_body_failed",
-    "custom",
-];
+/// Cause labels, as in the logs and metrics: the view counts and keeps rings by index.
+pub(crate) use crate::cause::LABELS as CAUSES;
 
 /// A cause as the owner keeps it for its view: its index in [`CAUSES`], and the origin
 /// of a deadline.
@@ -56,35 +44,12 @@ pub(crate) fn code(cause: &Cause) -> (u8, u8) {
         Cause::DeadlineExceeded { origin } => Origin::of(*origin) as u8,
         _ => Origin::None as u8,
     };
-    (cause_index(cause) as u8, origin)
+    (label_index(cause) as u8, origin)
 }
 
 /// Whether the cause of index `c` is rebuilt from its index (and origin) alone.
 pub(crate) fn is_common(c: u8) -> bool {
     c <= 4
-}
-
-pub(crate) fn cause_index(cause: &Cause) -> usize {
-    match cause {
-        Cause::Completed => 0,
-        Cause::DeadlineExceeded { .. } => 1,
-        Cause::ClientDisconnected => 2,
-        Cause::Shutdown => 3,
-        Cause::Cancelled => 4,
-        _ => {
-            if cause.downcast_ref::<HandlerPanicked>().is_some() {
-                5
-            } else if cause.downcast_ref::<ServiceFailed>().is_some() {
-                6
-            } else if cause.downcast_ref::<ResponseDiscarded>().is_some() {
-                7
-            } else if cause.downcast_ref::<ResponseBodyFailed>().is_some() {
-                8
-            } else {
-                9
-            }
-        }
-    }
 }
 
 /// Standard methods as one byte; 0 is any other (its name goes in the request's extras).
@@ -245,7 +210,7 @@ impl Settings {
 
 /// One request in flight. Times are nanoseconds since the registry's epoch; `id` 0 is a
 /// free slot.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Live {
     pub(crate) id: u64,
     pub(crate) start: u64,
@@ -402,12 +367,11 @@ pub(crate) struct Shard {
     steps: Steps,
     pub(crate) slots: Vec<Live>,
     free: Vec<u32>,
-    pub(crate) live: usize,
     next_id: u64,
     // The shard's cache of the registry's route ids: by name, and by the matched route's
     // own pointer (axum hands out one `Arc<str>` per route; kept here, it cannot be freed
     // and reused for another name while it is cached).
-    route_ids: HashMap<Arc<str>, u16, BuildHasherDefault<FxHasher>>,
+    route_ids: HashMap<Arc<str>, u16>,
     #[cfg(feature = "axum")]
     route_cache: [Option<(Route, u16)>; ROUTE_CACHE],
     pub(crate) recent: Vec<Ring>,       // by cause
@@ -435,7 +399,7 @@ pub(crate) struct Registry {
 #[derive(Debug, Default)]
 struct Routes {
     names: Vec<Arc<str>>,
-    ids: HashMap<Arc<str>, u16, BuildHasherDefault<FxHasher>>,
+    ids: HashMap<Arc<str>, u16>,
 }
 
 /// The live request's handle, in its owner: where its slot is, and its status.
@@ -528,7 +492,7 @@ impl Registry {
                 .collect(),
             routes: Mutex::new(Routes {
                 names: vec![Arc::from("(no route)"), Arc::from("other")],
-                ids: HashMap::default(),
+                ids: HashMap::new(),
             }),
             hidden: Mutex::default(),
         }
@@ -619,7 +583,6 @@ impl Registry {
         if extras.is_some() {
             slot.extras = extras;
         }
-        shard.live += 1;
         drop(shard);
         Some(Ticket {
             registry: self.clone(),
@@ -707,7 +670,7 @@ impl Registry {
             })
         }
         // A hash table entry, plus its control byte.
-        fn table<K, V>(m: &HashMap<K, V, BuildHasherDefault<FxHasher>>) -> usize {
+        fn table<K, V>(m: &HashMap<K, V>) -> usize {
             m.capacity() * (size_of::<(K, V)>() + 1)
         }
         let mut n =
@@ -824,7 +787,6 @@ impl Ticket {
                 live.conn = None;
             }
             shard.free.push(i as u32);
-            shard.live -= 1;
             let duration = now.saturating_sub(start);
             if now >= shard.steps.until {
                 shard.steps = Steps::at(now);
@@ -856,55 +818,6 @@ impl Ticket {
                 },
             );
         });
-    }
-}
-
-/// A small, fast hash for route names (rustc's FxHasher): the keys are the app's own
-/// route patterns, never a client's input, so no flooding resistance is needed.
-#[derive(Default)]
-pub(crate) struct FxHasher {
-    hash: u64,
-}
-
-const SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
-
-impl FxHasher {
-    #[inline]
-    fn add(&mut self, word: u64) {
-        self.hash = (self.hash.rotate_left(5) ^ word).wrapping_mul(SEED);
-    }
-}
-
-impl Hasher for FxHasher {
-    #[inline]
-    fn write(&mut self, bytes: &[u8]) {
-        let mut chunks = bytes.chunks_exact(8);
-        for chunk in &mut chunks {
-            let mut word = [0; 8];
-            word.copy_from_slice(chunk);
-            self.add(u64::from_le_bytes(word));
-        }
-        let rest = chunks.remainder();
-        if !rest.is_empty() {
-            let mut word = [0; 8];
-            word[..rest.len()].copy_from_slice(rest);
-            self.add(u64::from_le_bytes(word));
-        }
-    }
-
-    #[inline]
-    fn write_u8(&mut self, i: u8) {
-        self.add(u64::from(i));
-    }
-
-    #[inline]
-    fn write_usize(&mut self, i: usize) {
-        self.add(i as u64);
-    }
-
-    #[inline]
-    fn finish(&self) -> u64 {
-        self.hash
     }
 }
 

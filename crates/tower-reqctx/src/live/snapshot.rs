@@ -212,37 +212,25 @@ impl Registry {
             })
         };
 
-        // In flight: copy out what the rows need, shard by shard, then sort.
-        let mut live: Vec<(u64, u64, u16, usize, usize)> = Vec::new(); // start, id, route, shard, slot
-        let mut total = 0;
+        // In flight: each shard's live slots copied out under its lock (a clone of the
+        // connection's handle, and of the extras of a view that shows some), then sorted.
+        let mut live: Vec<(Live, u8)> = Vec::new();
         for (n, shard) in self.shards.iter().enumerate() {
             let shard = lock(shard);
-            for (i, l) in shard.slots.iter().enumerate() {
-                if l.id == 0 || hidden.contains(&l.route) {
-                    continue;
-                }
-                total += 1;
-                live.push((l.start, l.id, l.route, n, i));
-            }
+            let slots = shard.slots.iter().enumerate();
+            live.extend(
+                slots
+                    .filter(|(_, l)| l.id != 0 && !hidden.contains(&l.route))
+                    .map(|(i, l)| (l.clone(), self.state(n, i, l))),
+            );
         }
-        live.sort_unstable_by_key(|&(start, id, ..)| (start, id));
+        let total = live.len();
+        live.sort_unstable_by_key(|(l, _)| (l.start, l.id));
         live.truncate(s.max_rows);
-        let mut rows = Vec::with_capacity(live.len());
-        for (n, shard) in self.shards.iter().enumerate() {
-            let shard = lock(shard);
-            for (order, &(.., sn, i)) in live.iter().enumerate() {
-                if sn != n {
-                    continue;
-                }
-                // Ended since the first pass (or the slot reused): left out.
-                if let Some(l) = shard.slots.get(i).filter(|l| l.id == live[order].1) {
-                    let state = self.state(n, i, l);
-                    rows.push((order, self.row(l, state, (now, now_instant), &route_name)));
-                }
-            }
-        }
-        rows.sort_unstable_by_key(|&(order, _)| order);
-        let rows: Vec<Row> = rows.into_iter().map(|(_, r)| r).collect();
+        let rows: Vec<Row> = live
+            .iter()
+            .map(|(l, state)| self.row(l, *state, (now, now_instant), &route_name))
+            .collect();
 
         // Recent: each cause's rings merged, newest first.
         let mut causes: Vec<Vec<(u64, EndedRow)>> = (0..CAUSES.len()).map(|_| Vec::new()).collect();
